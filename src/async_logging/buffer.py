@@ -1,0 +1,599 @@
+"""LogBuffer: the sans-I/O reassembly engine (DESIGN §3).
+
+Feed it mapped or raw log maps, get back the records to publish. It does no I/O, starts no
+timers and reads the time only through the clock it is given, so it can sit behind a
+websocket listener, an HTTP handler, a queue consumer or a test with no sockets.
+
+Contract (DESIGN §3):
+
+- a top-level (``parent == "0"``) ``atomicEvent`` / ``heartbeat``, or any event with no
+  uuid, is published at once as a stand-alone record;
+- every other event is held in the *group* of its uuid; a transaction is a ``begin`` and an
+  ``end`` with the same ``event`` id, its children are the events whose ``parent`` is that id;
+- a group is published once it has a root and every transaction referenced in it (as a
+  ``begin``, an ``end`` or a ``parent``) has both its ``begin`` and its ``end``. Inside one
+  :meth:`LogBuffer.feed_many` batch the check runs after the whole batch, so any order of
+  the batch gives the same tree; ``settle`` (seconds, default 0) keeps a closed group open
+  that much longer for events that arrive later over other connections;
+- an incomplete group is published, never dropped: after ``clean_duration × clean_cycles``
+  seconds without a new event (``timeout``), when a cap pushes it out (``evicted``) or on
+  :meth:`LogBuffer.flush_all` (``shutdown``), with ``complete: false`` and ``reason``;
+- duplicates (same uuid, clazz, event, parent, timestamp and content) are dropped; a
+  second ``begin``/``end`` with the same id but other content is published on its own
+  flagged ``conflict``; children whose parent never came are kept under the root flagged
+  ``orphan``; parent cycles are cut (``cycle``); trees deeper than ``max_depth`` are cut
+  into fragments (``depth_cut``); an event for a tree already published is published on
+  its own flagged ``late``.
+
+Published records are the mapped event maps themselves, with ``clazz`` replaced by
+``kind`` (``transaction``, ``atomicEvent``, ``heartbeat``); transactions also carry
+``children``, ``complete``, ``duration`` and ``status`` (``"-1"`` when none was sent).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Final, NamedTuple
+
+from .exceptions import InvalidEvent, UsageError
+from .model import ATOMIC, BEGIN, END, HEARTBEAT, ROOT_PARENT, Event, Mapper, default_mapper
+
+__all__ = [
+    "BufferLimits",
+    "Fed",
+    "LogBuffer",
+    "Record",
+    "wall_clock_ms",
+]
+
+Record = dict[str, Any]
+TRANSACTION: Final = "transaction"
+#: Status given to a transaction that never said one (CAL: anything but "0" is a failure).
+UNKNOWN_STATUS: Final = "-1"
+_TS = itemgetter("timestamp")
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch (the default clock)."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class BufferLimits:
+    """Timeouts and caps of the engine; every one is a named, overridable limit.
+
+    Attributes:
+        clean_duration: seconds between the seed's clean cycles.
+        clean_cycles: cycles without a new event after which an open tree is published
+            incomplete (``timeout``): the timeout is ``clean_duration × clean_cycles``.
+        settle: seconds a closed tree waits for late siblings before it is published (0: at once).
+        max_open: open trees (uuids) held at once; past it the oldest is published ``evicted``.
+        max_events_per_tx: events held for one uuid; past it that tree is published ``evicted``.
+        max_depth: nesting depth kept in one record; deeper subtrees become fragments.
+        max_published_memory: published uuids remembered to recognise duplicates and late events.
+    """
+
+    clean_duration: float = 60.0
+    clean_cycles: int = 3
+    settle: float = 0.0
+    max_open: int = 100_000
+    max_events_per_tx: int = 10_000
+    max_depth: int = 64
+    max_published_memory: int = 100_000
+
+    def __post_init__(self) -> None:
+        for name in ("clean_duration", "settle"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0")
+        for name in (
+            "clean_cycles",
+            "max_open",
+            "max_events_per_tx",
+            "max_depth",
+            "max_published_memory",
+        ):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1")
+        if self.max_depth > 100:
+            # orjson refuses to nest deeper than 254 levels; each tree level costs two.
+            raise UsageError("max_depth must be <= 100 (JSON encoders limit nesting)")
+
+
+class Fed(NamedTuple):
+    """What one :meth:`LogBuffer.feed_many` call produced."""
+
+    records: list[Record]
+    """Records ready to publish, in order."""
+    rejected: list[tuple[int, InvalidEvent]]
+    """(index in the batch, error) for each event that was refused."""
+
+
+class _Group:
+    """Everything held for one uuid."""
+
+    __slots__ = (
+        "begins",
+        "closed_at",
+        "count",
+        "ends",
+        "kids",
+        "last",
+        "pending",
+        "roots",
+        "seen",
+        "uuid",
+    )
+
+    def __init__(self, uuid: str, now: int) -> None:
+        self.uuid = uuid
+        self.begins: dict[str, Event] = {}
+        self.ends: dict[str, Event] = {}
+        self.kids: dict[str, list[Event]] = {}
+        self.seen: dict[tuple[Any, ...], Event] = {}
+        # Transaction ids referenced here that do not yet have both their begin and end.
+        self.pending: set[str] = set()
+        self.roots: list[str] = []
+        self.count = 0
+        self.last = now
+        self.closed_at: int | None = None
+
+
+class _Published:
+    """What is remembered of a published uuid: event keys (duplicates) and transaction ids (late)."""
+
+    __slots__ = ("keys", "txids")
+
+    def __init__(self, keys: set[tuple[Any, ...]], txids: set[str]) -> None:
+        self.keys = keys
+        self.txids = txids
+
+
+class LogBuffer:
+    """The reassembly engine. Not thread-safe: one owner feeds it.
+
+    Args:
+        mapper: an optional callable (raw map → mapped map) run before the engine's own
+            normalisation (:func:`async_logging.model.default_mapper`), which then only
+            fills what the mapper left out and enforces what the engine relies on.
+        clock: returns milliseconds since the epoch; injected so tests need no sleeps.
+        limits: timeouts and caps (:class:`BufferLimits`); keyword overrides also accepted.
+
+    The buffer takes ownership of the maps it is fed: it mutates them into records.
+    """
+
+    def __init__(
+        self,
+        mapper: Mapper | None = None,
+        *,
+        clock: Callable[[], int] = wall_clock_ms,
+        limits: BufferLimits | None = None,
+        **overrides: Any,
+    ) -> None:
+        if mapper is not None and not callable(mapper):
+            raise UsageError("mapper must be callable (raw map -> mapped map)")
+        limits = limits or BufferLimits()
+        if overrides:
+            try:
+                limits = BufferLimits(**{**_limits_dict(limits), **overrides})
+            except TypeError as exc:
+                raise UsageError(f"unknown LogBuffer option: {exc}") from exc
+        self.limits = limits
+        self._mapper = mapper
+        self._clock = clock
+        self._open: dict[str, _Group] = {}
+        self._published: dict[str, _Published] = {}
+        self._timeout_ms = int(limits.clean_duration * limits.clean_cycles * 1000)
+        self._settle_ms = int(limits.settle * 1000)
+        #: Running counters (events, published_complete, published_incomplete, standalone,
+        #: duplicates, conflicts, late, evicted, rejected, orphans, cycles_cut, depth_cut).
+        self.stats: Counter[str] = Counter()
+        #: Refused events by reason (``unknown_clazz``, ``bad_id``, ...).
+        self.rejected: Counter[str] = Counter()
+        #: Incomplete trees published, by reason (``timeout``, ``evicted``, ``shutdown``).
+        self.incomplete: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def open_count(self) -> int:
+        """Trees (uuids) held open right now."""
+        return len(self._open)
+
+    @property
+    def held_events(self) -> int:
+        """Events held in open trees right now."""
+        return sum(g.count for g in self._open.values())
+
+    def feed(self, event: Event) -> list[Record]:
+        """Take one log map; return the records it completes.
+
+        Raises:
+            InvalidEvent: the event was refused (counted in :attr:`rejected`); the engine
+                is unchanged and keeps working.
+        """
+        fed = self.feed_many((event,))
+        if fed.rejected:
+            raise fed.rejected[0][1]
+        return fed.records
+
+    def feed_many(self, events: Iterable[Any]) -> Fed:
+        """Take a batch of log maps; return the records to publish and the refusals.
+
+        A bad event never costs a good one beside it: it is refused, counted and reported
+        with its index, and the rest of the batch is taken.
+        """
+        now = self._clock()
+        out: list[Record] = []
+        rejected: list[tuple[int, InvalidEvent]] = []
+        touched: dict[str, _Group] = {}
+        mapper = self._mapper
+        add = self._add
+        n = 0
+        for i, raw in enumerate(events):
+            n += 1
+            try:
+                if mapper is not None:
+                    raw = mapper(raw)
+                e = default_mapper(raw, now)
+            except InvalidEvent as exc:
+                rejected.append((i, exc))
+                self.rejected[exc.reason] += 1
+                continue
+            except Exception as exc:  # a custom mapper must never stop the engine
+                err = InvalidEvent("mapper_error", f"{type(exc).__name__}: {exc}")
+                rejected.append((i, err))
+                self.rejected[err.reason] += 1
+                continue
+            add(e, now, out, touched)
+        stats = self.stats
+        stats["events"] += n - len(rejected)
+        if rejected:
+            stats["rejected"] += len(rejected)
+        settle = self._settle_ms
+        for g in touched.values():
+            if g.roots and not g.pending and self._open.get(g.uuid) is g:
+                if settle:
+                    if g.closed_at is None:
+                        g.closed_at = now
+                else:
+                    out.extend(self._publish(g, None))
+            elif g.closed_at is not None:
+                g.closed_at = None
+        return Fed(out, rejected)
+
+    def expire(self, now: int | None = None) -> list[Record]:
+        """Run a clean cycle: publish settled trees and the ones idle past the timeout."""
+        if now is None:
+            now = self._clock()
+        out: list[Record] = []
+        timeout = self._timeout_ms
+        settle = self._settle_ms
+        for g in list(self._open.values()):
+            if g.closed_at is not None and now - g.closed_at >= settle:
+                out.extend(self._publish(g, None))
+            elif now - g.last >= timeout:
+                out.extend(self._publish(g, "timeout"))
+        return out
+
+    def flush_all(self, reason: str = "shutdown") -> list[Record]:
+        """Publish every open tree now (complete ones as complete, others flagged ``reason``)."""
+        out: list[Record] = []
+        for g in list(self._open.values()):
+            out.extend(self._publish(g, reason))
+        return out
+
+    # ------------------------------------------------------------------ ingest
+
+    def _add(self, e: Event, now: int, out: list[Record], touched: dict[str, _Group]) -> None:
+        clazz = e["clazz"]
+        uuid = e.get("uuid")
+        parent = e["parent"]
+        if not uuid or (parent == ROOT_PARENT and (clazz == ATOMIC or clazz == HEARTBEAT)):
+            e["kind"] = e.pop("clazz")
+            self.stats["standalone"] += 1
+            out.append(e)
+            return
+        eid = e.get("event")
+        key = (clazz, eid, parent, e["timestamp"])
+        g = self._open.get(uuid)
+        if g is None:
+            done = self._published.get(uuid)
+            if done is not None:
+                if key in done.keys:
+                    self.stats["duplicates"] += 1
+                    return
+                txids = done.txids
+                if parent in txids or (clazz != ATOMIC and clazz != HEARTBEAT and eid in txids):
+                    out.append(self._flagged(e, "late"))
+                    return
+            if len(self._open) >= self.limits.max_open:
+                oldest = next(iter(self._open.values()))
+                self.stats["evicted"] += 1
+                out.extend(self._publish(oldest, "evicted"))
+            g = self._open[uuid] = _Group(uuid, now)
+        seen = g.seen
+        k: tuple[Any, ...] = key
+        n = 0
+        while (prev := seen.get(k)) is not None:
+            if prev == e:
+                self.stats["duplicates"] += 1
+                return
+            n += 1
+            k = (*key, n)
+        if clazz == BEGIN:
+            if eid in g.begins:
+                out.append(self._flagged(e, "conflict"))
+                return
+            seen[k] = e
+            g.begins[eid] = e
+            pending = g.pending
+            if eid in g.ends:
+                pending.discard(eid)
+            else:
+                pending.add(eid)
+            if parent == ROOT_PARENT:
+                g.roots.append(eid)
+            else:
+                kids = g.kids.get(parent)
+                if kids is None:
+                    g.kids[parent] = [e]
+                else:
+                    kids.append(e)
+                if parent not in g.begins or parent not in g.ends:
+                    pending.add(parent)
+        elif clazz == END:
+            if eid in g.ends:
+                out.append(self._flagged(e, "conflict"))
+                return
+            seen[k] = e
+            g.ends[eid] = e
+            if eid in g.begins:
+                g.pending.discard(eid)
+            else:
+                g.pending.add(eid)
+        else:
+            seen[k] = e
+            kids = g.kids.get(parent)
+            if kids is None:
+                g.kids[parent] = [e]
+            else:
+                kids.append(e)
+            if parent not in g.begins or parent not in g.ends:
+                g.pending.add(parent)
+        g.count += 1
+        g.last = now
+        if g.count >= self.limits.max_events_per_tx:
+            self.stats["evicted"] += 1
+            out.extend(self._publish(g, "evicted"))
+            touched.pop(uuid, None)
+        else:
+            touched[uuid] = g
+
+    def _flagged(self, e: Event, flag: str) -> Record:
+        """A stand-alone record for an event that cannot join its tree (late, conflict)."""
+        self.stats[flag + ("s" if flag == "conflict" else "")] += 1
+        clazz = e.pop("clazz")
+        if clazz == BEGIN or clazz == END:
+            e["kind"] = TRANSACTION
+            e.setdefault("status", UNKNOWN_STATUS)
+            e.setdefault("duration", 0)
+            e["children"] = []
+            e["complete"] = False
+            if clazz == BEGIN:
+                e["missing_end"] = True
+            else:
+                e["missing_begin"] = True
+        else:
+            e["kind"] = clazz
+        e[flag] = True
+        return e
+
+    # ------------------------------------------------------------------ publish
+
+    def _publish(self, g: _Group, reason: str | None) -> list[Record]:
+        del self._open[g.uuid]
+        published = self._published
+        if len(published) >= self.limits.max_published_memory:
+            del published[next(iter(published))]
+        published[g.uuid] = _Published(set(g.seen), g.begins.keys() | g.ends.keys())
+        if g.roots and not g.pending:
+            records = self._build_complete(g)
+            reason = None
+        else:
+            reason = reason or "incomplete"
+            records = self._build_incomplete(g, reason)
+        stats = self.stats
+        for r in records:
+            if r.get("complete") is True:
+                stats["published_complete"] += 1
+            else:
+                why = r.setdefault("reason", reason or "incomplete")
+                stats["published_incomplete"] += 1
+                self.incomplete[why] += 1
+        return records
+
+    def _build_complete(self, g: _Group) -> list[Record]:
+        """The fast path: every transaction closed, every parent present."""
+        begins, ends, kids = g.begins, g.ends, g.kids
+        max_depth = self.limits.max_depth
+        records: list[Record] = []
+        visited = 0
+        fragments: list[Event] = []
+        stack: list[tuple[Event, int]] = [(begins[r], 0) for r in reversed(g.roots)]
+        while stack:
+            node, depth = stack.pop()
+            eid = node["event"]
+            _merge_end(node, ends[eid])
+            del node["clazz"]
+            node["kind"] = TRANSACTION
+            node["complete"] = True
+            visited += 2
+            ch = kids.get(eid)
+            if ch:
+                if len(ch) > 1:
+                    ch.sort(key=_TS)
+                cut: list[Event] | None = None
+                for c in ch:
+                    cl = c["clazz"]
+                    if cl == BEGIN:
+                        if depth + 1 >= max_depth:
+                            cut = cut or []
+                            cut.append(c)
+                        else:
+                            stack.append((c, depth + 1))
+                    else:
+                        del c["clazz"]
+                        c["kind"] = cl
+                        visited += 1
+                if cut:
+                    node["depth_cut"] = True
+                    ch = [c for c in ch if not any(c is x for x in cut)]
+                    fragments.extend(cut)
+                node["children"] = ch
+            else:
+                node["children"] = []
+            if depth == 0:
+                records.append(node)
+        for f in fragments:
+            self.stats["depth_cut"] += 1
+            f["depth_cut"] = True
+            records.extend(self._walk(g, f))
+        if fragments or visited != g.count:
+            # Only parent cycles can leave events unreached in a closed group.
+            records.extend(self._leftovers(g, records, "cycle"))
+        return records
+
+    def _build_incomplete(self, g: _Group, reason: str) -> list[Record]:
+        begins, ends = g.begins, g.ends
+        # An end whose begin never came stands in for its begin, flagged.
+        for eid, end in ends.items():
+            if eid not in begins:
+                begins[eid] = end
+                end["missing_begin"] = True
+                parent = end["parent"]
+                if parent == ROOT_PARENT:
+                    g.roots.append(eid)
+                else:
+                    g.kids.setdefault(parent, []).append(end)
+        records: list[Record] = []
+        for r in g.roots:
+            records.extend(self._walk(g, begins[r]))
+        records.extend(self._leftovers(g, records, reason))
+        return records
+
+    def _leftovers(self, g: _Group, records: list[Record], reason: str) -> list[Record]:
+        """Events no root reached: orphans (parent never came) and parent cycles.
+
+        They are hung under the first root, flagged, or returned as records of their own
+        when the group has no root.
+        """
+        begins = g.begins
+        extra: list[Record] = []
+        for parent, ch in g.kids.items():
+            if parent not in begins:
+                for c in ch:
+                    if "clazz" in c:
+                        c["orphan"] = True
+                        self.stats["orphans"] += 1
+                        extra.extend(self._walk(g, c))
+        # Whatever is still unreached hangs in a parent cycle: cut it at its earliest begin.
+        while rest := [b for b in begins.values() if "clazz" in b]:
+            head = min(rest, key=_TS)
+            head["cycle"] = True
+            self.stats["cycles_cut"] += 1
+            extra.extend(self._walk(g, head))
+        if extra and records and records[0]["kind"] == TRANSACTION:
+            root = records[0]
+            root["children"].extend(extra)
+            if root["complete"]:
+                root["complete"] = False
+                root["reason"] = reason
+            return []
+        return extra
+
+    def _walk(self, g: _Group, head: Event) -> list[Record]:
+        """Build the tree under ``head`` where anything may be missing: the tree, then fragments."""
+        ends, kids = g.ends, g.kids
+        max_depth = self.limits.max_depth
+        cl = head["clazz"]
+        if cl != BEGIN and cl != END:
+            del head["clazz"]
+            head["kind"] = cl
+            return [head]
+        order: list[Event] = []
+        fragments: list[Event] = []
+        stack: list[tuple[Event, int]] = [(head, 0)]
+        while stack:
+            node, depth = stack.pop()
+            eid = node["event"]
+            end = ends.get(eid)
+            if end is None:
+                node["missing_end"] = True
+                node.setdefault("status", UNKNOWN_STATUS)
+            elif end is not node:
+                _merge_end(node, end)
+            del node["clazz"]
+            node["kind"] = TRANSACTION
+            order.append(node)
+            ch = kids.get(eid) or []
+            if len(ch) > 1:
+                ch.sort(key=_TS)
+            keep = []
+            for c in ch:
+                cl = c.get("clazz")
+                if cl is None:  # already placed elsewhere: never place an event twice
+                    continue
+                if cl == BEGIN or cl == END:
+                    if depth + 1 >= max_depth:
+                        node["depth_cut"] = True
+                        fragments.append(c)
+                        continue
+                    stack.append((c, depth + 1))
+                else:
+                    del c["clazz"]
+                    c["kind"] = cl
+                keep.append(c)
+            node["children"] = keep
+        # Completeness and open durations bottom-up (children come after parents in order).
+        for node in reversed(order):
+            ok = "missing_end" not in node and "missing_begin" not in node
+            last = node["timestamp"] + node.get("duration", 0)
+            for c in node["children"]:
+                if c["kind"] == TRANSACTION:
+                    ok = ok and c["complete"]
+                    last = max(last, c["timestamp"] + c.get("duration", 0))
+                else:
+                    last = max(last, c["timestamp"])
+            node["complete"] = ok
+            if "missing_end" in node:
+                node["duration"] = last - node["timestamp"]
+        out = [head]
+        for f in fragments:
+            self.stats["depth_cut"] += 1
+            f["depth_cut"] = True
+            out.extend(self._walk(g, f))
+        return out
+
+
+def _merge_end(node: Event, end: Event) -> None:
+    """Fold an end into its begin node (DESIGN §3): name, msg, status, duration from the end."""
+    for k in ("name", "msg", "status", "duration"):
+        v = end.get(k)
+        if v is not None:
+            node[k] = v
+    extra = end.keys() - node.keys()
+    if extra:
+        for k in extra:
+            node[k] = end[k]
+    if "duration" not in node:
+        node["duration"] = end["timestamp"] - node["timestamp"]
+    if "status" not in node:
+        node["status"] = UNKNOWN_STATUS
+
+
+def _limits_dict(limits: BufferLimits) -> dict[str, Any]:
+    return {name: getattr(limits, name) for name in BufferLimits.__dataclass_fields__}

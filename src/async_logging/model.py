@@ -1,0 +1,181 @@
+"""The event model (DESIGN §2): clazz names, defaults and the default mapper.
+
+A log event is a plain ``dict`` at the wire boundary and inside the engine: building a
+dataclass per event would cost more than all the rest of the per-event work (DESIGN §7),
+so events stay maps and this module owns the rules they must satisfy.
+
+The default mapper normalises an event **in place** (the buffer owns the maps it is fed):
+
+- ``clazz`` defaults to ``atomicEvent`` and must be one of :data:`CLAZZES`;
+- ``uuid``, ``event`` and ``parent`` ids become strings (ints and integral floats accepted);
+  ``parent`` defaults to ``"0"`` (top level); ``request`` repeats ``uuid``;
+- ``type`` defaults to ``URL``; ``timestamp`` defaults to the time received and, like
+  ``duration``, is coerced to whole milliseconds (numbers or numeric strings);
+- ``status`` numbers become strings (CAL: ``"0"`` is success);
+- ``ip`` is copied to ``ipAddress``; ``tid`` defaults to ``<pid>-<last hex digit of md5(uuid)>``;
+- every other key is kept as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, Final
+
+from .exceptions import InvalidEvent
+
+__all__ = [
+    "ATOMIC",
+    "BEGIN",
+    "CLAZZES",
+    "END",
+    "HEARTBEAT",
+    "ROOT_PARENT",
+    "Event",
+    "Mapper",
+    "coerce_ms",
+    "default_mapper",
+    "normalise_id",
+    "tid_for",
+]
+
+Event = dict[str, Any]
+#: A mapper turns one raw log map into a mapped event; it may mutate and return its argument.
+Mapper = Callable[[Event], Event]
+
+BEGIN: Final = "begin"
+END: Final = "end"
+ATOMIC: Final = "atomicEvent"
+HEARTBEAT: Final = "heartbeat"
+CLAZZES: Final = frozenset({BEGIN, END, ATOMIC, HEARTBEAT})
+ROOT_PARENT: Final = "0"
+DEFAULT_TYPE: Final = "URL"
+#: How many uuid → tid digits are remembered (a bounded cache; older entries are recomputed).
+TID_CACHE_SIZE: Final = 8192
+
+
+def normalise_id(value: object, key: str) -> str | None:
+    """Return ``value`` as an id string (``None`` stays ``None``).
+
+    Raises:
+        InvalidEvent: ``bad_id`` when the value is not a string, an integer or an integral float.
+    """
+    t = type(value)
+    if t is str:
+        return value  # type: ignore[return-value]
+    if t is int:
+        return str(value)
+    if value is None:
+        return None
+    if t is float and math.isfinite(value) and value.is_integer():  # type: ignore[attr-defined]
+        return str(int(value))  # type: ignore[call-overload]
+    raise InvalidEvent("bad_id", f"{key} must be a string or an integer, not {t.__name__}")
+
+
+def coerce_ms(value: object, key: str) -> int:
+    """Return ``value`` as whole milliseconds (int, finite float or numeric string).
+
+    Raises:
+        InvalidEvent: ``bad_<key>`` when the value is of another type or not a finite number.
+    """
+    t = type(value)
+    if t is int:
+        return value  # type: ignore[return-value]
+    if t is float:
+        if math.isfinite(value):  # type: ignore[arg-type]
+            return int(value)  # type: ignore[call-overload]
+    elif t is str:
+        try:
+            return int(value)  # type: ignore[call-overload]
+        except ValueError:
+            try:
+                f = float(value)  # type: ignore[arg-type]
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(f):
+                    return int(f)
+    raise InvalidEvent(f"bad_{key}", f"{key} must be a number of milliseconds, not {value!r:.60}")
+
+
+@lru_cache(maxsize=TID_CACHE_SIZE)
+def _uuid_digit(uuid: str) -> str:
+    return hashlib.md5(uuid.encode("utf-8", "surrogatepass"), usedforsecurity=False).hexdigest()[-1]
+
+
+def tid_for(pid: object, uuid: str) -> str:
+    """The seed's default thread id: ``<pid>-<last hex digit of md5(uuid)>``."""
+    return f"{pid}-{_uuid_digit(uuid)}"
+
+
+def default_mapper(event: Event, now_ms: int) -> Event:
+    """Normalise ``event`` in place following DESIGN §2 and return it.
+
+    Args:
+        event: the raw log map (owned by the caller's buffer from now on).
+        now_ms: the time received, used when the event has no ``timestamp``.
+
+    Raises:
+        InvalidEvent: naming the first thing wrong (``not_a_map``, ``unknown_clazz``,
+            ``bad_id``, ``bad_timestamp``, ``bad_duration``, ``bad_status``,
+            ``missing_uuid``, ``missing_event``).
+    """
+    if type(event) is not dict:
+        raise InvalidEvent("not_a_map", f"a log must be a map, not {type(event).__name__}")
+    get = event.get
+    clazz = get("clazz")
+    if clazz is None:
+        event["clazz"] = clazz = ATOMIC
+    elif type(clazz) is not str or clazz not in CLAZZES:
+        raise InvalidEvent(
+            "unknown_clazz",
+            f"clazz {clazz!r:.40} is not one of begin, end, atomicEvent, heartbeat",
+        )
+    uuid = get("uuid")
+    if uuid is not None:
+        if type(uuid) is not str:
+            event["uuid"] = uuid = normalise_id(uuid, "uuid")
+        if uuid:
+            event["request"] = uuid
+        else:
+            uuid = None
+    eid = get("event")
+    if eid is not None and type(eid) is not str:
+        event["event"] = eid = normalise_id(eid, "event")
+    parent = get("parent")
+    if parent is None:
+        event["parent"] = ROOT_PARENT
+    elif type(parent) is not str:
+        event["parent"] = normalise_id(parent, "parent")
+    if clazz == BEGIN or clazz == END:
+        if uuid is None:
+            raise InvalidEvent("missing_uuid", f"a {clazz} needs a uuid")
+        if not eid:
+            raise InvalidEvent("missing_event", f"a {clazz} needs an event id")
+    if "type" not in event:
+        event["type"] = DEFAULT_TYPE
+    ts = get("timestamp")
+    if ts is None:
+        event["timestamp"] = now_ms
+    elif type(ts) is not int:
+        event["timestamp"] = coerce_ms(ts, "timestamp")
+    duration = get("duration")
+    if duration is not None and type(duration) is not int:
+        event["duration"] = coerce_ms(duration, "duration")
+    status = get("status")
+    if status is not None and type(status) is not str:
+        if type(status) is int:
+            event["status"] = str(status)
+        elif type(status) is float and math.isfinite(status) and status.is_integer():
+            event["status"] = str(int(status))
+        else:
+            raise InvalidEvent("bad_status", f"status must be a string or an integer, not {status!r:.40}")
+    if "ip" in event and "ipAddress" not in event:
+        event["ipAddress"] = event["ip"]
+    if uuid is not None and "tid" not in event:
+        pid = get("pid")
+        if pid is not None:
+            event["tid"] = tid_for(pid, uuid)
+    return event
