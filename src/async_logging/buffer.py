@@ -15,7 +15,7 @@ Contract (DESIGN §3):
   :meth:`LogBuffer.feed_many` batch the check runs after the whole batch, so any order of
   the batch gives the same tree; ``settle`` (seconds, default 0) keeps a closed group open
   that much longer for events that arrive later over other connections;
-- an incomplete group is published, never dropped: after ``clean_duration × clean_cycles``
+- an incomplete group is published, never dropped: after ``clean_duration * clean_cycles``
   seconds without a new event (``timeout``), when a cap pushes it out (``evicted``) or on
   :meth:`LogBuffer.flush_all` (``shutdown``), with ``complete: false`` and ``reason``;
 - duplicates (same uuid, clazz, event, parent, timestamp and content) are dropped; a
@@ -40,7 +40,7 @@ from operator import itemgetter
 from typing import Any, Final, NamedTuple
 
 from .exceptions import InvalidEvent, UsageError
-from .model import ATOMIC, BEGIN, END, HEARTBEAT, ROOT_PARENT, Event, Mapper, default_mapper
+from .model import ATOMIC, BEGIN, END, HEARTBEAT, ROOT_PARENT, Event, Mapper, map_events
 
 __all__ = [
     "BufferLimits",
@@ -55,6 +55,7 @@ TRANSACTION: Final = "transaction"
 #: Status given to a transaction that never said one (CAL: anything but "0" is a failure).
 UNKNOWN_STATUS: Final = "-1"
 _TS = itemgetter("timestamp")
+_FIRST = itemgetter(0)
 
 
 def wall_clock_ms() -> int:
@@ -69,7 +70,7 @@ class BufferLimits:
     Attributes:
         clean_duration: seconds between the seed's clean cycles.
         clean_cycles: cycles without a new event after which an open tree is published
-            incomplete (``timeout``): the timeout is ``clean_duration × clean_cycles``.
+            incomplete (``timeout``): the timeout is ``clean_duration * clean_cycles``.
         settle: seconds a closed tree waits for late siblings before it is published (0: at once).
         max_open: open trees (uuids) held at once; past it the oldest is published ``evicted``.
         max_events_per_tx: events held for one uuid; past it that tree is published ``evicted``.
@@ -133,6 +134,7 @@ class _Group:
         self.begins: dict[str, Event] = {}
         self.ends: dict[str, Event] = {}
         self.kids: dict[str, list[Event]] = {}
+        # Atomic events by (event, parent, timestamp): finds resent duplicates.
         self.seen: dict[tuple[Any, ...], Event] = {}
         # Transaction ids referenced here that do not yet have both their begin and end.
         self.pending: set[str] = set()
@@ -140,16 +142,6 @@ class _Group:
         self.count = 0
         self.last = now
         self.closed_at: int | None = None
-
-
-class _Published:
-    """What is remembered of a published uuid: event keys (duplicates) and transaction ids (late)."""
-
-    __slots__ = ("keys", "txids")
-
-    def __init__(self, keys: set[tuple[Any, ...]], txids: set[str]) -> None:
-        self.keys = keys
-        self.txids = txids
 
 
 class LogBuffer:
@@ -185,7 +177,8 @@ class LogBuffer:
         self._mapper = mapper
         self._clock = clock
         self._open: dict[str, _Group] = {}
-        self._published: dict[str, _Published] = {}
+        # uuid -> (begin ids, end ids, atomic keys) of trees already published.
+        self._published: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]]] = {}
         self._timeout_ms = int(limits.clean_duration * limits.clean_cycles * 1000)
         self._settle_ms = int(limits.settle * 1000)
         #: Running counters (events, published_complete, published_incomplete, standalone,
@@ -229,33 +222,104 @@ class LogBuffer:
         now = self._clock()
         out: list[Record] = []
         rejected: list[tuple[int, InvalidEvent]] = []
-        touched: dict[str, _Group] = {}
-        mapper = self._mapper
-        add = self._add
-        n = 0
-        for i, raw in enumerate(events):
-            n += 1
-            try:
-                if mapper is not None:
-                    raw = mapper(raw)
-                e = default_mapper(raw, now)
-            except InvalidEvent as exc:
-                rejected.append((i, exc))
-                self.rejected[exc.reason] += 1
-                continue
-            except Exception as exc:  # a custom mapper must never stop the engine
-                err = InvalidEvent("mapper_error", f"{type(exc).__name__}: {exc}")
-                rejected.append((i, err))
-                self.rejected[err.reason] += 1
-                continue
-            add(e, now, out, touched)
-        stats = self.stats
-        stats["events"] += n - len(rejected)
+        if self._mapper is not None:
+            events = self._premap(events, rejected)
+        mapped = map_events(events, now, rejected)
         if rejected:
-            stats["rejected"] += len(rejected)
+            rejected.sort(key=_FIRST)  # stable: the custom mapper's refusal comes first
+            if self._mapper is not None:
+                rejected[:] = list({i: (i, exc) for i, exc in reversed(rejected)}.values())[::-1]
+            for _, exc in rejected:
+                self.rejected[exc.reason] += 1
+            self.stats["rejected"] += len(rejected)
+        self.stats["events"] += len(mapped)
+        touched: dict[str, _Group] = {}
+        open_groups = self._open
+        stats = self.stats
+        max_events = self.limits.max_events_per_tx
+        # The per-event hot path: kept in one loop on purpose (no call per event).
+        for e in mapped:
+            clazz = e["clazz"]
+            uuid = e.get("uuid")
+            parent = e["parent"]
+            if not uuid or (parent == ROOT_PARENT and (clazz in (ATOMIC, HEARTBEAT))):
+                e["kind"] = e.pop("clazz")
+                stats["standalone"] += 1
+                out.append(e)
+                continue
+            g = open_groups.get(uuid)
+            if g is None:
+                g = self._new_group(e, now, out)
+                if g is None:
+                    continue
+            eid: str = e.get("event")  # type: ignore[assignment]  # set for begin/end (mapper)
+            if clazz == BEGIN:
+                begins = g.begins
+                prev = begins.get(eid)
+                if prev is not None:
+                    if prev == e:
+                        stats["duplicates"] += 1
+                    else:
+                        out.append(self._flagged(e, "conflict"))
+                    continue
+                begins[eid] = e
+                pending = g.pending
+                if eid in g.ends:
+                    pending.discard(eid)
+                else:
+                    pending.add(eid)
+                if parent == ROOT_PARENT:
+                    g.roots.append(eid)
+                else:
+                    kids = g.kids.get(parent)
+                    if kids is None:
+                        g.kids[parent] = [e]
+                    else:
+                        kids.append(e)
+                    if parent not in begins or parent not in g.ends:
+                        pending.add(parent)
+            elif clazz == END:
+                ends = g.ends
+                prev = ends.get(eid)
+                if prev is not None:
+                    if prev == e:
+                        stats["duplicates"] += 1
+                    else:
+                        out.append(self._flagged(e, "conflict"))
+                    continue
+                ends[eid] = e
+                if eid in g.begins:
+                    g.pending.discard(eid)
+                else:
+                    g.pending.add(eid)
+            else:
+                key = (eid, parent, e["timestamp"])
+                seen = g.seen
+                prev = seen.get(key)
+                if prev is not None:
+                    if prev == e or _same_in(e, g.kids.get(parent, ())):
+                        stats["duplicates"] += 1
+                        continue
+                else:
+                    seen[key] = e
+                kids = g.kids.get(parent)
+                if kids is None:
+                    g.kids[parent] = [e]
+                else:
+                    kids.append(e)
+                if parent not in g.begins or parent not in g.ends:
+                    g.pending.add(parent)
+            g.count += 1
+            g.last = now
+            if g.count >= max_events:
+                stats["evicted"] += 1
+                out.extend(self._publish(g, "evicted"))
+                touched.pop(uuid, None)
+            else:
+                touched[uuid] = g
         settle = self._settle_ms
         for g in touched.values():
-            if g.roots and not g.pending and self._open.get(g.uuid) is g:
+            if g.roots and not g.pending and open_groups.get(g.uuid) is g:
                 if settle:
                     if g.closed_at is None:
                         g.closed_at = now
@@ -264,6 +328,22 @@ class LogBuffer:
             elif g.closed_at is not None:
                 g.closed_at = None
         return Fed(out, rejected)
+
+    def _premap(self, events: Iterable[Any], rejected: list[tuple[int, InvalidEvent]]) -> list[Any]:
+        """Run the custom mapper; an exception in it refuses that one event only."""
+        mapper = self._mapper
+        assert mapper is not None
+        out: list[Any] = []
+        for i, raw in enumerate(events):
+            try:
+                out.append(mapper(raw))
+            except InvalidEvent as exc:
+                rejected.append((i, exc))
+                out.append(None)  # refused again by map_events; deduplicated
+            except Exception as exc:  # a custom mapper must never stop the engine
+                rejected.append((i, InvalidEvent("mapper_error", f"{type(exc).__name__}: {exc}")))
+                out.append(None)  # refused again by map_events; deduplicated
+        return out
 
     def expire(self, now: int | None = None) -> list[Record]:
         """Run a clean cycle: publish settled trees and the ones idle past the timeout."""
@@ -288,96 +368,38 @@ class LogBuffer:
 
     # ------------------------------------------------------------------ ingest
 
-    def _add(self, e: Event, now: int, out: list[Record], touched: dict[str, _Group]) -> None:
-        clazz = e["clazz"]
-        uuid = e.get("uuid")
-        parent = e["parent"]
-        if not uuid or (parent == ROOT_PARENT and (clazz == ATOMIC or clazz == HEARTBEAT)):
-            e["kind"] = e.pop("clazz")
-            self.stats["standalone"] += 1
-            out.append(e)
-            return
-        eid = e.get("event")
-        key = (clazz, eid, parent, e["timestamp"])
-        g = self._open.get(uuid)
-        if g is None:
-            done = self._published.get(uuid)
-            if done is not None:
-                if key in done.keys:
-                    self.stats["duplicates"] += 1
-                    return
-                txids = done.txids
-                if parent in txids or (clazz != ATOMIC and clazz != HEARTBEAT and eid in txids):
-                    out.append(self._flagged(e, "late"))
-                    return
-            if len(self._open) >= self.limits.max_open:
-                oldest = next(iter(self._open.values()))
-                self.stats["evicted"] += 1
-                out.extend(self._publish(oldest, "evicted"))
-            g = self._open[uuid] = _Group(uuid, now)
-        seen = g.seen
-        k: tuple[Any, ...] = key
-        n = 0
-        while (prev := seen.get(k)) is not None:
-            if prev == e:
+    def _new_group(self, e: Event, now: int, out: list[Record]) -> _Group | None:
+        """Open the group of ``e``'s uuid, unless ``e`` belongs to a tree already published.
+
+        Returns None when ``e`` was dealt with (a duplicate dropped, or published ``late``).
+        """
+        uuid: str = e["uuid"]
+        done = self._published.get(uuid)
+        if done is not None:
+            clazz, eid, parent = e["clazz"], e.get("event"), e["parent"]
+            begin_ids, end_ids, atomic_keys = done
+            if (
+                (clazz == BEGIN and eid in begin_ids)
+                or (clazz == END and eid in end_ids)
+                or ((clazz in (ATOMIC, HEARTBEAT)) and (eid, parent, e["timestamp"]) in atomic_keys)
+            ):
                 self.stats["duplicates"] += 1
-                return
-            n += 1
-            k = (*key, n)
-        if clazz == BEGIN:
-            if eid in g.begins:
-                out.append(self._flagged(e, "conflict"))
-                return
-            seen[k] = e
-            g.begins[eid] = e
-            pending = g.pending
-            if eid in g.ends:
-                pending.discard(eid)
-            else:
-                pending.add(eid)
-            if parent == ROOT_PARENT:
-                g.roots.append(eid)
-            else:
-                kids = g.kids.get(parent)
-                if kids is None:
-                    g.kids[parent] = [e]
-                else:
-                    kids.append(e)
-                if parent not in g.begins or parent not in g.ends:
-                    pending.add(parent)
-        elif clazz == END:
-            if eid in g.ends:
-                out.append(self._flagged(e, "conflict"))
-                return
-            seen[k] = e
-            g.ends[eid] = e
-            if eid in g.begins:
-                g.pending.discard(eid)
-            else:
-                g.pending.add(eid)
-        else:
-            seen[k] = e
-            kids = g.kids.get(parent)
-            if kids is None:
-                g.kids[parent] = [e]
-            else:
-                kids.append(e)
-            if parent not in g.begins or parent not in g.ends:
-                g.pending.add(parent)
-        g.count += 1
-        g.last = now
-        if g.count >= self.limits.max_events_per_tx:
+                return None
+            if parent in begin_ids or parent in end_ids or eid in begin_ids or eid in end_ids:
+                out.append(self._flagged(e, "late"))
+                return None
+        if len(self._open) >= self.limits.max_open:
+            oldest = next(iter(self._open.values()))
             self.stats["evicted"] += 1
-            out.extend(self._publish(g, "evicted"))
-            touched.pop(uuid, None)
-        else:
-            touched[uuid] = g
+            out.extend(self._publish(oldest, "evicted"))
+        g = self._open[uuid] = _Group(uuid, now)
+        return g
 
     def _flagged(self, e: Event, flag: str) -> Record:
         """A stand-alone record for an event that cannot join its tree (late, conflict)."""
         self.stats[flag + ("s" if flag == "conflict" else "")] += 1
         clazz = e.pop("clazz")
-        if clazz == BEGIN or clazz == END:
+        if clazz in (BEGIN, END):
             e["kind"] = TRANSACTION
             e.setdefault("status", UNKNOWN_STATUS)
             e.setdefault("duration", 0)
@@ -399,7 +421,8 @@ class LogBuffer:
         published = self._published
         if len(published) >= self.limits.max_published_memory:
             del published[next(iter(published))]
-        published[g.uuid] = _Published(set(g.seen), g.begins.keys() | g.ends.keys())
+        # Tuples of strings are not tracked by the cycle collector: cheap to keep many.
+        published[g.uuid] = (tuple(g.begins), tuple(g.ends), tuple(g.seen))
         if g.roots and not g.pending:
             records = self._build_complete(g)
             reason = None
@@ -520,7 +543,7 @@ class LogBuffer:
         ends, kids = g.ends, g.kids
         max_depth = self.limits.max_depth
         cl = head["clazz"]
-        if cl != BEGIN and cl != END:
+        if cl not in (BEGIN, END):
             del head["clazz"]
             head["kind"] = cl
             return [head]
@@ -547,7 +570,7 @@ class LogBuffer:
                 cl = c.get("clazz")
                 if cl is None:  # already placed elsewhere: never place an event twice
                     continue
-                if cl == BEGIN or cl == END:
+                if cl in (BEGIN, END):
                     if depth + 1 >= max_depth:
                         node["depth_cut"] = True
                         fragments.append(c)
@@ -579,15 +602,19 @@ class LogBuffer:
         return out
 
 
+def _same_in(e: Event, siblings: Iterable[Event]) -> bool:
+    """Whether an event equal to ``e`` is already among ``siblings`` (atomic duplicates)."""
+    return any(s == e for s in siblings)
+
+
 def _merge_end(node: Event, end: Event) -> None:
     """Fold an end into its begin node (DESIGN §3): name, msg, status, duration from the end."""
     for k in ("name", "msg", "status", "duration"):
         v = end.get(k)
         if v is not None:
             node[k] = v
-    extra = end.keys() - node.keys()
-    if extra:
-        for k in extra:
+    if not end.keys() <= node.keys():  # extra data that only the end carries survives
+        for k in end.keys() - node.keys():
             node[k] = end[k]
     if "duration" not in node:
         node["duration"] = end["timestamp"] - node["timestamp"]

@@ -14,8 +14,7 @@ from typing import Any
 
 from .buffer import LogBuffer, Record
 
-
-__all__ = ["EventEmitter", "EmitterBuffer"]
+__all__ = ["EmitterBuffer", "EventEmitter"]
 
 Listener = Callable[..., object]
 
@@ -82,5 +81,3 @@ class EmitterBuffer:
 
     def _on_flush(self, reason: str = "shutdown") -> None:
         self._emit_all(self.buffer.flush_all(reason))
-
-

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 from typing import Any, Final
 
@@ -37,6 +37,7 @@ __all__ = [
     "Mapper",
     "coerce_ms",
     "default_mapper",
+    "map_events",
     "normalise_id",
     "tid_for",
 ]
@@ -69,8 +70,8 @@ def normalise_id(value: object, key: str) -> str | None:
         return str(value)
     if value is None:
         return None
-    if t is float and math.isfinite(value) and value.is_integer():  # type: ignore[attr-defined]
-        return str(int(value))  # type: ignore[call-overload]
+    if isinstance(value, float) and t is float and math.isfinite(value) and value.is_integer():
+        return str(int(value))
     raise InvalidEvent("bad_id", f"{key} must be a string or an integer, not {t.__name__}")
 
 
@@ -85,10 +86,10 @@ def coerce_ms(value: object, key: str) -> int:
         return value  # type: ignore[return-value]
     if t is float:
         if math.isfinite(value):  # type: ignore[arg-type]
-            return int(value)  # type: ignore[call-overload]
+            return int(value)  # type: ignore[call-overload, no-any-return]
     elif t is str:
         try:
-            return int(value)  # type: ignore[call-overload]
+            return int(value)  # type: ignore[call-overload, no-any-return]
         except ValueError:
             try:
                 f = float(value)  # type: ignore[arg-type]
@@ -111,7 +112,7 @@ def tid_for(pid: object, uuid: str) -> str:
 
 
 def default_mapper(event: Event, now_ms: int) -> Event:
-    """Normalise ``event`` in place following DESIGN §2 and return it.
+    """Normalise one ``event`` in place following DESIGN §2 and return it.
 
     Args:
         event: the raw log map (owned by the caller's buffer from now on).
@@ -122,60 +123,92 @@ def default_mapper(event: Event, now_ms: int) -> Event:
             ``bad_id``, ``bad_timestamp``, ``bad_duration``, ``bad_status``,
             ``missing_uuid``, ``missing_event``).
     """
-    if type(event) is not dict:
-        raise InvalidEvent("not_a_map", f"a log must be a map, not {type(event).__name__}")
-    get = event.get
-    clazz = get("clazz")
-    if clazz is None:
-        event["clazz"] = clazz = ATOMIC
-    elif type(clazz) is not str or clazz not in CLAZZES:
-        raise InvalidEvent(
-            "unknown_clazz",
-            f"clazz {clazz!r:.40} is not one of begin, end, atomicEvent, heartbeat",
-        )
-    uuid = get("uuid")
-    if uuid is not None:
-        if type(uuid) is not str:
-            event["uuid"] = uuid = normalise_id(uuid, "uuid")
-        if uuid:
-            event["request"] = uuid
-        else:
-            uuid = None
-    eid = get("event")
-    if eid is not None and type(eid) is not str:
-        event["event"] = eid = normalise_id(eid, "event")
-    parent = get("parent")
-    if parent is None:
-        event["parent"] = ROOT_PARENT
-    elif type(parent) is not str:
-        event["parent"] = normalise_id(parent, "parent")
-    if clazz == BEGIN or clazz == END:
-        if uuid is None:
-            raise InvalidEvent("missing_uuid", f"a {clazz} needs a uuid")
-        if not eid:
-            raise InvalidEvent("missing_event", f"a {clazz} needs an event id")
-    if "type" not in event:
-        event["type"] = DEFAULT_TYPE
-    ts = get("timestamp")
-    if ts is None:
-        event["timestamp"] = now_ms
-    elif type(ts) is not int:
-        event["timestamp"] = coerce_ms(ts, "timestamp")
-    duration = get("duration")
-    if duration is not None and type(duration) is not int:
-        event["duration"] = coerce_ms(duration, "duration")
-    status = get("status")
-    if status is not None and type(status) is not str:
-        if type(status) is int:
-            event["status"] = str(status)
-        elif type(status) is float and math.isfinite(status) and status.is_integer():
-            event["status"] = str(int(status))
-        else:
-            raise InvalidEvent("bad_status", f"status must be a string or an integer, not {status!r:.40}")
-    if "ip" in event and "ipAddress" not in event:
-        event["ipAddress"] = event["ip"]
-    if uuid is not None and "tid" not in event:
-        pid = get("pid")
-        if pid is not None:
-            event["tid"] = tid_for(pid, uuid)
-    return event
+    rejected: list[tuple[int, InvalidEvent]] = []
+    mapped = map_events((event,), now_ms, rejected)
+    if rejected:
+        raise rejected[0][1]
+    return mapped[0]
+
+
+def map_events(
+    events: Iterable[Any], now_ms: int, rejected: list[tuple[int, InvalidEvent]]
+) -> list[Event]:
+    """Normalise a batch of raw log maps in place (the rules of :func:`default_mapper`).
+
+    One loop for the whole batch: this is the per-event hot path of the server.
+
+    Returns:
+        The valid events, in order; each refused one is appended to ``rejected`` as
+        ``(index, error)`` instead.
+    """
+    out: list[Event] = []
+    append = out.append
+    last_tid: tuple[object, str, str] = (None, "", "")
+    for i, e in enumerate(events):
+        try:
+            if e.__class__ is not dict:
+                raise InvalidEvent("not_a_map", f"a log must be a map, not {type(e).__name__}")
+            get = e.get
+            clazz = get("clazz")
+            if clazz is None:
+                e["clazz"] = clazz = ATOMIC
+            elif clazz.__class__ is not str or clazz not in CLAZZES:
+                raise InvalidEvent(
+                    "unknown_clazz",
+                    f"clazz {clazz!r:.40} is not one of begin, end, atomicEvent, heartbeat",
+                )
+            uuid = get("uuid")
+            if uuid is not None:
+                if uuid.__class__ is not str:
+                    e["uuid"] = uuid = normalise_id(uuid, "uuid")
+                if uuid:
+                    e["request"] = uuid
+                else:
+                    uuid = None
+            eid = get("event")
+            if eid is not None and eid.__class__ is not str:
+                e["event"] = eid = normalise_id(eid, "event")
+            parent = get("parent")
+            if parent is None:
+                e["parent"] = ROOT_PARENT
+            elif parent.__class__ is not str:
+                e["parent"] = normalise_id(parent, "parent")
+            if clazz in (BEGIN, END):
+                if uuid is None:
+                    raise InvalidEvent("missing_uuid", f"a {clazz} needs a uuid")
+                if not eid:
+                    raise InvalidEvent("missing_event", f"a {clazz} needs an event id")
+            if "type" not in e:
+                e["type"] = DEFAULT_TYPE
+            ts = get("timestamp")
+            if ts is None:
+                e["timestamp"] = now_ms
+            elif ts.__class__ is not int:
+                e["timestamp"] = coerce_ms(ts, "timestamp")
+            duration = get("duration")
+            if duration is not None and duration.__class__ is not int:
+                e["duration"] = coerce_ms(duration, "duration")
+            status = get("status")
+            if status is not None and status.__class__ is not str:
+                e["status"] = _status(status)
+            if "ip" in e and "ipAddress" not in e:
+                e["ipAddress"] = e["ip"]
+            if uuid is not None and "tid" not in e:
+                pid = get("pid")
+                if pid is not None:
+                    if last_tid[0] != pid or last_tid[1] != uuid:
+                        last_tid = (pid, uuid, tid_for(pid, uuid))
+                    e["tid"] = last_tid[2]
+        except InvalidEvent as exc:
+            rejected.append((i, exc))
+            continue
+        append(e)
+    return out
+
+
+def _status(status: object) -> str:
+    if status.__class__ is int:
+        return str(status)
+    if isinstance(status, float) and math.isfinite(status) and status.is_integer():
+        return str(int(status))
+    raise InvalidEvent("bad_status", f"status must be a string or an integer, not {status!r:.40}")
