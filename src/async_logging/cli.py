@@ -1,0 +1,133 @@
+"""The ``async-logging`` command: ``serve`` runs the proxy (DESIGN §5).
+
+Every option of :class:`~async_logging.server.ServerConfig` is a flag and a TOML key
+(``--config FILE``; flags win over the file). A bad flag, value or config file prints a
+clear error and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .exceptions import ConfigError
+
+__all__ = ["main"]
+
+_SERVE_FLAGS: list[tuple[str, Any, str]] = [
+    ("--host", str, "Address of the main port [default: 0.0.0.0]."),
+    ("--port", int, "Main port: WebSocket and POST /log (0 = any free port) [default: 3000]."),
+    ("--mon-host", str, "Address of the monitoring port [default: 127.0.0.1]."),
+    ("--mon-port", int, "Monitoring port for /ecv and /metrics (-1 = off) [default: 3001]."),
+    ("--workers", int, "Worker processes sharing the port (SO_REUSEPORT) [default: 1]."),
+    ("--conn-threshold", int, "Concurrent WebSocket connections accepted [default: 1024]."),
+    (
+        "--heartbeat-interval",
+        float,
+        "Seconds between the server's heartbeats (0 = off) [default: 60].",
+    ),
+    ("--clean-duration", float, "Seconds between clean cycles [default: 60]."),
+    (
+        "--clean-cycles",
+        int,
+        "Idle clean cycles before an open tree is published incomplete [default: 3].",
+    ),
+    ("--settle", float, "Seconds a closed tree waits for stragglers [default: 0]."),
+    ("--machine-name", str, "Machine name on the server's heartbeats [default: hostname]."),
+    ("--max-life", float, "Recycle a worker after [N, 2N) seconds (0 = never) [default: 0]."),
+    ("--max-messages", int, "Recycle a worker after N frames (0 = never) [default: 0]."),
+    ("--wait-for-publisher", float, "Seconds publishers get to finish on shutdown [default: 3]."),
+    ("--log-file", str, "JSON-lines output file [default: ./log/all.log]."),
+    ("--log-max-bytes", int, "Rotate the output file at this size (0 = never) [default: 100 MiB]."),
+    ("--log-backup-count", int, "Rotated files kept [default: 5]."),
+    ("--max-message-bytes", int, "Largest frame or POST body [default: 4 MiB]."),
+    (
+        "--idle-timeout",
+        float,
+        "Close a WebSocket idle this many seconds (0 = never) [default: 600].",
+    ),
+    ("--ping-interval", float, "Seconds between WebSocket pings (0 = off) [default: 30]."),
+    (
+        "--publish-queue",
+        int,
+        "Records waiting for the publisher before ingest pauses [default: 50000].",
+    ),
+    ("--listener", str, "Listener plug-in, module:attr [default: LogListener]."),
+    ("--buffer", str, "Buffer plug-in, module:attr [default: LogBuffer]."),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="async-logging")
+def main() -> None:
+    """async-logging: a log proxy that restores transaction trees from async log events."""
+
+
+def _serve_options(fn: Any) -> Any:
+    for flag, kind, help_ in reversed(_SERVE_FLAGS):
+        fn = click.option(flag, type=kind, default=None, help=help_)(fn)
+    return fn
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML file with any of these options (snake_case or camelCase keys).",
+)
+@click.option(
+    "--publisher",
+    multiple=True,
+    help="Publisher plug-in (module:attr, or jsonl / stdout); repeatable; replaces the file sink.",
+)
+@click.option("--stdout/--no-stdout", default=None, help="Also write records to stdout.")
+@click.option("--ecv/--no-ecv", default=None, help="Report healthy on /ecv [default: on].")
+@click.option(
+    "--verbose", "-v", count=True, help="Log more (-v info, -vv debug) to standard error."
+)
+@_serve_options
+def serve(
+    config_file: str | None,
+    publisher: tuple[str, ...],
+    stdout: bool | None,
+    ecv: bool | None,
+    verbose: int,
+    **flags: Any,
+) -> None:
+    """Run the log proxy until SIGTERM or SIGINT, then drain and flush.
+
+    Clients connect over WebSocket (any path, subprotocol log-protocol) or POST /log on
+    --port; reassembled trees go to --log-file as JSON lines.
+    """
+    from .server import LogCluster, ServerConfig, load_config_file
+
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+        config = ServerConfig.from_mapping(values, source=config_file or "config")
+        overrides = {k: v for k, v in flags.items() if v is not None}
+        if publisher:
+            overrides["publisher"] = list(publisher)
+        if stdout is not None:
+            overrides["stdout"] = stdout
+        if ecv is not None:
+            overrides["ecv"] = ecv
+        config = config.replace(**overrides)
+        cluster = LogCluster(config)
+        code = cluster.run()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

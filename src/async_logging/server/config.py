@@ -1,0 +1,209 @@
+"""Server options (DESIGN §5): one frozen value built from keywords, CLI flags or TOML.
+
+Every seed option keeps its meaning; Python names are snake_case and a config file may use
+either spelling (``connThreshold`` or ``conn_threshold``). Unknown keys and wrong types are a
+:class:`~async_logging.exceptions.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import ConfigError
+
+__all__ = ["ServerConfig", "load_config_file"]
+
+#: Seed defaults and the limits the server enforces (each overridable).
+DEFAULT_PORT = 3000
+DEFAULT_MON_PORT = 3001
+DEFAULT_CONN_THRESHOLD = 1024
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_PING_INTERVAL = 30.0
+DEFAULT_PUBLISH_QUEUE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Every option of ``async-logging serve``.
+
+    Attributes:
+        host: address to listen on (main port).
+        port: the main port: WebSocket and ``POST /log`` (seed: 3000; 0 picks a free one).
+        mon_host: address of the monitoring app (``/ecv``, ``/metrics``).
+        mon_port: the monitoring port (seed: 3001; 0 picks a free one; -1 disables it).
+        workers: worker processes sharing the port (SO_REUSEPORT); 1 runs in-process.
+        conn_threshold: concurrent WebSocket connections accepted; the next gets HTTP 503.
+        ecv: whether ``GET /ecv`` reports healthy (the seed's ECV switch; False = out of rotation).
+        heartbeat_interval: seconds between the server's own heartbeat records (0 = off).
+        listener, buffer, publisher: plug-ins: a class, an instance or ``"module:attr"``
+            (None = the defaults: LogListener, LogBuffer, JSON lines to ``log_file``).
+        clean_duration: seconds between clean cycles; ``clean_cycles`` idle cycles time a tree out.
+        settle: seconds a closed tree waits for stragglers (0 = publish at once).
+        machine_name: name stamped on the server's heartbeats (default: hostname).
+        max_life: seconds after which a worker is recycled, at a random point in
+            [max_life, 2*max_life) (0 = never).
+        max_messages: frames after which a worker is recycled (0 = never).
+        wait_for_publisher: seconds to let publishers finish on shutdown.
+        log_file: path of the default JSON-lines sink.
+        log_max_bytes, log_backup_count: rotation of the default sink.
+        stdout: also write records to standard output.
+        max_message_bytes: largest frame or request body (seed: 4 MiB).
+        idle_timeout: seconds without a frame after which a WebSocket is closed (seed: 10 min).
+        ping_interval: seconds between protocol pings.
+        publish_queue: records waiting for the publisher before ingest pauses (backpressure).
+    """
+
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    mon_host: str = "127.0.0.1"
+    mon_port: int = DEFAULT_MON_PORT
+    workers: int = 1
+    conn_threshold: int = DEFAULT_CONN_THRESHOLD
+    ecv: bool = True
+    heartbeat_interval: float = 60.0
+    listener: Any = None
+    buffer: Any = None
+    publisher: Any = None
+    clean_duration: float = 60.0
+    clean_cycles: int = 3
+    settle: float = 0.0
+    machine_name: str = field(default_factory=socket.gethostname)
+    max_life: float = 0.0
+    max_messages: int = 0
+    wait_for_publisher: float = 3.0
+    log_file: str = "./log/all.log"
+    log_max_bytes: int = 100 * 1024 * 1024
+    log_backup_count: int = 5
+    stdout: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    ping_interval: float = DEFAULT_PING_INTERVAL
+    publish_queue: int = DEFAULT_PUBLISH_QUEUE
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _TYPES.get(f.name)
+            if kind is None:
+                continue
+            if kind is float and type(value) is int:
+                object.__setattr__(self, f.name, float(value))
+            elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                raise ConfigError(
+                    f"option {f.name} must be {kind.__name__}, not {type(value).__name__}"
+                )
+        for name in ("port", "mon_port"):
+            value = getattr(self, name)
+            if not (-1 <= value <= 65535) or (name == "port" and value < 0):
+                raise ConfigError(f"option {name} must be a port number, not {value}")
+        positive = ("workers", "conn_threshold", "clean_cycles", "max_message_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option {name} must be at least 1")
+        non_negative = (
+            "heartbeat_interval",
+            "clean_duration",
+            "settle",
+            "max_life",
+            "max_messages",
+            "wait_for_publisher",
+            "log_max_bytes",
+            "log_backup_count",
+            "idle_timeout",
+            "ping_interval",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"option {name} must not be negative")
+        if self.clean_duration == 0:
+            raise ConfigError("option clean_duration must be more than 0")
+        if self.publish_queue < 100:
+            raise ConfigError("option publish_queue must be at least 100")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, source: str = "config") -> ServerConfig:
+        """Build from a mapping whose keys may be snake_case or the seed's camelCase."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = _ALIASES.get(key, _snake(key))
+            if name not in names:
+                raise ConfigError(f"{source}: unknown option {key!r}")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+_TYPES: dict[str, type] = {
+    "host": str,
+    "port": int,
+    "mon_host": str,
+    "mon_port": int,
+    "workers": int,
+    "conn_threshold": int,
+    "ecv": bool,
+    "heartbeat_interval": float,
+    "clean_duration": float,
+    "clean_cycles": int,
+    "settle": float,
+    "machine_name": str,
+    "max_life": float,
+    "max_messages": int,
+    "wait_for_publisher": float,
+    "log_file": str,
+    "log_max_bytes": int,
+    "log_backup_count": int,
+    "stdout": bool,
+    "max_message_bytes": int,
+    "idle_timeout": float,
+    "ping_interval": float,
+    "publish_queue": int,
+}
+
+# The seed's spellings that are not plain camelCase of ours.
+_ALIASES = {
+    "noWorkers": "workers",
+    "noWorders": "workers",  # sic, as the seed's README spells it
+    "cluster": "workers",
+    "LogListener": "listener",
+    "LogBuffer": "buffer",
+    "LogPublisher": "publisher",
+    "monPort": "mon_port",
+    "waitForPublisher": "wait_for_publisher",
+}
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower().replace("-", "_")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; options may sit at the top level or under ``[server]``.
+
+    Raises:
+        ConfigError: the file is missing or is not valid TOML.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    server = data.pop("server", None)
+    if isinstance(server, dict):
+        data.update(server)
+    if "cluster" in data and isinstance(data["cluster"], bool):
+        # The seed's boolean `cluster` means "fork workers"; it does not say how many.
+        data.pop("cluster")
+    return data

@@ -1,0 +1,289 @@
+"""LogListener: WebSocket and HTTP on the main port (DESIGN §4), a thin aiohttp shell.
+
+- WebSocket on any path, subprotocol ``log-protocol`` (or none). After the upgrade the
+  server sends the text frame ``ready``. Binary frames are MessagePack, text frames JSON:
+  one log map, an array, or an envelope ``{"seq", "logs"}`` answered ``{"ack": seq}`` once
+  the buffer has taken it. A bad frame is answered ``{"error", "detail", "seq"}`` and the
+  connection stays up; events refused inside a good frame are listed in the answer.
+  Frames over ``max_message_bytes`` close the connection with 1009 (the peer broke the
+  protocol); past ``conn_threshold`` connections the upgrade is refused with HTTP 503.
+  Idle connections are closed after ``idle_timeout`` (1000, "idle"); pings keep NATs open.
+- ``POST /log``: JSON, MessagePack, url-encoded or multipart forms (the original Node
+  transport's ``logs[0][uuid]=…`` too). 200 ``{"accepted": n}``; 400 names what is wrong;
+  413 over the size limit; 415 for an unknown content type.
+- ``GET /ws``: the WebSocket URL clients should use (discovery for the
+  websocket-otherwise-HTTP transport).
+
+Every refusal is counted in :class:`~async_logging.server.pipeline.Stats` by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import Any
+
+import orjson
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from .. import wire
+from ..exceptions import BadInput, DecodeError, LimitExceeded
+from .config import ServerConfig
+from .pipeline import Pipeline
+
+__all__ = ["SUBPROTOCOL", "LogListener"]
+
+log = logging.getLogger("async_logging.server")
+
+SUBPROTOCOL = "log-protocol"
+READY = "ready"
+
+
+class LogListener:
+    """Accepts logs over WebSocket and HTTP and hands them to the pipeline.
+
+    A custom listener implements the same three coroutines (``start``, ``stop_accepting``,
+    ``close_connections``) and calls ``pipeline.accept(logs)``.
+    """
+
+    def __init__(self, pipeline: Pipeline, config: ServerConfig) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.stats = pipeline.stats
+        self.limits = wire.WireLimits(max_message_bytes=config.max_message_bytes)
+        self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port: int = config.port
+        self.draining = False
+        self.frames_seen = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (exposed for embedding and tests)."""
+        app = web.Application(client_max_size=self.config.max_message_bytes)
+        app.router.add_post("/log", self.handle_post)
+        app.router.add_get("/ws", self.handle_discovery)
+        app.router.add_get("/{tail:.*}", self.handle_websocket)
+        return app
+
+    async def start(self, *, reuse_port: bool = False) -> int:
+        """Listen on the configured host and port; returns the port actually bound."""
+        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            reuse_port=reuse_port or None,
+            backlog=max(128, min(self.config.conn_threshold, 4096)),
+        )
+        await self._site.start()
+        server = self._site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop_accepting(self) -> None:
+        """Stop taking new connections (the listening socket closes; others may hold the port)."""
+        self.draining = True
+        if self._site is not None:
+            server = self._site._server
+            if server is not None:
+                server.close()
+
+    async def close_connections(self, timeout: float = 5.0) -> None:
+        """Close every WebSocket with 1001 (going away) so clients reconnect elsewhere."""
+        sockets = list(self._sockets)
+        if sockets:
+            await asyncio.wait(
+                [
+                    asyncio.ensure_future(
+                        ws.close(code=WSCloseCode.GOING_AWAY, message=b"server going away")
+                    )
+                    for ws in sockets
+                ],
+                timeout=timeout,
+            )
+
+    async def cleanup(self) -> None:
+        """Release the HTTP machinery (after the pipeline is closed)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------ WebSocket
+
+    async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
+        """Upgrade to a log WebSocket (any path)."""
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return _json_error(404, "not_found", "use a WebSocket upgrade, POST /log or GET /ws")
+        if self.draining:
+            self.stats.connections_refused["draining"] += 1
+            return _json_error(503, "draining", "this server is shutting down; reconnect")
+        if self.stats.connections >= self.config.conn_threshold:
+            self.stats.connections_refused["conn_threshold"] += 1
+            return _json_error(
+                503,
+                "too_many_connections",
+                f"the server holds its limit of {self.config.conn_threshold} connections",
+            )
+        ws = web.WebSocketResponse(
+            protocols=(SUBPROTOCOL,),
+            max_msg_size=self.config.max_message_bytes,
+            heartbeat=self.config.ping_interval or None,
+            receive_timeout=self.config.idle_timeout or None,
+            decode_text=False,
+        )
+        await ws.prepare(request)
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        self._sockets.add(ws)
+        try:
+            await ws.send_str(READY)
+            await self._serve(ws)
+        finally:
+            self.stats.connections -= 1
+            self._sockets.discard(ws)
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse) -> None:
+        stats = self.stats
+        pipeline = self.pipeline
+        limits = self.limits
+        while True:
+            try:
+                msg = await ws.receive()
+            except TimeoutError:
+                stats.connections_refused["idle"] += 1
+                await ws.close(code=WSCloseCode.OK, message=b"idle")
+                return
+            kind = msg.type
+            if kind is WSMsgType.BINARY or kind is WSMsgType.TEXT:
+                data = msg.data
+                is_text = kind is WSMsgType.TEXT
+                stats.frames["ws"] += 1
+                stats.bytes["ws"] += len(data)
+                self.frames_seen += 1
+                seq: int | None = None
+                try:
+                    frame = (
+                        wire.decode_json(data, limits)
+                        if is_text
+                        else wire.decode_msgpack(data, limits)
+                    )
+                    seq = frame.seq
+                    fed = await pipeline.accept(frame.logs)
+                except BadInput as exc:
+                    stats.bad_input[exc.reason] += 1
+                    if seq is None:
+                        seq = wire.peek_seq(data, is_text)
+                    await ws.send_str(wire.encode_error(exc, seq))
+                    continue
+                if fed.rejected:
+                    await ws.send_str(_rejected_answer(seq, fed))
+                elif seq is not None:
+                    await ws.send_str(wire.encode_ack(seq))
+            elif kind is WSMsgType.ERROR:
+                error = ws.exception()
+                reason = "message_too_big" if _too_big(error) else "protocol_error"
+                stats.bad_input[reason] += 1
+                log.info("websocket closed on %s: %s", reason, error)
+                return
+            else:  # CLOSE, CLOSING, CLOSED
+                return
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def handle_post(self, request: web.Request) -> web.Response:
+        """``POST /log``: one batch per request."""
+        stats = self.stats
+        stats.frames["http"] += 1
+        ctype = request.content_type
+        try:
+            if request.content_length is not None and (
+                request.content_length > self.config.max_message_bytes
+            ):
+                raise LimitExceeded(
+                    "message_too_big",
+                    f"body of {request.content_length} bytes is over the limit of "
+                    f"{self.config.max_message_bytes}",
+                )
+            if ctype == "multipart/form-data":
+                try:
+                    form = await request.post()
+                except web.HTTPRequestEntityTooLarge as exc:
+                    raise LimitExceeded("message_too_big", "body is over the size limit") from exc
+                except ValueError as exc:
+                    raise DecodeError("bad_form", str(exc)) from exc
+                fields = {k: v for k, v in form.items() if isinstance(v, str)}
+                stats.bytes["http"] += sum(len(v) for v in fields.values())
+                frame = wire.decode_multipart_fields(fields, self.limits)
+            else:
+                try:
+                    body = await request.read()
+                except web.HTTPRequestEntityTooLarge as exc:
+                    raise LimitExceeded("message_too_big", "body is over the size limit") from exc
+                stats.bytes["http"] += len(body)
+                frame = wire.decode_http_body(body, ctype, self.limits)
+            self.frames_seen += 1
+            fed = await self.pipeline.accept(frame.logs)
+        except BadInput as exc:
+            stats.bad_input[exc.reason] += 1
+            return _json_error(exc.status, exc.reason, exc.detail)
+        accepted = len(frame.logs) - len(fed.rejected)
+        body_out: dict[str, Any] = {"accepted": accepted}
+        if frame.seq is not None:
+            body_out["ack"] = frame.seq
+        if fed.rejected:
+            body_out["rejected"] = _rejections(fed)
+            if accepted == 0:
+                first = fed.rejected[0][1]
+                body_out.update(error=first.reason, detail=first.detail)
+                return web.Response(
+                    status=400, body=orjson.dumps(body_out), content_type="application/json"
+                )
+        return web.Response(body=orjson.dumps(body_out), content_type="application/json")
+
+    async def handle_discovery(self, request: web.Request) -> web.Response:
+        """``GET /ws``: where to open the WebSocket (same host and port, path ``/``)."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.handle_websocket(request)  # type: ignore[return-value]
+        scheme = "wss" if request.secure else "ws"
+        url = f"{scheme}://{request.host}/"
+        return web.Response(
+            body=orjson.dumps({"url": url, "protocol": SUBPROTOCOL}),
+            content_type="application/json",
+        )
+
+
+def _rejections(fed: Any) -> list[dict[str, Any]]:
+    return [{"index": i, "error": e.reason, "detail": e.detail} for i, e in fed.rejected]
+
+
+def _rejected_answer(seq: int | None, fed: Any) -> str:
+    """Answer to a frame some of whose events were refused (the rest were taken)."""
+    body: dict[str, Any] = {"rejected": _rejections(fed)}
+    if seq is not None:
+        body["ack"] = seq
+    body["seq"] = seq
+    body["error"] = "invalid_events"
+    return orjson.dumps(body).decode()
+
+
+def _too_big(exc: BaseException | None) -> bool:
+    code = getattr(exc, "code", None)
+    return code == WSCloseCode.MESSAGE_TOO_BIG or "too big" in str(exc).lower()
+
+
+def _json_error(status: int, reason: str, detail: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": reason, "detail": detail}),
+        content_type="application/json",
+    )

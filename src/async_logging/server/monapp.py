@@ -1,0 +1,218 @@
+"""MonApp: the monitoring port (DESIGN §5): ``GET /ecv``, ``GET /metrics``.
+
+``/ecv`` is the seed's health check: 200 ``{"status": "AVAILABLE", …}`` while the server
+takes traffic and its ``ecv`` switch is on, 503 ``UNAVAILABLE`` while it drains or is
+switched off (so a load balancer takes it out of rotation first).
+
+``/metrics`` is Prometheus text from a collector that reads the pipeline's plain counters
+(summed over workers when there are several), so the hot path never touches a metrics lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from .pipeline import LATENCY_BUCKETS
+
+__all__ = ["MonApp", "SnapshotCollector"]
+
+Snapshot = Callable[[], dict[str, Any]]
+Health = Callable[[], dict[str, Any]]
+
+_P = "async_logging_"
+
+
+class SnapshotCollector(Collector):
+    """Turns a counters snapshot (:meth:`Stats.snapshot`) into Prometheus metric families."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        buf = s.get("buffer", {})
+        yield _counter("events_received", "Log events accepted into the buffer.", s["events"])
+        yield _labelled(
+            CounterMetricFamily,
+            "frames_received",
+            "Frames and POST bodies received.",
+            "transport",
+            s["frames"],
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "bytes_received",
+            "Payload bytes received.",
+            "transport",
+            s["bytes"],
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "bad_input",
+            "Refused input (frames, bodies, events) by reason.",
+            "reason",
+            s["bad_input"],
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "records_published",
+            "Records written by the publishers.",
+            "kind",
+            s["records"],
+        )
+        tx = CounterMetricFamily(
+            _P + "transactions_published", "Transaction trees published.", labels=["complete"]
+        )
+        tx.add_metric(["true"], buf.get("published_complete", 0))
+        tx.add_metric(["false"], buf.get("published_incomplete", 0))
+        yield tx
+        yield _labelled(
+            CounterMetricFamily,
+            "incomplete_transactions",
+            "Incomplete trees published, by reason.",
+            "reason",
+            s.get("incomplete", {}),
+        )
+        for key, help_ in (
+            ("duplicates", "Duplicate events dropped (client resends)."),
+            ("late", "Events published on their own because their tree had gone."),
+            ("evicted", "Trees published early because a cap was reached."),
+            ("conflicts", "Events with a reused id and other content."),
+        ):
+            yield _counter(key, help_, buf.get(key, 0))
+        yield _gauge(
+            "open_transactions", "Trees held open in the buffer.", s.get("open_transactions", 0)
+        )
+        yield _gauge("connections", "Open WebSocket connections.", s["connections"])
+        yield _counter(
+            "connections_accepted", "WebSocket connections accepted.", s["connections_total"]
+        )
+        yield _labelled(
+            CounterMetricFamily,
+            "connections_refused",
+            "Connections refused or closed, by reason.",
+            "reason",
+            s["connections_refused"],
+        )
+        yield _gauge("publish_queue", "Records waiting for the publisher.", s["publish_queue"])
+        yield _counter(
+            "backpressure_waits",
+            "Times ingest paused for a slow publisher.",
+            s["backpressure_waits"],
+        )
+        yield _counter(
+            "publish_errors", "Publisher calls that raised (retried).", s["publish_errors"]
+        )
+        yield _counter(
+            "records_dropped",
+            "Records given up at shutdown (publisher failing).",
+            s["records_dropped"],
+        )
+        counts = s["latency_buckets"]
+        buckets = []
+        acc = 0
+        for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=False):
+            acc += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), acc))
+        yield HistogramMetricFamily(
+            _P + "publish_latency_seconds",
+            "Time from acceptance to publication, per batch.",
+            buckets=buckets,
+            sum_value=s["latency_sum"],
+        )
+        if "workers" in s:
+            yield _gauge("workers", "Worker processes running.", s["workers"])
+            yield _counter(
+                "worker_restarts", "Workers restarted after a crash.", s.get("worker_restarts", 0)
+            )
+            yield _counter(
+                "worker_recycles",
+                "Workers recycled (max_life, max_messages).",
+                s.get("worker_recycles", 0),
+            )
+
+
+def _counter(name: str, help_: str, value: float) -> Metric:
+    return CounterMetricFamily(_P + name, help_, value=value)
+
+
+def _gauge(name: str, help_: str, value: float) -> Metric:
+    return GaugeMetricFamily(_P + name, help_, value=value)
+
+
+def _labelled(cls: Any, name: str, help_: str, label: str, values: dict[str, float]) -> Metric:
+    family = cls(_P + name, help_, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family  # type: ignore[no-any-return]
+
+
+class MonApp:
+    """The monitoring HTTP app.
+
+    Args:
+        snapshot: returns the counters to export.
+        health: returns ``{"available": bool, ...}`` for ``/ecv``.
+    """
+
+    def __init__(self, snapshot: Snapshot, health: Health) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(snapshot))
+        self._health = health
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.started = time.time()
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/ecv", self.handle_ecv)
+        app.router.add_get("/metrics", self.handle_metrics)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the port bound."""
+        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return self.port
+
+    async def cleanup(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def handle_ecv(self, request: web.Request) -> web.Response:
+        health = dict(self._health())
+        ok = bool(health.pop("available", False))
+        body = {
+            "status": "AVAILABLE" if ok else "UNAVAILABLE",
+            "uptime": round(time.time() - self.started, 3),
+            **health,
+        }
+        return web.Response(
+            status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json"
+        )
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        payload = generate_latest(self.registry)
+        resp = web.Response(body=payload)
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp

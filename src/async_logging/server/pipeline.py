@@ -1,0 +1,291 @@
+"""The ingest pipeline: listeners hand it decoded logs; it owns the buffer and the publisher.
+
+Listener tasks ──accept(logs)──▶ LogBuffer (event-loop thread) ──records──▶ bounded queue
+──▶ publisher thread (``publish_many``) ──▶ sinks.
+
+The publisher runs in its own thread so a blocking sink never stalls the event loop. The
+queue between them is bounded (``publish_queue`` records): when it is full, ``accept`` waits
+before feeding the buffer, so listeners stop reading their sockets and TCP pushes back on
+the clients (counted as ``backpressure_waits``). A publisher that raises is retried with
+backoff (counted as ``publish_errors``), so a failing sink slows ingest instead of losing
+what was accepted; only at shutdown, past ``wait_for_publisher``, is what remains given up,
+counted as ``records_dropped`` and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from typing import Any
+
+from ..buffer import Fed, LogBuffer, Record
+from ..publishers import Publisher
+
+__all__ = ["LATENCY_BUCKETS", "Pipeline", "Stats"]
+
+log = logging.getLogger("async_logging.server")
+
+#: Buckets (seconds) of the publish-latency histogram: accepted → written by the publisher.
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+#: Backoff (seconds) between retries of a batch whose publisher raised.
+RETRY_BACKOFF = (0.05, 0.2, 1.0, 5.0)
+
+
+class Stats:
+    """The server's counters, kept as plain numbers (cheap on the hot path).
+
+    :meth:`snapshot` turns them into one JSON-able dict: the MonApp exports it to Prometheus,
+    and workers send it to the supervisor, which sums them.
+    """
+
+    def __init__(self) -> None:
+        self.frames: Counter[str] = Counter()  # by transport: ws, http
+        self.bytes: Counter[str] = Counter()
+        self.events = 0
+        self.bad_input: Counter[str] = Counter()  # by reason
+        self.records: Counter[str] = Counter()  # published, by kind
+        self.connections = 0
+        self.connections_total = 0
+        self.connections_refused: Counter[str] = Counter()  # by reason
+        self.backpressure_waits = 0
+        self.publish_errors = 0
+        self.records_dropped = 0
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def observe_latency(self, seconds: float) -> None:
+        """Record one publish latency in the histogram."""
+        i = 0
+        for i, bound in enumerate(LATENCY_BUCKETS):  # noqa: B007
+            if seconds <= bound:
+                break
+        else:
+            i = len(LATENCY_BUCKETS)
+        self.latency_buckets[i] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def snapshot(self, buffer: LogBuffer | None = None, queued: int = 0) -> dict[str, Any]:
+        """All counters (and the buffer's) as one JSON-able dict."""
+        snap: dict[str, Any] = {
+            "frames": dict(self.frames),
+            "bytes": dict(self.bytes),
+            "events": self.events,
+            "bad_input": dict(self.bad_input),
+            "records": dict(self.records),
+            "connections": self.connections,
+            "connections_total": self.connections_total,
+            "connections_refused": dict(self.connections_refused),
+            "backpressure_waits": self.backpressure_waits,
+            "publish_errors": self.publish_errors,
+            "records_dropped": self.records_dropped,
+            "latency_buckets": list(self.latency_buckets),
+            "latency_sum": self.latency_sum,
+            "latency_count": self.latency_count,
+            "publish_queue": queued,
+        }
+        if buffer is not None:
+            bad = snap["bad_input"]
+            for reason, n in buffer.rejected.items():
+                bad[reason] = bad.get(reason, 0) + n
+            snap["buffer"] = dict(buffer.stats)
+            snap["incomplete"] = dict(buffer.incomplete)
+            snap["open_transactions"] = buffer.open_count
+        return snap
+
+
+def merge_snapshots(snaps: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Sum several workers' snapshots (numbers add, dicts add per key, lists add per index)."""
+    total: dict[str, Any] = {}
+    for snap in snaps:
+        _add_into(total, snap)
+    return total
+
+
+def _add_into(total: dict[str, Any], snap: dict[str, Any]) -> None:
+    for key, value in snap.items():
+        if isinstance(value, dict):
+            _add_into(total.setdefault(key, {}), value)
+        elif isinstance(value, list):
+            cur = total.setdefault(key, [0] * len(value))
+            total[key] = [a + b for a, b in zip(cur, value, strict=False)]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            total[key] = total.get(key, 0) + value
+        else:
+            total.setdefault(key, value)
+
+
+class Pipeline:
+    """Feeds the buffer on the event loop and hands its records to the publisher thread.
+
+    Args:
+        buffer: the reassembly engine (a :class:`LogBuffer` or anything with its API).
+        publisher: the sink(s) (see :mod:`async_logging.publishers`).
+        publish_queue: records allowed to wait for the publisher before ``accept`` pauses.
+        wait_for_publisher: seconds given to the publisher to finish at :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        buffer: LogBuffer,
+        publisher: Publisher,
+        *,
+        publish_queue: int = 50_000,
+        wait_for_publisher: float = 3.0,
+        stats: Stats | None = None,
+    ) -> None:
+        self.buffer = buffer
+        self.publisher = publisher
+        self.stats = stats or Stats()
+        self.publish_queue = publish_queue
+        self.wait_for_publisher = wait_for_publisher
+        self._queue: deque[tuple[float, list[Record]]] = deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._abandon = False
+        self._room: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.closed = False
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for the publisher."""
+        return self._queued
+
+    def start(self) -> None:
+        """Start the publisher thread; call from the event loop that will call accept."""
+        self._loop = asyncio.get_running_loop()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._thread = threading.Thread(
+            target=self._publish_loop, name="async-logging-publisher", daemon=True
+        )
+        self._thread.start()
+
+    async def accept(self, logs: list[Any]) -> Fed:
+        """Feed a batch to the buffer (waiting first while the publish queue is full)."""
+        if self._queued >= self.publish_queue:
+            self.stats.backpressure_waits += 1
+            room = self._room
+            assert room is not None, "Pipeline.start() was not called"
+            while self._queued >= self.publish_queue and not self.closed:
+                room.clear()
+                await room.wait()
+        fed = self.buffer.feed_many(logs)
+        self.stats.events += len(logs) - len(fed.rejected)
+        if fed.records:
+            self.emit(fed.records)
+        return fed
+
+    def expire(self) -> None:
+        """Run the buffer's clean cycle and publish what it lets go."""
+        records = self.buffer.expire()
+        if records:
+            self.emit(records)
+
+    def emit(self, records: list[Record]) -> None:
+        """Queue records for the publisher thread (no waiting: callers check for room)."""
+        with self._cond:
+            self._queue.append((time.monotonic(), records))
+            self._queued += len(records)
+            self._cond.notify()
+
+    async def close(self, reason: str = "shutdown") -> None:
+        """Publish everything the buffer holds (flagged ``reason``), then stop the publisher."""
+        if self.closed:
+            return
+        records = self.buffer.flush_all(reason)
+        if records:
+            self.emit(records)
+        self.closed = True
+        if self._room is not None:
+            self._room.set()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, thread.join, max(self.wait_for_publisher, 0.01)
+            )
+            if thread.is_alive():
+                # Past the grace period: whatever is still queued is given up, loudly.
+                self._abandon = True
+                with self._cond:
+                    self._cond.notify()
+                await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
+        for step in (self.publisher.flush, self.publisher.close):
+            try:
+                step()
+            except Exception:
+                log.exception("publisher %s failed", step.__name__)
+
+    # ------------------------------------------------------------------ publisher thread
+
+    def _publish_loop(self) -> None:
+        cond = self._cond
+        queue = self._queue
+        while True:
+            with cond:
+                while not queue and not self._stopping:
+                    cond.wait()
+                if not queue:
+                    return
+                batches = list(queue)
+                queue.clear()
+            records: list[Record] = []
+            for _, batch in batches:
+                records.extend(batch)
+            self._publish_with_retry(records)
+            now = time.monotonic()
+            for enqueued, _ in batches:
+                self.stats.observe_latency(now - enqueued)
+            self._release(len(records))
+
+    def _publish_with_retry(self, records: list[Record]) -> None:
+        attempt = 0
+        while True:
+            try:
+                self.publisher.publish_many(records)
+            except Exception:
+                self.stats.publish_errors += 1
+                if self._abandon:
+                    self.stats.records_dropped += len(records)
+                    log.error("gave up %d records: the publisher keeps failing", len(records))
+                    return
+                log.exception("publisher failed (attempt %d); retrying", attempt + 1)
+                time.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
+                attempt += 1
+            else:
+                kinds = self.stats.records
+                for r in records:
+                    kinds[r.get("kind", "unknown")] += 1
+                return
+
+    def _release(self, n: int) -> None:
+        with self._cond:
+            self._queued -= n
+            low = self._queued < self.publish_queue // 2
+        if low and self._loop is not None and self._room is not None and not self._room.is_set():
+            # A closed loop raises RuntimeError: then nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._room.set)
+
+
+def process_rss() -> int:
+    """Resident memory of this process in bytes (for heartbeats)."""
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # pragma: no cover - psutil is a dependency; be safe in heartbeats
+        return 0

@@ -1,0 +1,60 @@
+"""Shared fixtures: real servers on free ports, the original client's captures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_logging.server import LogCluster
+from async_logging.testing import MemoryPublisher
+
+#: One factor scales every network timeout in the tests (slow CI machines: raise it).
+TIMEOUT = float(os.environ.get("ASYNC_LOGGING_TEST_TIMEOUT", "10"))
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "original-node-client"
+if not VECTORS.is_dir():  # a checkout that carries its own copy
+    VECTORS = Path(__file__).resolve().parent / "vectors" / "original-node-client"
+
+
+def vector(name: str) -> bytes:
+    """The bytes of one capture of the original Node client."""
+    path = VECTORS / name
+    if not path.exists():
+        pytest.skip(f"capture {name} not found beside the repository ({VECTORS})")
+    return path.read_bytes()
+
+
+@pytest.fixture
+def publisher() -> MemoryPublisher:
+    return MemoryPublisher()
+
+
+@pytest.fixture
+def server_options() -> dict[str, Any]:
+    """Override in a test module to change the server's options."""
+    return {}
+
+
+@pytest.fixture
+async def server(
+    publisher: MemoryPublisher, server_options: dict[str, Any]
+) -> AsyncIterator[LogCluster]:
+    """An in-process proxy on free ports, publishing into memory."""
+    options: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "mon_port": 0,
+        "heartbeat_interval": 0,
+        "publisher": publisher,
+        **server_options,
+    }
+    cluster = LogCluster(**options)
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.stop()

@@ -1,0 +1,485 @@
+"""The proxy in-process on free ports, driven by real WebSocket and HTTP clients (DESIGN §4-5)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import msgpack
+import orjson
+import pytest
+
+from async_logging.server import LogCluster
+from async_logging.testing import MemoryPublisher
+from conftest import TIMEOUT, vector
+
+T0 = 1_795_463_406_000
+
+
+def tx(uuid: str, n_atomic: int = 1) -> list[dict[str, Any]]:
+    """A small whole transaction as a client sends it."""
+    ev = [
+        {"clazz": "begin", "uuid": uuid, "event": "1", "parent": "0", "name": "/t", "timestamp": T0}
+    ]
+    for i in range(n_atomic):
+        ev.append(
+            {
+                "clazz": "atomicEvent",
+                "uuid": uuid,
+                "event": str(i + 2),
+                "parent": "1",
+                "msg": f"m{i}",
+                "timestamp": T0 + 1 + i,
+            }
+        )
+    ev.append(
+        {
+            "clazz": "end",
+            "uuid": uuid,
+            "event": "1",
+            "parent": "0",
+            "status": "0",
+            "timestamp": T0 + 9,
+        }
+    )
+    return ev
+
+
+def shape(node: dict) -> tuple:
+    kids = tuple(shape(c) for c in node.get("children", ()))
+    return (
+        node["kind"],
+        node.get("type"),
+        node.get("name"),
+        node.get("msg"),
+        node.get("status"),
+        node.get("duration"),
+        kids,
+    )
+
+
+ORIGINAL_TREE = (
+    "transaction",
+    "URL",
+    "/orig",
+    None,
+    "0",
+    7,
+    (
+        (
+            "transaction",
+            "API",
+            "svc",
+            None,
+            "0",
+            3,
+            (("atomicEvent", "DB", "q", "select 1", None, None, ()),),
+        ),
+        ("atomicEvent", "INFO", "note", "hello", None, None, ()),
+    ),
+)
+
+
+async def wait_for(publisher: MemoryPublisher, predicate: Any) -> Any:
+    return await asyncio.to_thread(publisher.wait_for, predicate, TIMEOUT)
+
+
+async def connect(
+    session: aiohttp.ClientSession, server: LogCluster, **kw: Any
+) -> aiohttp.ClientWebSocketResponse:
+    kw.setdefault("protocols", ("log-protocol",))
+    ws = await session.ws_connect(
+        f"ws://127.0.0.1:{server.port}/", timeout=aiohttp.ClientWSTimeout(ws_close=TIMEOUT), **kw
+    )
+    ready = await ws.receive(timeout=TIMEOUT)
+    assert ready.type is aiohttp.WSMsgType.TEXT and ready.data == "ready"
+    return ws
+
+
+async def answer(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    msg = await ws.receive(timeout=TIMEOUT)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    return orjson.loads(msg.data)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+# ------------------------------------------------------------------ the original client
+
+
+async def test_original_ws_frames_give_the_listed_records(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """The Node client's two captured frames publish the tree, the stand-alone event and the heartbeat."""
+    ws = await connect(session, server)
+    assert ws.protocol == "log-protocol"
+    await ws.send_bytes(vector("ws-frame-1.msgpack"))
+    await ws.send_bytes(vector("ws-frame-2.msgpack"))
+    await wait_for(publisher, lambda p: len(p.records) >= 3)
+    await ws.close()
+    (tree,) = publisher.transactions
+    assert tree["uuid"] == "orig-ws-1" and shape(tree) == ORIGINAL_TREE
+    assert tree["complete"] is True and tree["timestamp"] == 1795463406040
+    (solo,) = publisher.atomic_events
+    assert (solo["type"], solo["name"], solo["msg"]) == ("INFO", "standalone", "no uuid here")
+    (hb,) = publisher.heartbeats
+    assert hb["name"] == "hb"
+
+
+async def test_original_http_form_post_gives_the_listed_tree(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """The Node HTTP transport's form post (every value a string) publishes the same tree."""
+    raw = vector("http-post-1.txt")
+    body = raw.split(b"\n\n", 1)[1] if b"\r\n\r\n" not in raw else raw.split(b"\r\n\r\n", 1)[1]
+    async with session.post(
+        f"http://127.0.0.1:{server.port}/log",
+        data=body.strip(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["accepted"] == 6
+    (tree,) = await wait_for(publisher, lambda p: p.transactions)
+    assert tree["uuid"] == "orig-http-1" and shape(tree) == ORIGINAL_TREE
+    assert tree["pid"] == 7627 and tree["timestamp"] == 1795463406040
+
+
+async def test_client_asking_for_no_subprotocol_is_accepted(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """A WebSocket client that names no subprotocol is served the same way, on any path."""
+    ws = await session.ws_connect(f"ws://127.0.0.1:{server.port}/some/path")
+    assert (await ws.receive(timeout=TIMEOUT)).data == "ready"
+    await ws.send_str(orjson.dumps(tx("np")).decode())
+    await wait_for(publisher, lambda p: p.transactions)
+    await ws.close()
+
+
+# ------------------------------------------------------------------ envelopes and errors
+
+
+async def test_envelope_is_acked_after_the_buffer_took_it(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """{"seq", "logs"} gets {"ack": seq}; msgpack and JSON frames alike."""
+    ws = await connect(session, server)
+    await ws.send_bytes(msgpack.packb({"seq": 41, "logs": tx("a")}))
+    assert await answer(ws) == {"ack": 41}
+    await ws.send_str(orjson.dumps({"seq": 42, "logs": tx("b")}).decode())
+    assert await answer(ws) == {"ack": 42}
+    await wait_for(publisher, lambda p: len(p.transactions) == 2)
+    await ws.close()
+
+
+async def test_bad_frame_gets_an_error_frame_and_the_connection_stays_up(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """Undecodable frames are answered with a named error (and seq when readable), then work goes on."""
+    ws = await connect(session, server)
+    await ws.send_bytes(b"\xc1\xc1 not msgpack")
+    err = await answer(ws)
+    assert err["error"] == "bad_msgpack" and err["seq"] is None and err["detail"]
+    await ws.send_str('{"seq": 7, "logs": [}')
+    err = await answer(ws)
+    assert err["error"] == "bad_json"
+    await ws.send_str('{"seq": "x", "logs": []}')
+    assert (await answer(ws))["error"] == "bad_envelope"
+    await ws.send_bytes(msgpack.packb({"seq": 8, "logs": tx("ok")}))
+    assert await answer(ws) == {"ack": 8}
+    await wait_for(publisher, lambda p: p.transactions)
+    await ws.close()
+    assert server.stats.bad_input["bad_msgpack"] == 1
+    assert server.stats.bad_input["bad_json"] == 1
+
+
+async def test_bad_events_in_a_good_frame_are_listed_and_the_rest_published(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """One bad event never costs the good ones beside it; the answer names it by index."""
+    ws = await connect(session, server)
+    logs: list[Any] = tx("mixed")
+    logs.insert(1, {"clazz": "bogus"})
+    logs.insert(0, "not a map")
+    await ws.send_bytes(msgpack.packb({"seq": 3, "logs": logs}))
+    ans = await answer(ws)
+    assert ans["ack"] == 3 and ans["error"] == "invalid_events"
+    assert [(r["index"], r["error"]) for r in ans["rejected"]] == [
+        (0, "not_a_map"),
+        (2, "unknown_clazz"),
+    ]
+    (tree,) = await wait_for(publisher, lambda p: p.transactions)
+    assert tree["complete"] is True and len(tree["children"]) == 1
+    await ws.close()
+    assert server.snapshot()["bad_input"] == {"not_a_map": 1, "unknown_clazz": 1}
+
+
+@pytest.mark.parametrize("server_options", [{"max_message_bytes": 2048}])
+async def test_frame_over_the_size_limit_closes_with_1009(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """A frame over max_message_bytes is a protocol violation: close code 1009, counted."""
+    ws = await connect(session, server)
+    await ws.send_bytes(msgpack.packb([{"msg": "x" * 4096}]))
+    msg = await ws.receive(timeout=TIMEOUT)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert ws.close_code == 1009
+    for _ in range(50):
+        if server.stats.bad_input["message_too_big"]:
+            break
+        await asyncio.sleep(0.01)
+    assert server.stats.bad_input["message_too_big"] == 1
+
+
+@pytest.mark.parametrize("server_options", [{"conn_threshold": 2}])
+async def test_connection_over_the_threshold_is_refused_with_503(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """conn_threshold connections are served; the next upgrade gets 503 naming the limit."""
+    a = await connect(session, server)
+    b = await connect(session, server)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await session.ws_connect(f"ws://127.0.0.1:{server.port}/")
+    assert info.value.status == 503
+    await a.close()
+    for _ in range(100):  # the server notices the close
+        if server.stats.connections < 2:
+            break
+        await asyncio.sleep(0.01)
+    c = await connect(session, server)
+    await b.close()
+    await c.close()
+    assert server.stats.connections_refused["conn_threshold"] == 1
+
+
+@pytest.mark.parametrize("server_options", [{"idle_timeout": 0.2}])
+async def test_idle_connection_is_closed(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """A WebSocket with no frame for idle_timeout seconds is closed by the server (1000, idle)."""
+    ws = await connect(session, server)
+    msg = await ws.receive(timeout=TIMEOUT)
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert ws.close_code == 1000 and msg.extra == "idle"
+
+
+# ------------------------------------------------------------------ HTTP
+
+
+async def post(
+    session: aiohttp.ClientSession, server: LogCluster, body: bytes, ctype: str
+) -> tuple[int, dict[str, Any]]:
+    async with session.post(
+        f"http://127.0.0.1:{server.port}/log", data=body, headers={"Content-Type": ctype}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    ("encode", "ctype"),
+    [
+        (lambda logs: orjson.dumps({"logs": logs}), "application/json"),
+        (lambda logs: orjson.dumps(logs), "application/json; charset=utf-8"),
+        (lambda logs: msgpack.packb(logs), "application/msgpack"),
+        (lambda logs: msgpack.packb({"logs": logs}), "application/x-msgpack"),
+    ],
+)
+async def test_post_log_accepts_json_and_msgpack(
+    server: LogCluster,
+    publisher: MemoryPublisher,
+    session: aiohttp.ClientSession,
+    encode: Any,
+    ctype: str,
+) -> None:
+    """POST /log takes {"logs": [...]} or a bare array as JSON or MessagePack; 200 with the count."""
+    status, body = await post(session, server, encode(tx("h", 2)), ctype)
+    assert (status, body) == (200, {"accepted": 4})
+    (tree,) = await wait_for(publisher, lambda p: p.transactions)
+    assert [c["msg"] for c in tree["children"]] == ["m0", "m1"]
+
+
+async def test_post_form_with_a_logs_json_field(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """A url-encoded or multipart form whose logs field is JSON is accepted."""
+    async with session.post(
+        f"http://127.0.0.1:{server.port}/log", data={"logs": orjson.dumps(tx("f1")).decode()}
+    ) as resp:
+        assert resp.status == 200 and (await resp.json())["accepted"] == 3
+    form = aiohttp.FormData()
+    form.add_field("logs", orjson.dumps(tx("f2")).decode())
+    form.add_field("file", b"ignored", filename="x.bin")
+    async with session.post(f"http://127.0.0.1:{server.port}/log", data=form) as resp:
+        assert resp.status == 200, await resp.text()
+    await wait_for(publisher, lambda p: len(p.transactions) == 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "reason"),
+    [
+        (b"{not json", "application/json", 400, "bad_json"),
+        (b"\xc1", "application/msgpack", 400, "bad_msgpack"),
+        (b"42", "application/json", 400, "bad_payload"),
+        (b"<logs/>", "application/xml", 415, "unsupported_media_type"),
+        (b'[{"clazz": "nope"}]', "application/json", 400, "unknown_clazz"),
+    ],
+)
+async def test_post_bad_body_gets_a_status_naming_what_is_wrong(
+    server: LogCluster,
+    session: aiohttp.ClientSession,
+    body: bytes,
+    ctype: str,
+    status: int,
+    reason: str,
+) -> None:
+    """Each bad body gets its HTTP status and a JSON error with the reason, and is counted."""
+    got_status, got = await post(session, server, body, ctype)
+    assert got_status == status and got["error"] == reason and got["detail"]
+    assert server.snapshot()["bad_input"][reason] == 1
+
+
+@pytest.mark.parametrize("server_options", [{"max_message_bytes": 1024}])
+async def test_post_over_the_size_limit_gets_413(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """A body over max_message_bytes is refused with 413 before it is decoded."""
+    status, body = await post(
+        session, server, orjson.dumps([{"msg": "x" * 2000}]), "application/json"
+    )
+    assert status == 413 and body["error"] == "message_too_big"
+
+
+async def test_get_ws_answers_the_websocket_url(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """GET /ws tells websocket-otherwise-HTTP clients where to connect."""
+    async with session.get(f"http://127.0.0.1:{server.port}/ws") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body == {"url": f"ws://127.0.0.1:{server.port}/", "protocol": "log-protocol"}
+    ws = await session.ws_connect(body["url"], protocols=(body["protocol"],))
+    assert (await ws.receive(timeout=TIMEOUT)).data == "ready"
+    await ws.close()
+
+
+# ------------------------------------------------------------------ MonApp, heartbeats, drain
+
+
+async def test_ecv_and_metrics(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """/ecv says AVAILABLE; /metrics counts events, frames, bad input and published trees."""
+    ws = await connect(session, server)
+    await ws.send_bytes(msgpack.packb({"seq": 1, "logs": tx("m", 3)}))
+    await answer(ws)
+    await ws.send_bytes(b"\xc1")
+    await answer(ws)
+    await wait_for(publisher, lambda p: p.transactions)
+    base = f"http://127.0.0.1:{server.mon_port}"
+    async with session.get(f"{base}/ecv") as resp:
+        assert resp.status == 200
+        ecv = await resp.json()
+    assert ecv["status"] == "AVAILABLE" and ecv["connections"] == 1
+    await ws.close()
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    for line in (
+        "async_logging_events_received_total 5.0",
+        'async_logging_frames_received_total{transport="ws"} 2.0',
+        'async_logging_bad_input_total{reason="bad_msgpack"} 1.0',
+        'async_logging_transactions_published_total{complete="true"} 1.0',
+        'async_logging_records_published_total{kind="transaction"} 1.0',
+        "async_logging_open_transactions 0.0",
+        "async_logging_publish_latency_seconds_count 1.0",
+    ):
+        assert line in text, line
+
+
+@pytest.mark.parametrize("server_options", [{"ecv": False}])
+async def test_ecv_switched_off_answers_503(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """With ecv off the health check takes the server out of rotation."""
+    async with session.get(f"http://127.0.0.1:{server.mon_port}/ecv") as resp:
+        assert resp.status == 503 and (await resp.json())["status"] == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("server_options", [{"heartbeat_interval": 0.05, "machine_name": "box-1"}])
+async def test_server_publishes_its_own_heartbeats(
+    server: LogCluster, publisher: MemoryPublisher
+) -> None:
+    """Every heartbeat_interval the server publishes a heartbeat record about itself."""
+    hbs = await wait_for(publisher, lambda p: len(p.heartbeats) >= 2 and p.heartbeats)
+    hb = hbs[0]
+    assert hb["machine"] == "box-1" and hb["name"] == "async-logging"
+    assert hb["rss_bytes"] > 0 and "cpu_percent" in hb
+
+
+async def test_stop_publishes_open_trees_flagged_shutdown(
+    publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """Draining publishes an open transaction as incomplete (shutdown) and flushes the publisher."""
+    cluster = LogCluster(
+        host="127.0.0.1", port=0, mon_port=-1, heartbeat_interval=0, publisher=publisher
+    )
+    await cluster.start()
+    ws = await connect(session, cluster)  # type: ignore[arg-type]
+    await ws.send_bytes(msgpack.packb({"seq": 1, "logs": tx("open")[:-1]}))
+    assert await answer(ws) == {"ack": 1}
+    await cluster.stop()
+    msg = await ws.receive(timeout=TIMEOUT)
+    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1001  # going away
+    (tree,) = publisher.transactions
+    assert tree["complete"] is False and tree["reason"] == "shutdown"
+    assert len(tree["children"]) == 1
+    assert publisher.flushed >= 1 and publisher.closed == 1
+
+
+async def test_slow_publisher_applies_backpressure_instead_of_growing(
+    session: aiohttp.ClientSession,
+) -> None:
+    """With the publish queue full, ingest waits (acks are held) and the wait is counted."""
+    import threading
+
+    gate = threading.Event()
+
+    class Stalled(MemoryPublisher):
+        def publish_many(self, records: Any) -> None:
+            gate.wait(TIMEOUT)
+            super().publish_many(records)
+
+    pub = Stalled()
+    cluster = LogCluster(
+        host="127.0.0.1",
+        port=0,
+        mon_port=-1,
+        heartbeat_interval=0,
+        publisher=pub,
+        publish_queue=100,
+    )
+    await cluster.start()
+    try:
+        ws = await connect(session, cluster)  # type: ignore[arg-type]
+        acked = 0
+        for seq in range(300):
+            await ws.send_bytes(msgpack.packb({"seq": seq, "logs": tx(f"bp{seq}")}))
+        with pytest.raises(asyncio.TimeoutError):
+            while True:
+                await asyncio.wait_for(ws.receive(), 0.5)
+                acked += 1
+        assert acked < 300  # the server stopped taking frames
+        assert cluster.pipeline is not None and cluster.pipeline.queued <= 100 + 1
+        assert cluster.stats.backpressure_waits >= 1
+        gate.set()
+        while acked < 300:
+            await answer(ws)
+            acked += 1
+        await asyncio.to_thread(pub.wait_for, lambda p: len(p.transactions) == 300, TIMEOUT)
+        await ws.close()
+    finally:
+        gate.set()
+        await cluster.stop()
