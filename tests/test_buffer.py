@@ -384,14 +384,16 @@ def test_open_tree_cap_evicts_the_oldest(clock: Clock) -> None:
 
 
 def test_events_per_tree_cap_evicts_that_tree(clock: Clock) -> None:
-    """Past max_events_per_tx the tree goes out evicted; its later events are flagged late."""
+    """A tree may hold max_events_per_tx events; the next one pushes it out evicted and is late."""
     buf = LogBuffer(clock=clock, max_events_per_tx=3)
     buf.feed(ev("begin", "1"))
     buf.feed(ev("atomicEvent", "2", "1"))
-    (rec,) = buf.feed(ev("atomicEvent", "3", "1"))
+    assert buf.feed(ev("atomicEvent", "3", "1")) == []
+    rec, late = buf.feed(ev("atomicEvent", "4", "1"))
     assert rec["reason"] == "evicted" and len(rec["children"]) == 2
-    (late,) = buf.feed(ev("end", "1"))
-    assert late["late"] is True and late["missing_begin"] is True
+    assert late["late"] is True and late["event"] == "4"
+    (late_end,) = buf.feed(ev("end", "1"))
+    assert late_end["late"] is True and late_end["missing_begin"] is True
 
 
 def test_limits_are_validated() -> None:

@@ -374,15 +374,19 @@ def check_late(
     published: each event whose parent (or own transaction) was published comes out at once,
     on its own, flagged late.
 
+    A late transaction's id is added to ``published`` (kept across calls), so its own
+    children are late as well.
     Only up to the first event the engine cannot tie to the published tree: from there on
-    it holds the uuid open again and the late ones may be swallowed (engine bug pinned by
-    test_events_under_a_late_transaction_are_late_too). Returns whether that happened.
+    it holds the uuid open again and the late ones may be swallowed. Returns whether that
+    happened.
     """
     late = []
     for e in events:
         clazz, eid, parent = wire_facts(e)
         if parent in published or (clazz in ("begin", "end") and eid in published):
             late.append(tracer(e))
+            if clazz in ("begin", "end") and eid:
+                published.add(eid)
         else:
             shadowed = True
     if shadowed:
@@ -795,12 +799,6 @@ def test_a_5000_deep_chain_with_a_moderate_max_depth(max_depth: int, seed: int) 
     assert buf.open_count == 0 and len(out) == math.ceil(5000 / max_depth)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="engine bug: LogBuffer._walk recurses once per depth_cut fragment, so a chain "
-    "deeper than ~1000 x max_depth raises RecursionError",
-)
 @pytest.mark.parametrize("closed", [True, False])
 def test_a_5000_deep_chain_with_a_tight_max_depth(closed: bool) -> None:
     """A 5000-deep chain with max_depth=2 is cut into fragments without RecursionError."""
@@ -963,10 +961,6 @@ def test_bad_events_never_cost_good_ones(forest: list[Tree], data: st.DataObject
 # --------------------------------------------------------------------------- engine bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a late event is not remembered, so its resend is published late again",
-)
 def test_a_resent_late_event_is_a_duplicate() -> None:
     """A late event resent by the client is dropped as a duplicate, not published twice."""
     root = [
@@ -981,11 +975,6 @@ def test_a_resent_late_event_is_a_duplicate() -> None:
     assert buf.stats["duplicates"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: children of a late transaction open a new group for the published "
-    "uuid, are held until the timeout and come out as orphans instead of late",
-)
 def test_events_under_a_late_transaction_are_late_too() -> None:
     """After a tree is published, an event whose parent is a transaction that itself arrived
     late is published at once flagged late, not held for the timeout."""
@@ -1008,11 +997,6 @@ def test_events_under_a_late_transaction_are_late_too() -> None:
     assert all(r.get("late") for r in out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: once a uuid is published, any event with the same (clazz, event, "
-    "parent, timestamp) as a published one is counted a duplicate even if its content differs",
-)
 def test_a_different_event_after_publication_is_not_a_duplicate() -> None:
     """An event arriving after publication that differs in content from every published event
     (same parent and timestamp, no id, other msg) is published late, not dropped."""
@@ -1028,11 +1012,6 @@ def test_a_different_event_after_publication_is_not_a_duplicate() -> None:
     assert out[0]["late"] is True and buf.stats["duplicates"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: an end standing in for a missing begin gets no default status or "
-    "duration (DESIGN §3: every transaction node carries duration and status)",
-)
 def test_a_node_missing_its_begin_still_has_status_and_duration() -> None:
     """A transaction published from its end alone (missing_begin) carries status and duration."""
     events = [
@@ -1048,11 +1027,6 @@ def test_a_node_missing_its_begin_still_has_status_and_duration() -> None:
     assert node.get("status") == "-1" and type(node.get("duration")) is int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a rootless group (orphan or cycle fragment) published by the timeout "
-    "comes out complete: true with no reason and is counted published_complete",
-)
 def test_a_rootless_fragment_published_by_the_timeout_is_incomplete() -> None:
     """A closed transaction whose parent never came, published at the timeout, is flagged
     complete False with reason timeout (DESIGN §3: incomplete trees carry a reason)."""
@@ -1068,11 +1042,6 @@ def test_a_rootless_fragment_published_by_the_timeout_is_incomplete() -> None:
     assert buf.stats["published_complete"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (off by one): a tree holding exactly max_events_per_tx events is "
-    "published at once, skipping the settle window, and counted evicted",
-)
 def test_a_tree_of_exactly_max_events_per_tx_is_not_evicted() -> None:
     """max_events_per_tx is the number of events a tree may hold: exactly that many is no eviction."""
     events = [
@@ -1086,11 +1055,6 @@ def test_a_tree_of_exactly_max_events_per_tx_is_not_evicted() -> None:
     assert len(buf.expire(T0 + 1000)) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: publishing a second group for a uuid replaces the memory of the first, "
-    "so a client resend of the first (already published) tree is published again",
-)
 def test_a_resent_tree_is_not_published_twice() -> None:
     """A whole tree resent after publication stays a duplicate even after another group of the
     same uuid (here an orphan event) was published in between."""
@@ -1106,12 +1070,6 @@ def test_a_resent_tree_is_not_published_twice() -> None:
     assert buf.stats["published_complete"] == 1 and buf.stats["duplicates"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: LogBuffer._leftovers cuts 'the earliest unreached begin', which may be a "
-    "node hanging off the cycle rather than a member of it: that node is detached from its "
-    "parent and flagged cycle",
-)
 def test_a_subtree_hanging_off_a_cycle_stays_under_it() -> None:
     """With a cycle A <-> B and a transaction C under A that started earlier, the cycle is cut at
     a member and C stays a child of A, not flagged cycle."""

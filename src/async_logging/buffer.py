@@ -144,6 +144,39 @@ class _Group:
         self.closed_at: int | None = None
 
 
+class _Done:
+    """What is remembered of a published uuid once it must grow (late events, a second tree).
+
+    Most uuids are remembered as a plain tuple of tuples (untracked by the cycle collector);
+    this mutable form replaces it on the rare paths.
+    """
+
+    __slots__ = ("atomics", "begins", "ends")
+
+    def __init__(self, begins: Iterable[Any], ends: Iterable[Any], atomics: Iterable[Any]) -> None:
+        self.begins: set[Any] = set(begins)
+        self.ends: set[Any] = set(ends)
+        self.atomics: set[Any] = set(atomics)
+
+    def __iter__(self) -> Any:
+        return iter((self.begins, self.ends, self.atomics))
+
+    def update(self, begins: Iterable[Any], ends: Iterable[Any], atomics: Iterable[Any]) -> None:
+        self.begins.update(begins)
+        self.ends.update(ends)
+        self.atomics.update(atomics)
+
+
+# uuid -> (begin ids, end ids, atomic keys) of what was published.
+_Memory = tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]] | _Done
+
+
+def _atomic_key(e: Event, eid: str | None, parent: str) -> tuple[Any, ...]:
+    """Identity of an atomic event for duplicate detection: ids, time and a string msg."""
+    msg = e.get("msg")
+    return (eid, parent, e["timestamp"], msg if msg.__class__ is str else None)
+
+
 class LogBuffer:
     """The reassembly engine. Not thread-safe: one owner feeds it.
 
@@ -178,7 +211,7 @@ class LogBuffer:
         self._clock = clock
         self._open: dict[str, _Group] = {}
         # uuid -> (begin ids, end ids, atomic keys) of trees already published.
-        self._published: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]]] = {}
+        self._published: dict[str, _Memory] = {}
         self._timeout_ms = int(limits.clean_duration * limits.clean_cycles * 1000)
         self._settle_ms = int(limits.settle * 1000)
         #: Running counters (events, published_complete, published_incomplete, standalone,
@@ -248,6 +281,12 @@ class LogBuffer:
                 out.append(e)
                 continue
             g = open_groups.get(uuid)
+            if g is not None and g.count >= max_events:
+                # Full: the tree goes out now; this event then counts as late.
+                stats["evicted"] += 1
+                out.extend(self._publish(g, "evicted"))
+                touched.pop(uuid, None)
+                g = None
             if g is None:
                 g = self._new_group(e, now, out)
                 if g is None:
@@ -293,7 +332,7 @@ class LogBuffer:
                 else:
                     g.pending.add(eid)
             else:
-                key = (eid, parent, e["timestamp"])
+                key = _atomic_key(e, eid, parent)
                 seen = g.seen
                 prev = seen.get(key)
                 if prev is not None:
@@ -311,12 +350,7 @@ class LogBuffer:
                     g.pending.add(parent)
             g.count += 1
             g.last = now
-            if g.count >= max_events:
-                stats["evicted"] += 1
-                out.extend(self._publish(g, "evicted"))
-                touched.pop(uuid, None)
-            else:
-                touched[uuid] = g
+            touched[uuid] = g
         settle = self._settle_ms
         for g in touched.values():
             if g.roots and not g.pending and open_groups.get(g.uuid) is g:
@@ -378,14 +412,18 @@ class LogBuffer:
         if done is not None:
             clazz, eid, parent = e["clazz"], e.get("event"), e["parent"]
             begin_ids, end_ids, atomic_keys = done
+            atomic = clazz in (ATOMIC, HEARTBEAT)
+            key = _atomic_key(e, eid, parent) if atomic else None
             if (
                 (clazz == BEGIN and eid in begin_ids)
                 or (clazz == END and eid in end_ids)
-                or ((clazz in (ATOMIC, HEARTBEAT)) and (eid, parent, e["timestamp"]) in atomic_keys)
+                or (atomic and key in atomic_keys)
             ):
                 self.stats["duplicates"] += 1
                 return None
             if parent in begin_ids or parent in end_ids or eid in begin_ids or eid in end_ids:
+                # Remember it, so its resend is a duplicate and its children are late too.
+                self._remember(uuid, clazz, eid, key)
                 out.append(self._flagged(e, "late"))
                 return None
         if len(self._open) >= self.limits.max_open:
@@ -394,6 +432,19 @@ class LogBuffer:
             out.extend(self._publish(oldest, "evicted"))
         g = self._open[uuid] = _Group(uuid, now)
         return g
+
+    def _remember(self, uuid: str, clazz: str, eid: str | None, key: Any) -> None:
+        """Add one late event to what is remembered of a published uuid (the rare path)."""
+        done = self._published[uuid]
+        if type(done) is tuple:
+            done = self._published[uuid] = _Done(*done)
+        assert isinstance(done, _Done)
+        if clazz == BEGIN:
+            done.begins.add(eid)
+        elif clazz == END:
+            done.ends.add(eid)
+        else:
+            done.atomics.add(key)
 
     def _flagged(self, e: Event, flag: str) -> Record:
         """A stand-alone record for an event that cannot join its tree (late, conflict)."""
@@ -422,7 +473,14 @@ class LogBuffer:
         if len(published) >= self.limits.max_published_memory:
             del published[next(iter(published))]
         # Tuples of strings are not tracked by the cycle collector: cheap to keep many.
-        published[g.uuid] = (tuple(g.begins), tuple(g.ends), tuple(g.seen))
+        memory = (tuple(g.begins), tuple(g.ends), tuple(g.seen))
+        before = published.get(g.uuid)
+        if before is not None:  # a second tree of one uuid: remember both
+            merged = _Done(*before)
+            merged.update(*memory)
+            published[g.uuid] = merged
+        else:
+            published[g.uuid] = memory
         if g.roots and not g.pending:
             records = self._build_complete(g)
             reason = None
@@ -523,9 +581,20 @@ class LogBuffer:
                         c["orphan"] = True
                         self.stats["orphans"] += 1
                         extra.extend(self._walk(g, c))
-        # Whatever is still unreached hangs in a parent cycle: cut it at its earliest begin.
+        # Whatever is still unreached hangs off a parent cycle: follow parents from the
+        # earliest unreached begin into the loop and cut the loop at its earliest member.
         while rest := [b for b in begins.values() if "clazz" in b]:
-            head = min(rest, key=_TS)
+            node = min(rest, key=_TS)
+            path: set[str] = set()
+            while node["event"] not in path:
+                path.add(node["event"])
+                node = begins[node["parent"]]
+            loop = [node]
+            member = begins[node["parent"]]
+            while member is not node:
+                loop.append(member)
+                member = begins[member["parent"]]
+            head = min(loop, key=_TS)
             head["cycle"] = True
             self.stats["cycles_cut"] += 1
             extra.extend(self._walk(g, head))
@@ -536,19 +605,39 @@ class LogBuffer:
                 root["complete"] = False
                 root["reason"] = reason
             return []
+        for r in extra:  # no root to hang them under: each is an incomplete record
+            if r["kind"] == TRANSACTION:
+                r["complete"] = False
         return extra
 
     def _walk(self, g: _Group, head: Event) -> list[Record]:
-        """Build the tree under ``head`` where anything may be missing: the tree, then fragments."""
+        """Build the tree under ``head`` where anything may be missing: the tree, then fragments.
+
+        Fragments (subtrees past ``max_depth``) are queued, never recursed into, so any depth
+        is safe.
+        """
+        out: list[Record] = []
+        queue = [head]
+        while queue:
+            h = queue.pop()
+            fragments: list[Event] = []
+            out.append(self._walk_one(g, h, fragments))
+            for f in reversed(fragments):
+                self.stats["depth_cut"] += 1
+                f["depth_cut"] = True
+            queue.extend(reversed(fragments))
+        return out
+
+    def _walk_one(self, g: _Group, head: Event, fragments: list[Event]) -> Record:
+        """One tree under ``head``; subtrees past ``max_depth`` go to ``fragments``."""
         ends, kids = g.ends, g.kids
         max_depth = self.limits.max_depth
         cl = head["clazz"]
         if cl not in (BEGIN, END):
             del head["clazz"]
             head["kind"] = cl
-            return [head]
+            return head
         order: list[Event] = []
-        fragments: list[Event] = []
         stack: list[tuple[Event, int]] = [(head, 0)]
         while stack:
             node, depth = stack.pop()
@@ -559,6 +648,9 @@ class LogBuffer:
                 node.setdefault("status", UNKNOWN_STATUS)
             elif end is not node:
                 _merge_end(node, end)
+            else:  # an end standing in for its missing begin
+                node.setdefault("status", UNKNOWN_STATUS)
+                node.setdefault("duration", 0)
             del node["clazz"]
             node["kind"] = TRANSACTION
             order.append(node)
@@ -594,12 +686,7 @@ class LogBuffer:
             node["complete"] = ok
             if "missing_end" in node:
                 node["duration"] = last - node["timestamp"]
-        out = [head]
-        for f in fragments:
-            self.stats["depth_cut"] += 1
-            f["depth_cut"] = True
-            out.extend(self._walk(g, f))
-        return out
+        return head
 
 
 def _same_in(e: Event, siblings: Iterable[Event]) -> bool:
