@@ -230,7 +230,7 @@ def test_jsonl_rotates_at_max_bytes_and_keeps_backup_count(log_path: Path) -> No
         assert path.read_bytes() == b"".join(expected)
         assert path.stat().st_size <= max_bytes
     assert not Path(f"{log_path}.3").exists()
-    assert sorted(p.name for p in log_path.parent.iterdir()) == [
+    assert sorted(p.name for p in log_path.parent.iterdir() if not p.name.startswith(".")) == [
         "all.log",
         "all.log.1",
         "all.log.2",
@@ -809,3 +809,22 @@ def test_publishers_exports() -> None:
     }
     assert len(publishers_pkg.__all__) == len(set(publishers_pkg.__all__))
     assert all(hasattr(publishers_pkg, name) for name in publishers_pkg.__all__)
+
+
+def test_jsonl_writers_sharing_one_file_follow_each_others_rotation(log_path: Path) -> None:
+    """Two publishers on one path (server workers) rotate once between them and lose no line."""
+    a = JsonLinesPublisher(log_path, max_bytes=2000, backup_count=50)
+    b = JsonLinesPublisher(log_path, max_bytes=2000, backup_count=50)
+    records = [atomic_record(n) for n in range(300)]
+    try:
+        for i in range(0, len(records), 3):
+            (a if i % 2 else b).publish_many(records[i : i + 3])
+    finally:
+        a.close()
+        b.close()
+    files = sorted(log_path.parent.glob("all.log*"))
+    lines = [line for f in files for line in f.read_bytes().splitlines()]
+    assert sorted(orjson.loads(x)["timestamp"] for x in lines) == list(range(300))
+    # Each file was written by both, yet stays near the limit (never a private stale file).
+    assert all(f.stat().st_size <= 2000 + 3 * len(encode_line(records[0])) for f in files)
+    assert a.stats["rotations"] + b.stats["rotations"] == len(files) - 1

@@ -20,7 +20,7 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Final
 
@@ -242,7 +242,10 @@ class JsonLinesPublisher(BasePublisher):
             if self._fd is None:  # a failed rotation left no file open: try again
                 self._open()
             parts, nbytes = self._encoder.encode(records)
-            if self.max_bytes and self.backup_count and self._size + nbytes > self.max_bytes:
+            rotating = self.max_bytes and self.backup_count
+            if rotating:
+                self._follow()
+            if rotating and self._size + nbytes > self.max_bytes:
                 self._write_rotating(parts)
             else:
                 self._write(parts)
@@ -273,6 +276,27 @@ class JsonLinesPublisher(BasePublisher):
                     os.close(fd)
 
     # -- internals (called with the lock held) --------------------------------------------
+
+    def _follow(self) -> None:
+        """Follow a rotation done by another process writing the same file (server workers).
+
+        Several workers append to one file (``O_APPEND`` keeps each batch whole); the one
+        that rotates renames it, so the others notice the path now names another file and
+        reopen it, and learn its size, which the others grew too.
+        """
+        fd = self._fd
+        assert fd is not None
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:
+            current = None
+        mine = os.fstat(fd)
+        if current is None or current.st_ino != mine.st_ino or current.st_dev != mine.st_dev:
+            os.close(fd)
+            self._fd = None
+            self._open()
+        else:
+            self._size = mine.st_size
 
     def _open(self) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -328,7 +352,31 @@ class JsonLinesPublisher(BasePublisher):
         self._size = size
 
     def _rotate(self) -> bool:
-        """Shift the backups, start a new file; False when the renames failed."""
+        """Shift the backups, start a new file; False when the renames failed.
+
+        Holds an advisory lock (``.<name>.lock`` beside the file) so that of several processes sharing the
+        file only one rotates; the others find the new file and write on.
+        """
+        with _rotation_lock(self.path):
+            fd = self._fd
+            if fd is not None:
+                try:
+                    current = os.stat(self.path)
+                    mine = os.fstat(fd)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and (current.st_ino, current.st_dev) != (
+                    mine.st_ino,
+                    mine.st_dev,
+                ):
+                    # Another process rotated already: write on in the file it started.
+                    os.close(fd)
+                    self._fd = None
+                    self._open()
+                    return True
+            return self._rotate_locked()
+
+    def _rotate_locked(self) -> bool:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
@@ -346,6 +394,27 @@ class JsonLinesPublisher(BasePublisher):
         self.stats["rotations"] += 1
         self._open()
         return True
+
+
+@contextlib.contextmanager
+def _rotation_lock(path: str) -> Iterator[None]:
+    """An exclusive advisory lock beside ``path`` (no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    head, tail = os.path.split(path)
+    fd = os.open(
+        os.path.join(head, f".{tail}.lock"),
+        os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+        0o666,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
