@@ -8,6 +8,7 @@ clear error and exits with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -55,6 +56,29 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
         int,
         "Records waiting for the publisher before ingest pauses [default: 50000].",
     ),
+    ("--max-events-per-frame", int, "Events in one frame or body [default: 10000]."),
+    ("--max-depth", int, "Nesting of maps and lists inside one event [default: 32]."),
+    ("--max-string-length", int, "Longest string in an event [default: 65536]."),
+    ("--max-keys-per-map", int, "Most keys in one map [default: 256]."),
+    ("--rate-limit", float, "Events/s one connection may send (0 = no limit) [default: 0]."),
+    ("--request-timeout", float, "Seconds an HTTP request may take to arrive [default: 30]."),
+    (
+        "--tokens",
+        str,
+        "Comma-separated shared tokens clients must present (or ASYNC_LOGGING_TOKENS).",
+    ),
+    ("--allowed-origins", str, "Comma-separated Origins browser WebSockets may come from."),
+    ("--tls-cert", str, "PEM certificate: serve https and wss."),
+    ("--tls-key", str, "PEM private key for --tls-cert."),
+    (
+        "--spool",
+        str,
+        "Directory of the write-ahead spool: ack only what is on disk (off by default).",
+    ),
+    ("--spool-max-bytes", int, "Spool size at which new batches are refused [default: 1 GiB]."),
+    ("--store", str, "SQLite store behind the viewer ('' = off) [default: ./log/trees.sqlite]."),
+    ("--store-max-age", float, "Seconds of trees the store keeps [default: 7 days]."),
+    ("--store-max-bytes", int, "Store size past which the oldest trees go [default: 1 GiB]."),
     ("--listener", str, "Listener plug-in, module:attr [default: LogListener]."),
     ("--buffer", str, "Buffer plug-in, module:attr [default: LogBuffer]."),
 ]
@@ -115,6 +139,9 @@ def serve(
         values: dict[str, Any] = load_config_file(config_file) if config_file else {}
         config = ServerConfig.from_mapping(values, source=config_file or "config")
         overrides = {k: v for k, v in flags.items() if v is not None}
+        env_tokens = os.environ.get("ASYNC_LOGGING_TOKENS")
+        if env_tokens and "tokens" not in overrides and not values.get("tokens"):
+            overrides["tokens"] = env_tokens
         if publisher:
             overrides["publisher"] = list(publisher)
         if stdout is not None:

@@ -58,6 +58,23 @@ class ServerConfig:
         idle_timeout: seconds without a frame after which a WebSocket is closed (seed: 10 min).
         ping_interval: seconds between protocol pings.
         publish_queue: records waiting for the publisher before ingest pauses (backpressure).
+        max_events_per_frame, max_depth, max_string_length, max_keys_per_map: input limits
+            of the wire decoder (see :class:`async_logging.wire.WireLimits`).
+        rate_limit: events per second one connection may send (0 = no limit); past it the
+            server stops reading that connection for a while (TCP backpressure), counted.
+        request_timeout: seconds an HTTP request may take to arrive (slow-loris guard).
+        tokens: shared secrets; when any is set every client must present one
+            (``Authorization: Bearer``, or ``?token=`` for WebSocket clients).
+        allowed_origins: ``Origin`` values a browser WebSocket may come from (empty: any
+            request without an Origin header, i.e. non-browser clients, and any origin).
+        tls_cert, tls_key: PEM files; when set the main port speaks https and wss.
+        spool: directory of the write-ahead spool (empty: off); batches are appended there
+            before they are acked and replayed on restart.
+        spool_max_bytes: size of the spool at which new batches are refused (HTTP 503,
+            error frame ``spool_full``) rather than acked without being durable.
+        store: SQLite file of the queryable store behind the viewer (empty: off).
+        store_max_age: seconds of trees the store keeps.
+        store_max_bytes: size of the store past which the oldest trees are deleted.
     """
 
     host: str = "0.0.0.0"
@@ -86,8 +103,32 @@ class ServerConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     ping_interval: float = DEFAULT_PING_INTERVAL
     publish_queue: int = DEFAULT_PUBLISH_QUEUE
+    max_events_per_frame: int = 10_000
+    max_depth: int = 32
+    max_string_length: int = 64 * 1024
+    max_keys_per_map: int = 256
+    rate_limit: float = 0.0
+    request_timeout: float = 30.0
+    tokens: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    spool: str = ""
+    spool_max_bytes: int = 1024 * 1024 * 1024
+    store: str = "./log/trees.sqlite"
+    store_max_age: float = 7 * 24 * 3600.0
+    store_max_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        for name in ("tokens", "allowed_origins"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                value = tuple(value)
+            else:
+                raise ConfigError(f"option {name} must be a list of strings")
+            object.__setattr__(self, name, value)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = _TYPES.get(f.name)
@@ -103,7 +144,16 @@ class ServerConfig:
             value = getattr(self, name)
             if not (-1 <= value <= 65535) or (name == "port" and value < 0):
                 raise ConfigError(f"option {name} must be a port number, not {value}")
-        positive = ("workers", "conn_threshold", "clean_cycles", "max_message_bytes")
+        positive = (
+            "workers",
+            "conn_threshold",
+            "clean_cycles",
+            "max_message_bytes",
+            "max_events_per_frame",
+            "max_depth",
+            "max_string_length",
+            "max_keys_per_map",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"option {name} must be at least 1")
@@ -118,6 +168,11 @@ class ServerConfig:
             "log_backup_count",
             "idle_timeout",
             "ping_interval",
+            "rate_limit",
+            "request_timeout",
+            "spool_max_bytes",
+            "store_max_age",
+            "store_max_bytes",
         )
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -126,6 +181,8 @@ class ServerConfig:
             raise ConfigError("option clean_duration must be more than 0")
         if self.publish_queue < 100:
             raise ConfigError("option publish_queue must be at least 100")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("options tls_cert and tls_key go together")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, source: str = "config") -> ServerConfig:
@@ -168,6 +225,19 @@ _TYPES: dict[str, type] = {
     "idle_timeout": float,
     "ping_interval": float,
     "publish_queue": int,
+    "max_events_per_frame": int,
+    "max_depth": int,
+    "max_string_length": int,
+    "max_keys_per_map": int,
+    "rate_limit": float,
+    "request_timeout": float,
+    "tls_cert": str,
+    "tls_key": str,
+    "spool": str,
+    "spool_max_bytes": int,
+    "store": str,
+    "store_max_age": float,
+    "store_max_bytes": int,
 }
 
 # The seed's spellings that are not plain camelCase of ours.
