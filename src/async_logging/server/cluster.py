@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..buffer import LogBuffer
@@ -43,6 +44,7 @@ from .config import ServerConfig
 from .listener import LogListener
 from .monapp import MonApp
 from .pipeline import Pipeline, Stats, merge_snapshots, process_rss
+from .spool import Spool
 
 __all__ = ["GC_GEN0_THRESHOLD", "LogCluster", "Supervisor", "tune_gc"]
 
@@ -170,14 +172,29 @@ class LogCluster:
         c = self.config
         buffer = self._make_buffer()
         publisher = self._make_publisher()
+        spool = None
+        if c.spool:
+            try:
+                spool = Spool(Path(c.spool) / f"w-{os.getpid()}", c.spool_max_bytes)
+            except OSError as exc:
+                raise ConfigError(f"cannot use spool directory {c.spool}: {exc}") from exc
         self.pipeline = Pipeline(
             buffer,
             publisher,
             publish_queue=c.publish_queue,
             wait_for_publisher=c.wait_for_publisher,
             stats=self.stats,
+            spool=spool,
         )
         self.pipeline.start()
+        if spool is not None:
+            for orphan in Spool.orphans(c.spool):
+                try:
+                    old = Spool(orphan, c.spool_max_bytes)
+                except OSError:
+                    continue  # another process adopted it first
+                n = self.pipeline.adopt(old)
+                log.warning("replayed %d events from the spool of a stopped process", n)
         self.listener = self._make_listener(self.pipeline)
         try:
             self.port = await self.listener.start(reuse_port=reuse_port)

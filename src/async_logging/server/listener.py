@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import weakref
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from .. import wire
-from ..exceptions import BadInput, DecodeError, LimitExceeded
+from ..exceptions import BadInput, ConfigError, DecodeError, LimitExceeded
+from . import guard, spool
 from .config import ServerConfig
 from .pipeline import Pipeline
 
@@ -51,7 +54,13 @@ class LogListener:
         self.pipeline = pipeline
         self.config = config
         self.stats = pipeline.stats
-        self.limits = wire.WireLimits(max_message_bytes=config.max_message_bytes)
+        self.limits = wire.WireLimits(
+            max_message_bytes=config.max_message_bytes,
+            max_events_per_frame=config.max_events_per_frame,
+            max_depth=config.max_depth,
+            max_string_length=config.max_string_length,
+            max_keys_per_map=config.max_keys_per_map,
+        )
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -77,6 +86,7 @@ class LogListener:
             self._runner,
             self.config.host,
             self.config.port,
+            ssl_context=_ssl_context(self.config),
             reuse_port=reuse_port or None,
             backlog=max(128, min(self.config.conn_threshold, 4096)),
         )
@@ -124,6 +134,9 @@ class LogListener:
         if self.draining:
             self.stats.connections_refused["draining"] += 1
             return _json_error(503, "draining", "this server is shutting down; reconnect")
+        refusal = self._refuse(request, websocket=True)
+        if refusal is not None:
+            return refusal
         if self.stats.connections >= self.config.conn_threshold:
             self.stats.connections_refused["conn_threshold"] += 1
             return _json_error(
@@ -156,6 +169,9 @@ class LogListener:
         stats = self.stats
         pipeline = self.pipeline
         limits = self.limits
+        rate = self.config.rate_limit
+        loop = asyncio.get_running_loop()
+        bucket = guard.TokenBucket(rate, now=loop.time()) if rate > 0 else None
         while True:
             try:
                 msg = await ws.receive()
@@ -178,7 +194,9 @@ class LogListener:
                         else wire.decode_msgpack(data, limits)
                     )
                     seq = frame.seq
-                    fed = await pipeline.accept(frame.logs)
+                    fed = await pipeline.accept(
+                        frame.logs, (spool.JSON if is_text else spool.MSGPACK, data)
+                    )
                 except BadInput as exc:
                     stats.bad_input[exc.reason] += 1
                     if seq is None:
@@ -189,6 +207,11 @@ class LogListener:
                     await ws.send_str(_rejected_answer(seq, fed))
                 elif seq is not None:
                     await ws.send_str(wire.encode_ack(seq))
+                if bucket is not None:
+                    wait = bucket.take(len(frame.logs), loop.time())
+                    if wait > 0:  # too fast: stop reading this connection for a while
+                        stats.rate_limited += 1
+                        await asyncio.sleep(wait)
             elif kind is WSMsgType.ERROR:
                 error = ws.exception()
                 reason = "message_too_big" if _too_big(error) else "protocol_error"
@@ -205,6 +228,9 @@ class LogListener:
         stats = self.stats
         stats.frames["http"] += 1
         ctype = request.content_type
+        refusal = self._refuse(request, websocket=False)
+        if refusal is not None:
+            return refusal
         try:
             if request.content_length is not None and (
                 request.content_length > self.config.max_message_bytes
@@ -226,13 +252,20 @@ class LogListener:
                 frame = wire.decode_multipart_fields(fields, self.limits)
             else:
                 try:
-                    body = await request.read()
+                    body = await asyncio.wait_for(request.read(), self.config.request_timeout)
                 except web.HTTPRequestEntityTooLarge as exc:
                     raise LimitExceeded("message_too_big", "body is over the size limit") from exc
+                except TimeoutError as exc:
+                    raise LimitExceeded(
+                        "request_timeout",
+                        f"the body did not arrive within {self.config.request_timeout} s",
+                        status=408,
+                    ) from exc
                 stats.bytes["http"] += len(body)
                 frame = wire.decode_http_body(body, ctype, self.limits)
             self.frames_seen += 1
-            fed = await self.pipeline.accept(frame.logs)
+            raw = _spool_record(body if ctype != "multipart/form-data" else None, ctype, frame)
+            fed = await self.pipeline.accept(frame.logs, raw)
         except BadInput as exc:
             stats.bad_input[exc.reason] += 1
             return _json_error(exc.status, exc.reason, exc.detail)
@@ -250,6 +283,23 @@ class LogListener:
                 )
         return web.Response(body=orjson.dumps(body_out), content_type="application/json")
 
+    def _refuse(self, request: web.Request, *, websocket: bool) -> web.Response | None:
+        """The 401/403 answer when the request may not send logs (counted and logged)."""
+        c = self.config
+        if not c.tokens and not c.allowed_origins:
+            return None
+        refusal = guard.check_access(
+            request.headers, request.query, c.tokens, c.allowed_origins, websocket=websocket
+        )
+        if refusal is None:
+            return None
+        self.stats.connections_refused[refusal.reason] += 1
+        log.warning("refused %s from %s: %s", request.path, request.remote, refusal.detail)
+        response = _json_error(refusal.status, refusal.reason, refusal.detail)
+        if refusal.status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="async-logging"'
+        return response
+
     async def handle_discovery(self, request: web.Request) -> web.Response:
         """``GET /ws``: where to open the WebSocket (same host and port, path ``/``)."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -260,6 +310,26 @@ class LogListener:
             body=orjson.dumps({"url": url, "protocol": SUBPROTOCOL}),
             content_type="application/json",
         )
+
+
+def _spool_record(body: bytes | None, ctype: str, frame: wire.Frame) -> tuple[int, bytes]:
+    """What the spool keeps of an HTTP batch: the body as sent, or the logs re-encoded."""
+    if body is not None and ("msgpack" in ctype):
+        return spool.MSGPACK, body
+    if body is not None and "json" in ctype:
+        return spool.JSON, body
+    return spool.MSGPACK, msgspec.msgpack.encode({"seq": frame.seq, "logs": frame.logs})
+
+
+def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate or key: {exc}") from exc
+    return ctx
 
 
 def _rejections(fed: Any) -> list[dict[str, Any]]:

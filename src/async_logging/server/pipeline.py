@@ -24,8 +24,11 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
 
+from .. import wire
 from ..buffer import Fed, LogBuffer, Record
+from ..exceptions import BadInput
 from ..publishers import Publisher
+from .spool import JSON, Spool
 
 __all__ = ["LATENCY_BUCKETS", "Pipeline", "Stats"]
 
@@ -54,6 +57,8 @@ class Stats:
         self.connections_total = 0
         self.connections_refused: Counter[str] = Counter()  # by reason
         self.backpressure_waits = 0
+        self.rate_limited = 0
+        self.spool_replayed = 0
         self.publish_errors = 0
         self.records_dropped = 0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -84,6 +89,8 @@ class Stats:
             "connections_total": self.connections_total,
             "connections_refused": dict(self.connections_refused),
             "backpressure_waits": self.backpressure_waits,
+            "rate_limited": self.rate_limited,
+            "spool_replayed": self.spool_replayed,
             "publish_errors": self.publish_errors,
             "records_dropped": self.records_dropped,
             "latency_buckets": list(self.latency_buckets),
@@ -140,13 +147,16 @@ class Pipeline:
         publish_queue: int = 50_000,
         wait_for_publisher: float = 3.0,
         stats: Stats | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.buffer = buffer
+        self.spool = spool
         self.publisher = publisher
         self.stats = stats or Stats()
         self.publish_queue = publish_queue
         self.wait_for_publisher = wait_for_publisher
-        self._queue: deque[tuple[float, list[Record]]] = deque()
+        # (time queued, records, spool checkpoint reached once they are published)
+        self._queue: deque[tuple[float, list[Record], int | None]] = deque()
         self._queued = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -171,8 +181,17 @@ class Pipeline:
         )
         self._thread.start()
 
-    async def accept(self, logs: list[Any]) -> Fed:
-        """Feed a batch to the buffer (waiting first while the publish queue is full)."""
+    async def accept(self, logs: list[Any], raw: tuple[int, bytes] | None = None) -> Fed:
+        """Feed a batch to the buffer (waiting first while the publish queue is full).
+
+        Args:
+            logs: the decoded log maps.
+            raw: ``(kind, payload)`` as received, appended to the spool (when there is one)
+                before the buffer sees the batch.
+
+        Raises:
+            LimitExceeded: ``spool_full``; the batch was not taken.
+        """
         if self._queued >= self.publish_queue:
             self.stats.backpressure_waits += 1
             room = self._room
@@ -180,11 +199,40 @@ class Pipeline:
             while self._queued >= self.publish_queue and not self.closed:
                 room.clear()
                 await room.wait()
+        spool = self.spool
+        position = spool.append(*raw) if spool is not None and raw is not None else None
         fed = self.buffer.feed_many(logs)
         self.stats.events += len(logs) - len(fed.rejected)
-        if fed.records:
+        if position is not None and self.buffer.open_count == 0:
+            # Nothing before this point is held open: once these records are written,
+            # the spool never needs to replay it.
+            self.emit(fed.records, position)
+        elif fed.records:
             self.emit(fed.records)
         return fed
+
+    def adopt(self, orphan: Spool) -> int:
+        """Take over a dead process's spool: re-spool, feed and publish its unpublished
+        batches (records flagged ``replayed``), then delete it. Returns the events replayed.
+        """
+        spool = self.spool
+        assert spool is not None
+        events = 0
+        for kind, payload, _ in orphan.replay():
+            position = spool.append(kind, payload, force=True)
+            try:
+                frame = wire.decode_json(payload) if kind == JSON else wire.decode_msgpack(payload)
+            except BadInput:  # it was accepted once with these limits; never expected
+                log.error("spool record at %d no longer decodes; skipped", position)
+                continue
+            fed = self.buffer.feed_many(frame.logs)
+            events += len(frame.logs) - len(fed.rejected)
+            for record in fed.records:
+                record["replayed"] = True
+            self.emit(fed.records, position if self.buffer.open_count == 0 else None)
+        orphan.remove()
+        self.stats.spool_replayed += events
+        return events
 
     def expire(self) -> None:
         """Run the buffer's clean cycle and publish what it lets go."""
@@ -192,10 +240,10 @@ class Pipeline:
         if records:
             self.emit(records)
 
-    def emit(self, records: list[Record]) -> None:
+    def emit(self, records: list[Record], checkpoint: int | None = None) -> None:
         """Queue records for the publisher thread (no waiting: callers check for room)."""
         with self._cond:
-            self._queue.append((time.monotonic(), records))
+            self._queue.append((time.monotonic(), records, checkpoint))
             self._queued += len(records)
             self._cond.notify()
 
@@ -204,8 +252,8 @@ class Pipeline:
         if self.closed:
             return
         records = self.buffer.flush_all(reason)
-        if records:
-            self.emit(records)
+        if records or self.spool is not None:
+            self.emit(records, self.spool.position if self.spool is not None else None)
         self.closed = True
         if self._room is not None:
             self._room.set()
@@ -228,6 +276,8 @@ class Pipeline:
                 step()
             except Exception:
                 log.exception("publisher %s failed", step.__name__)
+        if self.spool is not None:
+            self.spool.close()
 
     # ------------------------------------------------------------------ publisher thread
 
@@ -243,15 +293,26 @@ class Pipeline:
                 batches = list(queue)
                 queue.clear()
             records: list[Record] = []
-            for _, batch in batches:
+            checkpoint = None
+            for _, batch, position in batches:
                 records.extend(batch)
-            self._publish_with_retry(records)
+                if position is not None:
+                    checkpoint = position
+            published = self._publish_with_retry(records)
             now = time.monotonic()
-            for enqueued, _ in batches:
+            for enqueued, _, _ in batches:
                 self.stats.observe_latency(now - enqueued)
+            if published and checkpoint is not None and self.spool is not None:
+                try:
+                    self.spool.checkpoint(checkpoint)
+                except OSError:
+                    log.exception("could not write the spool checkpoint")
             self._release(len(records))
 
-    def _publish_with_retry(self, records: list[Record]) -> None:
+    def _publish_with_retry(self, records: list[Record]) -> bool:
+        """Publish, retrying with backoff; False only when given up at shutdown."""
+        if not records:
+            return True
         attempt = 0
         while True:
             try:
@@ -261,7 +322,7 @@ class Pipeline:
                 if self._abandon:
                     self.stats.records_dropped += len(records)
                     log.error("gave up %d records: the publisher keeps failing", len(records))
-                    return
+                    return False
                 log.exception("publisher failed (attempt %d); retrying", attempt + 1)
                 time.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                 attempt += 1
@@ -269,7 +330,7 @@ class Pipeline:
                 kinds = self.stats.records
                 for r in records:
                     kinds[r.get("kind", "unknown")] += 1
-                return
+                return True
 
     def _release(self, n: int) -> None:
         with self._cond:

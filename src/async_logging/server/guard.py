@@ -1,0 +1,95 @@
+"""Who may send, and how fast: shared tokens, an Origin allow-list, a per-connection rate.
+
+Sans-I/O helpers used by the listener (the refusal is mapped to an HTTP status there):
+
+- :func:`check_access` reads a request's headers and query: ``Authorization: Bearer <token>``
+  (or ``?token=`` for WebSocket clients that cannot set headers, such as browsers) against
+  the configured tokens, compared in constant time; and, for browser WebSockets, the
+  ``Origin`` header against the allow-list (the 2013 original accepted every origin).
+- :class:`TokenBucket` spreads a connection's events over time: when a connection sends
+  faster than ``rate_limit`` events/s, the listener stops reading it for the time the bucket
+  says (TCP pushes back on the client); nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from typing import NamedTuple
+
+__all__ = ["Refusal", "TokenBucket", "check_access"]
+
+
+class Refusal(NamedTuple):
+    """Why a request is refused: HTTP status, a reason label (metrics) and a detail."""
+
+    status: int
+    reason: str
+    detail: str
+
+
+def _bearer(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    auth = headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return query.get("token") or None
+
+
+def check_access(
+    headers: Mapping[str, str],
+    query: Mapping[str, str],
+    tokens: tuple[str, ...],
+    allowed_origins: tuple[str, ...],
+    *,
+    websocket: bool,
+) -> Refusal | None:
+    """Return why a request may not send logs, or None when it may.
+
+    Args:
+        headers: the request headers (case-insensitive mapping).
+        query: the query parameters.
+        tokens: accepted shared tokens; empty means no token is required.
+        allowed_origins: accepted ``Origin`` values for WebSockets; empty means any.
+        websocket: whether this is a WebSocket upgrade (``?token=`` and Origin apply).
+    """
+    if websocket and allowed_origins:
+        origin = headers.get("Origin")
+        if origin is not None and origin not in allowed_origins:
+            return Refusal(403, "origin", f"origin {origin!r:.100} is not allowed")
+    if tokens:
+        given = _bearer(headers, query if websocket else {})
+        if given is None:
+            return Refusal(401, "unauthorized", "a token is required (Authorization: Bearer …)")
+        # Compare against every token so the time taken does not say which one was close.
+        ok = False
+        for token in tokens:
+            ok |= hmac.compare_digest(given.encode(), token.encode())
+        if not ok:
+            return Refusal(401, "bad_token", "the token is not valid")
+    return None
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` events/s on average, bursts up to ``burst`` events.
+
+    Args:
+        rate: events per second (> 0).
+        burst: bucket size; defaults to one second's worth.
+        now: the current time in seconds (monotonic), injected for tests.
+    """
+
+    def __init__(self, rate: float, burst: float | None = None, *, now: float = 0.0) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self.level = self.burst
+        self.stamp = now
+
+    def take(self, n: int, now: float) -> float:
+        """Spend ``n`` events at time ``now``; return the seconds to wait before reading on."""
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.level -= n
+        if self.level >= 0:
+            return 0.0
+        return -self.level / self.rate
