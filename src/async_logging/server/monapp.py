@@ -115,6 +115,14 @@ class SnapshotCollector(Collector):
             s["backpressure_waits"],
         )
         yield _counter(
+            "rate_limited",
+            "Times a connection was paused for its rate limit.",
+            s.get("rate_limited", 0),
+        )
+        yield _counter(
+            "spool_replayed", "Events replayed from the spool at start.", s.get("spool_replayed", 0)
+        )
+        yield _counter(
             "publish_errors", "Publisher calls that raised (retried).", s["publish_errors"]
         )
         yield _counter(
