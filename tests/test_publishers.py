@@ -813,8 +813,8 @@ def test_publishers_exports() -> None:
 
 def test_jsonl_writers_sharing_one_file_follow_each_others_rotation(log_path: Path) -> None:
     """Two publishers on one path (server workers) rotate once between them and lose no line."""
-    a = JsonLinesPublisher(log_path, max_bytes=2000, backup_count=50)
-    b = JsonLinesPublisher(log_path, max_bytes=2000, backup_count=50)
+    a = JsonLinesPublisher(log_path, max_bytes=2000, backup_count=50, shared=True)
+    b = JsonLinesPublisher(log_path, max_bytes=2000, backup_count=50, shared=True)
     records = [atomic_record(n) for n in range(300)]
     try:
         for i in range(0, len(records), 3):

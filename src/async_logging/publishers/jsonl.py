@@ -172,6 +172,8 @@ class JsonLinesPublisher(BasePublisher):
         max_bytes: size at which the file is rotated; 0 never rotates.
         backup_count: rotated files kept (``path.1`` ... ``path.N``); 0 never rotates (as
             with :class:`~logging.handlers.RotatingFileHandler`).
+        shared: other processes append to the same file (server workers): before each
+            batch, notice a rotation one of them did (one ``stat``) and follow it.
 
     Attributes:
         path: the absolute path of the current file.
@@ -188,6 +190,8 @@ class JsonLinesPublisher(BasePublisher):
         path: str | os.PathLike[str] = DEFAULT_PATH,
         max_bytes: int = DEFAULT_MAX_BYTES,
         backup_count: int = DEFAULT_BACKUP_COUNT,
+        *,
+        shared: bool = False,
     ) -> None:
         if max_bytes < 0:
             raise ConfigError(f"max_bytes must be >= 0, not {max_bytes}")
@@ -196,6 +200,7 @@ class JsonLinesPublisher(BasePublisher):
         self.path = os.path.abspath(os.fspath(path))
         self.max_bytes = max_bytes
         self.backup_count = backup_count
+        self.shared = shared
         self.stats: Counter[str] = Counter(records=0, bytes=0, rotations=0, fallbacks=0)
         self._encoder = LineEncoder(self.stats)
         self._lock = threading.Lock()
@@ -243,7 +248,7 @@ class JsonLinesPublisher(BasePublisher):
                 self._open()
             parts, nbytes = self._encoder.encode(records)
             rotating = self.max_bytes and self.backup_count
-            if rotating:
+            if rotating and self.shared:
                 self._follow()
             if rotating and self._size + nbytes > self.max_bytes:
                 self._write_rotating(parts)
