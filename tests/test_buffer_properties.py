@@ -422,10 +422,6 @@ def check_shape(records: Iterable[dict[str, Any]]) -> None:
         if n["kind"] == "transaction":
             assert isinstance(n["children"], list), n
             assert type(n["complete"]) is bool, n
-            if n.get("missing_begin") and "late" not in n:
-                # Known engine bug, pinned by
-                # test_a_node_missing_its_begin_still_has_status_and_duration.
-                continue
             assert type(n["duration"]) is int, n
             assert type(n["status"]) is str, n
         else:
@@ -694,8 +690,8 @@ def cyclic_groups(draw: st.DrawFn) -> tuple[Tree | None, list[list[str]], list[d
                      "msg": "in cycle", "x-tl": f"cyc-l{seq}"}
                 )  # fmt: skip
         if draw(st.booleans()):  # a whole subtree hanging off the cycle
-            # Later than every cycle member: see test_a_subtree_hanging_off_a_cycle_stays_under_it.
-            sub = draw(trees(uuid=uuid, max_nodes=6, id_prefix=f"s{ci}-", t_min=T0 + 20_000))
+            # Its nodes may start before the cycle's members: the cut must still be in the loop.
+            sub = draw(trees(uuid=uuid, max_nodes=6, id_prefix=f"s{ci}-", t_min=T0 - 5_000))
             hook = draw(st.sampled_from(ids))
             for e in sub.events:
                 k = next(k for k in TRACE_KEYS if k in e)
@@ -863,9 +859,13 @@ def test_max_events_per_tx_publishes_the_tree_and_flags_later_events_late(
     first, later = order[:cap], order[cap:]
     published = tx_ids(first)
     assert buf.stats["evicted"] >= 1
-    evicted = [r for r in out if not r.get("late")]
-    assert out[: len(evicted)] == evicted  # published at the cap, before any late record
-    assert traces(evicted) == Counter(tracer(e) for e in first)
+    # The cap publishes what the first `cap` events built, before anything else comes out.
+    # What follows holds only later events: late records, and maybe a new tree when the
+    # eviction left no root (its root then arrives as a transaction of its own).
+    held = {tracer(e) for e in first}
+    evicted = [r for r in out if set(traces([r])) <= held]
+    assert out[: len(evicted)] == evicted
+    assert traces(evicted) == Counter(held)
     if is_closed(first):
         assert evicted == [expect(tree.root, keep={tracer(e) for e in first})]
     else:
@@ -873,7 +873,9 @@ def test_max_events_per_tx_publishes_the_tree_and_flags_later_events_late(
         if tree.root.events[0] in first:
             assert evicted[0]["event"] == tree.root.eid
             assert evicted[0]["complete"] is False and evicted[0]["reason"] == "evicted"
-    check_late(out[len(evicted) :], later, published)
+    rest = out[len(evicted) :]
+    shadowed = check_late([r for r in rest if r.get("late")], later, published)
+    assert shadowed or all(r.get("late") for r in rest)
     everything = out + buf.flush_all()
     check_shape(everything)
     assert traces(everything) == Counter(tracer(e) for e in tree.events)
