@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import msgpack
@@ -385,8 +385,15 @@ async def test_ecv_and_metrics(
         ecv = await resp.json()
     assert ecv["status"] == "AVAILABLE" and ecv["connections"] == 1
     await ws.close()
-    async with session.get(f"{base}/metrics") as resp:
-        text = await resp.text()
+    # The publisher thread counts a batch just after the sink took it: read until it has.
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while True:
+        async with session.get(f"{base}/metrics") as resp:
+            text = await resp.text()
+        if "async_logging_publish_latency_seconds_count 1.0" in text:
+            break
+        assert asyncio.get_running_loop().time() < deadline, text
+        await asyncio.sleep(0.01)
     for line in (
         "async_logging_events_received_total 5.0",
         'async_logging_frames_received_total{transport="ws"} 2.0',
@@ -483,3 +490,127 @@ async def test_slow_publisher_applies_backpressure_instead_of_growing(
     finally:
         gate.set()
         await cluster.stop()
+
+
+# ------------------------------------------------------------------ plug-ins
+
+
+class CountingBuffer:
+    """A buffer plug-in: wraps the engine and counts batches (any object with its API works)."""
+
+    built_with: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        from async_logging import LogBuffer
+
+        CountingBuffer.built_with = options
+        self.inner = LogBuffer(**options)
+        self.batches = 0
+
+    def feed_many(self, events: Any) -> Any:
+        self.batches += 1
+        return self.inner.feed_many(events)
+
+    def expire(self, now: Any = None) -> Any:
+        return self.inner.expire(now)
+
+    def flush_all(self, reason: str = "shutdown") -> Any:
+        return self.inner.flush_all(reason)
+
+    @property
+    def open_count(self) -> int:
+        return self.inner.open_count
+
+    @property
+    def stats(self) -> Any:
+        return self.inner.stats
+
+    @property
+    def rejected(self) -> Any:
+        return self.inner.rejected
+
+    @property
+    def incomplete(self) -> Any:
+        return self.inner.incomplete
+
+
+@pytest.mark.parametrize(
+    "server_options", [{"buffer": "test_server:CountingBuffer", "clean_duration": 7.0}]
+)
+async def test_buffer_plugin_by_module_attr(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """A "module:attr" buffer class is built with the clean-cycle options and fed every batch."""
+    ws = await connect(session, server)
+    await ws.send_bytes(msgpack.packb({"seq": 1, "logs": tx("plug")}))
+    assert await answer(ws) == {"ack": 1}
+    await wait_for(publisher, lambda p: p.transactions)
+    await ws.close()
+    assert server.pipeline is not None
+    buf = server.pipeline.buffer
+    assert isinstance(buf, CountingBuffer) and buf.batches == 1
+    assert CountingBuffer.built_with["clean_duration"] == 7.0
+
+
+async def test_listener_plugin_instance_feeds_the_pipeline(publisher: MemoryPublisher) -> None:
+    """A custom listener (here: no sockets at all) plugs in and feeds logs through the pipeline."""
+
+    class InlineListener:
+        def __init__(self, pipeline: Any, config: Any) -> None:
+            self.pipeline = pipeline
+            self.frames_seen = 0
+
+        async def start(self, *, reuse_port: bool = False) -> int:
+            await self.pipeline.accept(tx("inline"))
+            return 0
+
+        async def stop_accepting(self) -> None: ...
+
+        async def close_connections(self, timeout: float = 5.0) -> None: ...
+
+        async def cleanup(self) -> None: ...
+
+    cluster = LogCluster(
+        listener=InlineListener, mon_port=-1, heartbeat_interval=0, publisher=publisher
+    )
+    await cluster.start()
+    (tree,) = await wait_for(publisher, lambda p: p.transactions)
+    await cluster.stop()
+    assert tree["uuid"] == "inline" and tree["complete"] is True
+
+
+async def test_seed_emitter_receives_published_records(
+    publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """LogCluster(options, emitter) emits each published record on the emitter under its kind."""
+    from async_logging import EventEmitter
+
+    emitter = EventEmitter()
+    got: list[tuple[str, str]] = []
+    emitter.on("transaction", lambda r: got.append(("transaction", r["uuid"])))
+    emitter.on("atomicEvent", lambda r: got.append(("atomicEvent", r["name"])))
+    cluster = LogCluster(
+        None,
+        emitter,
+        host="127.0.0.1",
+        port=0,
+        mon_port=-1,
+        heartbeat_interval=0,
+        publisher=publisher,
+    )
+    await cluster.start()
+    ws = await connect(session, cluster)
+    await ws.send_bytes(msgpack.packb({"seq": 1, "logs": [*tx("em"), {"name": "solo"}]}))
+    assert await answer(ws) == {"ack": 1}
+    await wait_for(publisher, lambda p: p.transactions and p.atomic_events)
+    await ws.close()
+    await cluster.stop()
+    assert sorted(got) == [("atomicEvent", "solo"), ("transaction", "em")]
+
+
+async def test_bad_plugin_is_a_clear_config_error() -> None:
+    """A plug-in string that does not import is refused with a ConfigError naming it."""
+    from async_logging.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="no_such_module"):
+        await LogCluster(buffer="no_such_module:Buffer", mon_port=-1).start()
