@@ -24,10 +24,15 @@ def test_all_is_pinned() -> None:
             "InvalidEvent",
             "LimitExceeded",
             "LogBuffer",
+            "LogClient",
             "Record",
             "UsageError",
             "__version__",
+            "configure",
             "default_mapper",
+            "event",
+            "heartbeat",
+            "transaction",
         ]
     )
     for name in async_logging.__all__:

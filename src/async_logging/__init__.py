@@ -7,6 +7,7 @@ The reassembly engine (:class:`LogBuffer`) is I/O-free; the proxy server
 from __future__ import annotations
 
 from .buffer import BufferLimits, Fed, LogBuffer, Record
+from .client import LogClient, configure, event, heartbeat, transaction
 from .emitter import EmitterBuffer, EventEmitter
 from .exceptions import (
     AsyncLoggingError,
@@ -37,8 +38,13 @@ __all__ = [
     "InvalidEvent",
     "LimitExceeded",
     "LogBuffer",
+    "LogClient",
     "Record",
     "UsageError",
     "__version__",
+    "configure",
     "default_mapper",
+    "event",
+    "heartbeat",
+    "transaction",
 ]

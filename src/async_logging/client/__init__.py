@@ -1,0 +1,85 @@
+"""The client library: ship log events to the proxy without blocking (DESIGN §6).
+
+.. code-block:: python
+
+    from async_logging.client import LogClient, transaction, event, heartbeat
+
+    LogClient(url="ws://proxy:3000/")      # the first client is the default one
+
+    with transaction("URL", "/checkout"):
+        event("DB", "select cart", msg="3 rows", level="INFO")
+
+Pieces: :class:`LogClient` (queue, sender thread, transports), :func:`transaction` /
+:func:`event` / :func:`heartbeat` (the module-level API on the default client),
+:func:`wrap` (carry the context into threads), :class:`LogHandler` (stdlib ``logging``),
+:class:`AsyncLoggingMiddleware` and :func:`aiohttp_middleware` (one ``URL`` transaction per
+request), :class:`HeartbeatMonitor` (CPU, memory and GC heartbeats).
+"""
+
+from __future__ import annotations
+
+from .api import (
+    ClientStats,
+    LogClient,
+    Transaction,
+    bind,
+    close,
+    configure,
+    event,
+    flush,
+    get_client,
+    heartbeat,
+    log,
+    transaction,
+)
+from .context import current_scope, current_uuid, new_uuid, wrap
+from .core import CoreLimits
+from .logging_handler import LogHandler, loguru_sink, structlog_processor
+from .middleware import AsyncLoggingMiddleware, aiohttp_middleware
+from .monitor import HeartbeatMonitor
+from .transports import (
+    ConnectionLost,
+    HttpTransport,
+    ServerRefused,
+    Transport,
+    TransportError,
+    WebSocketOtherwiseHttpTransport,
+    WebSocketTransport,
+    backoff,
+    is_retryable,
+)
+
+__all__ = [
+    "AsyncLoggingMiddleware",
+    "ClientStats",
+    "ConnectionLost",
+    "CoreLimits",
+    "HeartbeatMonitor",
+    "HttpTransport",
+    "LogClient",
+    "LogHandler",
+    "ServerRefused",
+    "Transaction",
+    "Transport",
+    "TransportError",
+    "WebSocketOtherwiseHttpTransport",
+    "WebSocketTransport",
+    "aiohttp_middleware",
+    "backoff",
+    "bind",
+    "close",
+    "configure",
+    "current_scope",
+    "current_uuid",
+    "event",
+    "flush",
+    "get_client",
+    "heartbeat",
+    "is_retryable",
+    "log",
+    "loguru_sink",
+    "new_uuid",
+    "structlog_processor",
+    "transaction",
+    "wrap",
+]

@@ -1,0 +1,425 @@
+"""The sender: a background thread with its own event loop that does all of the client's I/O.
+
+The application thread only appends to the client's deque (DESIGN §6). This thread drains
+it on every wake-up (the deque reached a batch, a flush was asked for, or the drain interval
+passed), feeds the sans-I/O :class:`~async_logging.client.core.ClientCore`, and a *pump*
+task writes the envelopes the core hands out over the transport, reconnecting with backoff
+when the connection is lost, while acks come back through the :class:`Listener` callbacks.
+
+It also tells the application how much room is left (``client._room``: the app thread
+compares its deque's length with it, no lock) and logs one warning per burst of drops on
+the ``async_logging.client`` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from ..exceptions import UsageError
+from .core import ClientCore
+from .transports import (
+    TRANSIENT_REFUSALS,
+    Connection,
+    ConnectionLost,
+    ServerRefused,
+    Transport,
+)
+
+if TYPE_CHECKING:
+    from .api import LogClient
+
+__all__ = ["FlushRequest", "Sender"]
+
+log = logging.getLogger("async_logging.client")
+
+#: Seconds without a drop that end a burst of drops (one warning per burst).
+BURST_QUIET = 1.0
+
+
+class FlushRequest:
+    """Queue marker: send everything enqueued before it, then set ``done``."""
+
+    __slots__ = ("done", "ok")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+    def finish(self, ok: bool) -> None:
+        self.ok = ok
+        self.done.set()
+
+
+class Sender:
+    """Runs the client's I/O in a daemon thread (one event loop, one aiohttp session).
+
+    Args:
+        client: the client whose deque it drains and whose room it sets.
+        core: the sans-I/O core (owned by this thread from now on).
+        transport: how to reach the proxy.
+        url: where the proxy is.
+        drain_interval: seconds between drains when the application is quiet.
+        backoff: makes a fresh iterator of reconnection delays.
+        is_retryable: whether an error is worth reconnecting after.
+        connect_timeout: seconds a connection attempt may take.
+        headers: sent with every request (``Authorization`` for a token).
+        clock: monotonic seconds (the core's hold clock).
+    """
+
+    def __init__(
+        self,
+        client: LogClient,
+        core: ClientCore,
+        transport: Transport,
+        url: str,
+        *,
+        drain_interval: float,
+        backoff: Callable[[], Iterator[float]],
+        is_retryable: Callable[[BaseException], bool],
+        connect_timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.core = core
+        self.transport = transport
+        self.url = url
+        self.drain_interval = drain_interval
+        self.backoff = backoff
+        self.is_retryable = is_retryable
+        self.connect_timeout = connect_timeout
+        self.headers = headers or {}
+        self.clock = clock
+        self.reconnects = 0
+        self.connects = 0
+        self.connected = False
+        self.lost = 0
+        #: The error that made the client give up (not retryable), if any.
+        self.error: BaseException | None = None
+        #: The last connection error (retryable ones included), for diagnostics.
+        self.last_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="async-logging-sender", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stopping = False
+        self._wake_scheduled = False
+        self._wake_ev: asyncio.Event | None = None
+        self._kick: asyncio.Event | None = None
+        self._flushes: list[tuple[int, FlushRequest]] = []
+        self._progress = False
+        self._paused: ServerRefused | None = None
+        self._seen_drops = 0
+        self._burst_from: int | None = None
+        self._last_drop_at = 0.0
+
+    # ------------------------------------------------------------------ any thread
+
+    def start(self) -> None:
+        """Start the thread and wait until its loop runs."""
+        self._thread.start()
+        self._ready.wait()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread runs."""
+        return self._thread.is_alive()
+
+    @property
+    def ident(self) -> int | None:
+        """The thread's identifier."""
+        return self._thread.ident
+
+    def wake(self) -> None:
+        """Ask the thread to drain now (cheap to call often: one wake-up is in flight at most)."""
+        if self._wake_scheduled:
+            return
+        loop = self._loop
+        if loop is None:
+            return
+        self._wake_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._on_wake)
+        except RuntimeError:  # the loop closed meanwhile
+            self._wake_scheduled = False
+
+    def flush(self, timeout: float | None) -> bool:
+        """Send everything enqueued so far (held transactions included) and wait for acks.
+
+        Returns:
+            Whether everything was acknowledged within ``timeout`` seconds.
+
+        Raises:
+            UsageError: when called from the sender thread itself (it would wait for itself).
+        """
+        if threading.get_ident() == self._thread.ident:
+            raise UsageError("flush() cannot be called from the sender thread")
+        if not self.alive:
+            return self.client._pending_events() == 0
+        req = FlushRequest()
+        self.client._q.append(req)  # past the room limit on purpose: markers are tiny
+        self._wake_scheduled = False
+        self.wake()
+        return req.done.wait(timeout) and req.ok
+
+    def stop(self, timeout: float | None) -> None:
+        """Stop the thread (what is still queued is abandoned and counted in ``lost``)."""
+        self._stopping = True
+        self._wake_scheduled = False
+        self.wake()
+        if self._thread.is_alive() and threading.get_ident() != self._thread.ident:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ sender thread
+
+    def _on_wake(self) -> None:
+        self._wake_scheduled = False
+        if self._wake_ev is not None:
+            self._wake_ev.set()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._main(loop))
+        finally:
+            self._loop = None
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+            self._ready.set()  # in case _main failed before setting it
+
+    async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake_ev = asyncio.Event()
+        self._kick = asyncio.Event()
+        self._loop = loop
+        self._ready.set()
+        q = self.client._q
+        wake_at = self.client._wake_at
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
+            headers=self.headers,
+        )
+        pump = asyncio.create_task(self._pump(session), name="async-logging-pump")
+        try:
+            while not self._stopping:
+                if len(q) < wake_at:
+                    try:
+                        async with asyncio.timeout(self.drain_interval):
+                            await self._wake_ev.wait()
+                    except TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0)  # let the pump write and the reader take acks
+                self._wake_ev.clear()
+                self._drain()
+        except Exception:
+            log.exception("async-logging sender failed")
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pump
+            await session.close()
+            self._abandon()
+
+    def _drain(self) -> None:
+        client = self.client
+        core = self.core
+        q = client._q
+        n = len(q)
+        if n:
+            popleft = q.popleft
+            items = [popleft() for _ in range(n)]
+            if self.error is not None:
+                self.lost += sum(1 for it in items if not isinstance(it, FlushRequest))
+                for it in items:
+                    if isinstance(it, FlushRequest):
+                        it.finish(False)
+            else:
+                for marker in core.feed(items, self.clock()):
+                    if isinstance(marker, FlushRequest):
+                        self._flushes.append((core.flush_all(), marker))
+        core.tick(self.clock())
+        self._set_room()
+        self._watch_drops()
+        if core.has_unsent and self._kick is not None:
+            self._kick.set()
+        if self._flushes:
+            self._check_flushes()
+
+    def _set_room(self) -> None:
+        client = self.client
+        client._room = 0 if (client._closed or self.error is not None) else self.core.room()
+
+    def _watch_drops(self) -> None:
+        client = self.client
+        dropped = client._dropped
+        now = self.clock()
+        if dropped != self._seen_drops:
+            self._last_drop_at = now
+            if self._burst_from is None:
+                self._burst_from = self._seen_drops
+                log.warning(
+                    "async-logging client: queue full (%d events, ~%d bytes pending; %s), "
+                    "dropping new events until it drains",
+                    self.core.pending_events + len(client._q),
+                    self.core.pending_bytes,
+                    "connected" if self.connected else f"not connected: {self.last_error!r}",
+                )
+            self._seen_drops = dropped
+        elif self._burst_from is not None and now - self._last_drop_at >= BURST_QUIET:
+            log.info(
+                "async-logging client: stopped dropping; %d events dropped in that burst",
+                dropped - self._burst_from,
+            )
+            self._burst_from = None
+
+    def _check_flushes(self) -> None:
+        core = self.core
+        keep = []
+        for target, req in self._flushes:
+            if core.settled(target):
+                req.finish(True)
+            else:
+                keep.append((target, req))
+        self._flushes = keep
+
+    def _abandon(self) -> None:
+        lost = self.core.abandon()
+        q = self.client._q
+        while q:
+            it = q.popleft()
+            if isinstance(it, FlushRequest):
+                it.finish(False)
+            else:
+                lost += 1
+        for _, req in self._flushes:
+            req.finish(False)
+        self._flushes = []
+        self.lost += lost
+        self.client._room = 0
+        if lost:
+            log.warning(
+                "async-logging client: stopped with %d events not acknowledged (%s)",
+                lost,
+                "connected" if self.connected else f"not connected: {self.last_error!r}",
+            )
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        log.error(
+            "async-logging client: giving up on %s after a non-retryable error: %r; "
+            "events are dropped from now on",
+            self.url,
+            exc,
+        )
+        self.lost += self.core.abandon()
+        for _, req in self._flushes:
+            req.finish(False)
+        self._flushes = []
+        self._set_room()
+
+    # ------------------------------------------------------------------ pump
+
+    async def _pump(self, session: aiohttp.ClientSession) -> None:
+        delays: Iterator[float] | None = None
+        first = True
+        while True:
+            conn: Connection | None = None
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    conn = await self.transport.connect(session, self.url, self)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not self.is_retryable(exc):
+                    self._fail(exc)
+                    return
+                self.last_error = exc
+                log.debug("async-logging: cannot connect to %s: %r", self.url, exc)
+            else:
+                self.connects += 1
+                if not first:
+                    self.reconnects += 1
+                first = False
+                self.connected = True
+                try:
+                    await self._send_all(conn)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.last_error = exc
+                    if not self.is_retryable(exc):
+                        await conn.close()
+                        self._fail(exc)
+                        return
+                    log.info("async-logging: connection to %s lost: %r", self.url, exc)
+                finally:
+                    self.connected = False
+                    await asyncio.shield(conn.close())
+                    resent = self.core.connection_lost()
+                    if resent:
+                        log.debug("async-logging: %d envelopes to resend", resent)
+            if delays is None or self._progress:
+                delays = self.backoff()
+                self._progress = False
+            await asyncio.sleep(next(delays))
+
+    async def _send_all(self, conn: Connection) -> None:
+        core = self.core
+        kick = self._kick
+        assert kick is not None
+        self._paused = None
+        while True:
+            if conn.closed:
+                raise ConnectionLost(str(getattr(conn, "error", None) or "closed"))
+            if self._paused is not None:
+                # The proxy cannot take frames now: reconnect after a backoff, resending.
+                raise self._paused
+            env = core.next_to_send()
+            if env is None:
+                kick.clear()
+                await kick.wait()
+                continue
+            await conn.send(env.seq, env.payload)
+
+    # ------------------------------------------------------------------ Listener
+
+    def on_ack(self, seq: int, rejected: int) -> None:
+        """The server accepted envelope ``seq``."""
+        if self.core.ack(seq, rejected):
+            self._progress = True
+        self._after_answer()
+
+    def on_refused(self, seq: int | None, reason: str, detail: str) -> None:
+        """The server refused a frame as a whole."""
+        if reason in TRANSIENT_REFUSALS:
+            # Not the frame's fault: keep it (it stays in flight, so the reconnection puts
+            # it back in front) and back off.
+            log.info("async-logging: the proxy cannot take frames now: %s %s", reason, detail)
+            self._paused = ServerRefused(503, reason)
+        elif seq is None:
+            log.warning("async-logging: the proxy refused a frame: %s %s", reason, detail)
+        else:
+            log.info("async-logging: the proxy refused envelope %d: %s %s", seq, reason, detail)
+            self.core.refuse(seq)
+        self._after_answer()
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        """The connection broke: wake the pump so it reconnects."""
+        if self._kick is not None:
+            self._kick.set()
+
+    def _after_answer(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
+        if self._flushes:
+            self._check_flushes()
+        self._set_room()
