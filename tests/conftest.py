@@ -50,6 +50,7 @@ async def server(
         "mon_port": 0,
         "heartbeat_interval": 0,
         "publisher": publisher,
+        "store": "",  # no SQLite file in the working directory unless a test asks
         **server_options,
     }
     cluster = LogCluster(**options)

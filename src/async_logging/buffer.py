@@ -117,6 +117,7 @@ class _Group:
     """Everything held for one uuid."""
 
     __slots__ = (
+        "batch",
         "begins",
         "closed_at",
         "count",
@@ -142,6 +143,7 @@ class _Group:
         self.count = 0
         self.last = now
         self.closed_at: int | None = None
+        self.batch = 0  # the feed_many call that opened it (see LogBuffer.oldest_open_batch)
 
 
 class _Done:
@@ -214,6 +216,8 @@ class LogBuffer:
         self._published: dict[str, _Memory] = {}
         self._timeout_ms = int(limits.clean_duration * limits.clean_cycles * 1000)
         self._settle_ms = int(limits.settle * 1000)
+        #: feed_many calls so far (numbers the batches, see :attr:`oldest_open_batch`).
+        self.batches = 0
         #: Running counters (events, published_complete, published_incomplete, standalone,
         #: duplicates, conflicts, late, evicted, rejected, orphans, cycles_cut, depth_cut).
         self.stats: Counter[str] = Counter()
@@ -223,6 +227,33 @@ class LogBuffer:
         self.incomplete: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def oldest_open_batch(self) -> int | None:
+        """Number of the :meth:`feed_many` call that opened the oldest open tree (None: none).
+
+        Every event of an earlier batch has been published or refused: a write-ahead log
+        in front of the buffer can forget those batches. Batches are numbered from 1 in
+        :attr:`batches`.
+        """
+        for g in self._open.values():
+            return g.batch
+        return None
+
+    def rebase_open(self) -> list[Event]:
+        """Every event held in open trees, which now count as fed in the latest batch.
+
+        For a write-ahead log in front of the buffer: it writes these events again at its
+        tail and forgets everything before, so one long-open tree does not pin old batches.
+        """
+        events: list[Event] = []
+        for g in self._open.values():
+            events.extend(g.begins.values())
+            events.extend(g.ends.values())
+            for kids in g.kids.values():
+                events.extend(e for e in kids if e["clazz"] != BEGIN and e["clazz"] != END)
+            g.batch = self.batches
+        return events
 
     @property
     def open_count(self) -> int:
@@ -253,6 +284,7 @@ class LogBuffer:
         with its index, and the rest of the batch is taken.
         """
         now = self._clock()
+        self.batches += 1
         out: list[Record] = []
         rejected: list[tuple[int, InvalidEvent]] = []
         if self._mapper is not None:
@@ -431,6 +463,7 @@ class LogBuffer:
             self.stats["evicted"] += 1
             out.extend(self._publish(oldest, "evicted"))
         g = self._open[uuid] = _Group(uuid, now)
+        g.batch = self.batches
         return g
 
     def _remember(self, uuid: str, clazz: str, eid: str | None, key: Any) -> None:

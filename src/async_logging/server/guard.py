@@ -50,10 +50,11 @@ def check_access(
         headers: the request headers (case-insensitive mapping).
         query: the query parameters.
         tokens: accepted shared tokens; empty means no token is required.
-        allowed_origins: accepted ``Origin`` values for WebSockets; empty means any.
+        allowed_origins: accepted ``Origin`` values (browsers send one on WebSockets and
+            cross-site posts); empty means any. Requests without ``Origin`` pass.
         websocket: whether this is a WebSocket upgrade (``?token=`` and Origin apply).
     """
-    if websocket and allowed_origins:
+    if allowed_origins:
         origin = headers.get("Origin")
         if origin is not None and origin not in allowed_origins:
             return Refusal(403, "origin", f"origin {origin!r:.100} is not allowed")
@@ -63,8 +64,9 @@ def check_access(
             return Refusal(401, "unauthorized", "a token is required (Authorization: Bearer …)")
         # Compare against every token so the time taken does not say which one was close.
         ok = False
+        raw = given.encode("utf-8", "surrogateescape")  # headers may hold any byte
         for token in tokens:
-            ok |= hmac.compare_digest(given.encode(), token.encode())
+            ok |= hmac.compare_digest(raw, token.encode())
         if not ok:
             return Refusal(401, "bad_token", "the token is not valid")
     return None

@@ -54,13 +54,7 @@ class LogListener:
         self.pipeline = pipeline
         self.config = config
         self.stats = pipeline.stats
-        self.limits = wire.WireLimits(
-            max_message_bytes=config.max_message_bytes,
-            max_events_per_frame=config.max_events_per_frame,
-            max_depth=config.max_depth,
-            max_string_length=config.max_string_length,
-            max_keys_per_map=config.max_keys_per_map,
-        )
+        self.limits = pipeline.wire_limits
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -82,8 +76,10 @@ class LogListener:
         """Listen on the configured host and port; returns the port actually bound."""
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = web.TCPSite(
+        self._site = _GuardedSite(
             self._runner,
+            self.config.request_timeout,
+            self._on_head_timeout,
             self.config.host,
             self.config.port,
             ssl_context=_ssl_context(self.config),
@@ -194,21 +190,23 @@ class LogListener:
                         else wire.decode_msgpack(data, limits)
                     )
                     seq = frame.seq
+                    spent = max(1, len(frame.logs))
                     fed = await pipeline.accept(
                         frame.logs, (spool.JSON if is_text else spool.MSGPACK, data)
                     )
                 except BadInput as exc:
+                    spent = 1  # a refused frame costs as much as one event: no free flooding
                     stats.bad_input[exc.reason] += 1
                     if seq is None:
                         seq = wire.peek_seq(data, is_text)
                     await ws.send_str(wire.encode_error(exc, seq))
-                    continue
-                if fed.rejected:
-                    await ws.send_str(_rejected_answer(seq, fed))
-                elif seq is not None:
-                    await ws.send_str(wire.encode_ack(seq))
+                else:
+                    if fed.rejected:
+                        await ws.send_str(_rejected_answer(seq, fed))
+                    elif seq is not None:
+                        await ws.send_str(wire.encode_ack(seq))
                 if bucket is not None:
-                    wait = bucket.take(len(frame.logs), loop.time())
+                    wait = bucket.take(spent, loop.time())
                     if wait > 0:  # too fast: stop reading this connection for a while
                         stats.rate_limited += 1
                         await asyncio.sleep(wait)
@@ -283,6 +281,9 @@ class LogListener:
                 )
         return web.Response(body=orjson.dumps(body_out), content_type="application/json")
 
+    def _on_head_timeout(self) -> None:
+        self.stats.connections_refused["request_timeout"] += 1
+
     def _refuse(self, request: web.Request, *, websocket: bool) -> web.Response | None:
         """The 401/403 answer when the request may not send logs (counted and logged)."""
         c = self.config
@@ -310,6 +311,59 @@ class LogListener:
             body=orjson.dumps({"url": url, "protocol": SUBPROTOCOL}),
             content_type="application/json",
         )
+
+
+class _GuardedSite(web.TCPSite):
+    """A TCP site whose connections must deliver a request head within ``timeout`` seconds.
+
+    aiohttp bounds neither the time a client takes to send its headers nor how long a
+    connection may sit without a request, so one slow client could hold a socket for an
+    hour (slow-loris). Each connection gets a watchdog: every ``timeout`` seconds it checks
+    that a new request arrived or one is being handled (or the connection became a
+    WebSocket, which has its own idle timeout); otherwise it closes the connection.
+    """
+
+    def __init__(
+        self, runner: web.BaseRunner, timeout: float, on_timeout: Any, *args: Any, **kw: Any
+    ) -> None:
+        super().__init__(runner, *args, **kw)
+        self._head_timeout = timeout
+        self._on_head_timeout = on_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        timeout = self._head_timeout
+
+        def factory() -> Any:
+            handler = server()
+            if timeout > 0:
+                loop.call_later(timeout, self._watch, loop, handler, 0)
+            return handler
+
+        self._server = await loop.create_server(
+            factory,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, handler: Any, seen: int) -> None:
+        transport = getattr(handler, "transport", None)
+        if transport is None or transport.is_closing() or getattr(handler, "_upgraded", False):
+            return
+        count = getattr(handler, "_request_count", 0)
+        busy = getattr(handler, "_current_request", None) is not None
+        if count == seen and not busy:
+            self._on_head_timeout()
+            transport.close()
+            return
+        loop.call_later(self._head_timeout, self._watch, loop, handler, count)
 
 
 def _spool_record(body: bytes | None, ctype: str, frame: wire.Frame) -> tuple[int, bytes]:

@@ -24,11 +24,13 @@ from collections import Counter, deque
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
+
 from .. import wire
 from ..buffer import Fed, LogBuffer, Record
 from ..exceptions import BadInput
 from ..publishers import Publisher
-from .spool import JSON, Spool
+from .spool import JSON, MSGPACK, Spool
 
 __all__ = ["LATENCY_BUCKETS", "Pipeline", "Stats"]
 
@@ -36,6 +38,8 @@ log = logging.getLogger("async_logging.server")
 
 #: Buckets (seconds) of the publish-latency histogram: accepted → written by the publisher.
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+#: uuids of replayed trees remembered so their later records are flagged too.
+REPLAYED_MEMORY = 100_000
 #: Backoff (seconds) between retries of a batch whose publisher raised.
 RETRY_BACKOFF = (0.05, 0.2, 1.0, 5.0)
 
@@ -59,6 +63,7 @@ class Stats:
         self.backpressure_waits = 0
         self.rate_limited = 0
         self.spool_replayed = 0
+        self.spool_rebases = 0
         self.publish_errors = 0
         self.records_dropped = 0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -91,6 +96,7 @@ class Stats:
             "backpressure_waits": self.backpressure_waits,
             "rate_limited": self.rate_limited,
             "spool_replayed": self.spool_replayed,
+            "spool_rebases": self.spool_rebases,
             "publish_errors": self.publish_errors,
             "records_dropped": self.records_dropped,
             "latency_buckets": list(self.latency_buckets),
@@ -148,9 +154,16 @@ class Pipeline:
         wait_for_publisher: float = 3.0,
         stats: Stats | None = None,
         spool: Spool | None = None,
+        wire_limits: wire.WireLimits = wire.DEFAULT_LIMITS,
     ) -> None:
         self.buffer = buffer
         self.spool = spool
+        self.wire_limits = wire_limits
+        # (buffer batch number, spool position before it) of spooled batches not yet
+        # known to be published, oldest first.
+        self._spooled: deque[tuple[int, int]] = deque()
+        # uuids of trees replayed from a spool: their records are flagged ``replayed``.
+        self._replayed: dict[str, None] = {}
         self.publisher = publisher
         self.stats = stats or Stats()
         self.publish_queue = publish_queue
@@ -200,16 +213,46 @@ class Pipeline:
                 room.clear()
                 await room.wait()
         spool = self.spool
-        position = spool.append(*raw) if spool is not None and raw is not None else None
-        fed = self.buffer.feed_many(logs)
+        if spool is not None and raw is not None:
+            before = spool.position
+            spool.append(*raw)
+            fed = self.buffer.feed_many(logs)
+            self._spooled.append((getattr(self.buffer, "batches", 0), before))
+            self.emit(fed.records, self._checkpoint())
+        else:
+            fed = self.buffer.feed_many(logs)
+            if fed.records:
+                self.emit(fed.records)
         self.stats.events += len(logs) - len(fed.rejected)
-        if position is not None and self.buffer.open_count == 0:
-            # Nothing before this point is held open: once these records are written,
-            # the spool never needs to replay it.
-            self.emit(fed.records, position)
-        elif fed.records:
-            self.emit(fed.records)
         return fed
+
+    def _checkpoint(self) -> int | None:
+        """The spool position before which every batch is published once queued records are.
+
+        That is the start of the oldest batch that opened a tree still held open; with no
+        open tree, the end of the spool.
+        """
+        spool = self.spool
+        assert spool is not None
+        if self.buffer.open_count == 0:
+            self._spooled.clear()
+            return spool.position
+        oldest = getattr(self.buffer, "oldest_open_batch", None)
+        if oldest is None:  # a buffer plug-in that cannot tell: only when empty
+            return None
+        spooled = self._spooled
+        while spooled and spooled[0][0] < oldest:
+            spooled.popleft()
+        rebase = getattr(self.buffer, "rebase_open", None)
+        if spooled and rebase is not None and spool.pending_bytes > spool.max_bytes // 2:
+            # A long-open tree pins old batches: write what is still open again at the
+            # tail and let everything before it go.
+            before = spool.position
+            spool.append(MSGPACK, msgspec.msgpack.encode(rebase()), force=True)
+            spooled.clear()
+            spooled.append((getattr(self.buffer, "batches", 0), before))
+            self.stats.spool_rebases += 1
+        return spooled[0][1] if spooled else None
 
     def adopt(self, orphan: Spool) -> int:
         """Take over a dead process's spool: re-spool, feed and publish its unpublished
@@ -219,17 +262,30 @@ class Pipeline:
         assert spool is not None
         events = 0
         for kind, payload, _ in orphan.replay():
+            before = spool.position
             position = spool.append(kind, payload, force=True)
             try:
-                frame = wire.decode_json(payload) if kind == JSON else wire.decode_msgpack(payload)
+                frame = (
+                    wire.decode_json(payload, self.wire_limits)
+                    if kind == JSON
+                    else wire.decode_msgpack(payload, self.wire_limits)
+                )
             except BadInput:  # it was accepted once with these limits; never expected
                 log.error("spool record at %d no longer decodes; skipped", position)
                 continue
+            replayed = self._replayed
+            for e in frame.logs:
+                uuid = e.get("uuid") if isinstance(e, dict) else None
+                if uuid is not None:
+                    replayed[str(uuid)] = None
+            while len(replayed) > REPLAYED_MEMORY:
+                del replayed[next(iter(replayed))]
             fed = self.buffer.feed_many(frame.logs)
+            self._spooled.append((getattr(self.buffer, "batches", 0), before))
             events += len(frame.logs) - len(fed.rejected)
             for record in fed.records:
                 record["replayed"] = True
-            self.emit(fed.records, position if self.buffer.open_count == 0 else None)
+            self.emit(fed.records, self._checkpoint())
         orphan.remove()
         self.stats.spool_replayed += events
         return events
@@ -242,6 +298,11 @@ class Pipeline:
 
     def emit(self, records: list[Record], checkpoint: int | None = None) -> None:
         """Queue records for the publisher thread (no waiting: callers check for room)."""
+        replayed = self._replayed
+        if replayed:  # a tree begun in a replayed batch may complete with later traffic
+            for record in records:
+                if record.get("uuid") in replayed:
+                    record["replayed"] = True
         with self._cond:
             self._queue.append((time.monotonic(), records, checkpoint))
             self._queued += len(records)

@@ -123,11 +123,20 @@ class Spool:
             self._fd = self._open(self._segment)
             self._offset = 0
         data = _HEADER.pack(kind, len(payload)) + payload
-        written = os.write(self._fd, data)
-        while written < len(data):  # pragma: no cover - regular files write whole
-            written += os.write(self._fd, data[written:])
-        if self.fsync:
-            os.fsync(self._fd)
+        try:
+            written = os.write(self._fd, data)
+            while written < len(data):  # pragma: no cover - regular files write whole
+                written += os.write(self._fd, data[written:])
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            # Disk full or gone: refuse the batch (the client keeps it) rather than ack it
+            # without it being durable. A partial record at the tail ends replay there.
+            self.refused += 1
+            self._offset = os.fstat(self._fd).st_size
+            raise LimitExceeded(
+                "spool_unavailable", f"cannot write the spool: {exc.strerror}", status=503
+            ) from exc
         self._offset += size
         self.appended += 1
         return self.position
