@@ -49,6 +49,7 @@ from ..model import ATOMIC, BEGIN, END, HEARTBEAT
 from .context import Scope, _scope, foreign_ids, new_uuid
 from .core import ClientCore, CoreLimits, Release
 from .sender import Sender
+from .spool import DEFAULT_SPOOL_MAX_BYTES
 from .transports import Transport, backoff, http_url, is_retryable, resolve_transport
 
 __all__ = [
@@ -97,6 +98,10 @@ class ClientStats:
         frames: envelopes written (resends included).
         bytes: bytes written (resends included).
         connected: whether a connection is open now.
+        spooled: events written to the spool (``spool_dir``) before being sent.
+        spool_dropped: events not written to the spool because it was full (or a write
+            failed); they are still sent from memory, but a restart loses them.
+        replayed: events read back at start from the spool of an earlier client, to resend.
     """
 
     sent: int
@@ -110,6 +115,9 @@ class ClientStats:
     frames: int
     bytes: int
     connected: bool
+    spooled: int = 0
+    spool_dropped: int = 0
+    replayed: int = 0
 
 
 class LogClient:
@@ -142,12 +150,21 @@ class LogClient:
         connect_timeout: seconds a connection attempt may take.
         token: the proxy's shared token, sent as ``Authorization: Bearer`` (default
             ``$ASYNC_LOGGING_TOKEN``); a refused token (401/403) makes the client give up.
-        exit_timeout: seconds the exit-time flush waits (``0``: no exit-time flush).
+        exit_timeout: seconds the exit-time flush waits (``0``: no exit-time flush, but a
+            spooling client still writes what is queued to its spool at exit).
+        spool_dir: spool envelopes in this directory until they are acknowledged, so a
+            restart of the application loses nothing; a later client with the same
+            ``spool_dir`` resends what was left (see docs/client.md, "Spool"). Every live
+            client takes a subdirectory of its own: clients may share a ``spool_dir``.
+        spool_max_bytes: unacknowledged bytes the spool holds at most; past it new
+            envelopes are not spooled (sent from memory only) and counted in
+            ``stats.spool_dropped``.
         default: make this the default client (``None``: only if there is none yet).
         start: start the sender thread now (else call :meth:`start`).
 
     Raises:
-        UsageError: a bad transport, URL or limit.
+        UsageError: a bad transport, URL or limit, or a ``spool_dir`` that cannot be
+            created or locked.
     """
 
     def __init__(
@@ -168,6 +185,8 @@ class LogClient:
         connect_timeout: float = 10.0,
         token: str | None = None,
         exit_timeout: float = DEFAULT_EXIT_TIMEOUT,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
         default: bool | None = None,
         start: bool = True,
     ) -> None:
@@ -194,6 +213,15 @@ class LogClient:
             raise UsageError("drain_interval must be > 0")
         self.drain_interval = drain_interval
         self.exit_timeout = exit_timeout
+        if (
+            not isinstance(spool_max_bytes, int)
+            or isinstance(spool_max_bytes, bool)
+            or spool_max_bytes <= 0
+        ):
+            raise UsageError(f"spool_max_bytes must be a positive int, not {spool_max_bytes!r}")
+        #: Where envelopes are spooled until acknowledged (``None``: no spool).
+        self.spool_dir = os.fspath(spool_dir) if spool_dir is not None else None
+        self.spool_max_bytes = spool_max_bytes
         self._backoff = backoff
         self._is_retryable = is_retryable
         self._connect_timeout = connect_timeout
@@ -209,10 +237,19 @@ class LogClient:
         self._started = False
         self._sender = self._make_sender()
         _clients.add(self)
-        if default or (default is None and _default[0] is None):
+        previous = _default[0]
+        if default or (default is None and previous is None):
             _default[0] = self
         if start:
-            self.start()
+            try:
+                self.start()
+            except UsageError:
+                self._closed = True
+                self._room = 0
+                _clients.discard(self)
+                if _default[0] is self:
+                    _default[0] = previous
+                raise
 
     def _make_sender(self) -> Sender:
         core = ClientCore(pid=os.getpid(), machine=self.machine, limits=self.limits)
@@ -226,14 +263,25 @@ class LogClient:
             is_retryable=self._is_retryable,
             connect_timeout=self._connect_timeout,
             headers=self._headers,
+            spool_dir=self.spool_dir,
+            spool_max_bytes=self.spool_max_bytes,
         )
 
     def start(self) -> None:
-        """Start the sender thread (done by the constructor unless ``start=False``)."""
+        """Start the sender thread (done by the constructor unless ``start=False``).
+
+        Raises:
+            UsageError: the ``spool_dir`` cannot be created or locked.
+        """
         if self._started or self._closed:
             return
         self._started = True
-        self._sender.start()
+        try:
+            self._sender.start()
+        except UsageError:
+            self._closed = True
+            self._room = 0
+            raise
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("connected" if self._sender.connected else "open")
@@ -397,23 +445,29 @@ class LogClient:
         """A scope continuing tree ``uuid`` that started elsewhere (see :func:`bind`)."""
         return Bound(uuid, parent, self)
 
-    def flush(self, timeout: float | None = 5.0) -> bool:
+    def flush(self, timeout: float | None = 5.0, *, spooled: bool = False) -> bool:
         """Send everything enqueued so far, held transactions included, and wait for acks.
 
         Blocks the calling thread; from a coroutine use :meth:`aflush`.
 
+        Args:
+            timeout: seconds to wait at most (``None``: no limit).
+            spooled: count an event written to the spool as done, so this returns as soon
+                as everything enqueued so far would survive a restart (without a spool
+                it changes nothing).
+
         Returns:
-            Whether everything was acknowledged within ``timeout`` seconds.
+            Whether everything was acknowledged (or spooled) within ``timeout`` seconds.
         """
         if not self._started:
             return self._pending_events() == 0
-        return self._sender.flush(timeout)
+        return self._sender.flush(timeout, spooled=spooled)
 
-    async def aflush(self, timeout: float | None = 5.0) -> bool:
+    async def aflush(self, timeout: float | None = 5.0, *, spooled: bool = False) -> bool:
         """:meth:`flush` without blocking the running event loop."""
         import asyncio
 
-        return await asyncio.to_thread(self.flush, timeout)
+        return await asyncio.to_thread(self.flush, timeout, spooled=spooled)
 
     def close(self, timeout: float | None = 5.0) -> bool:
         """Flush (up to ``timeout`` seconds), then stop the sender; later events are dropped.
@@ -478,11 +532,16 @@ class LogClient:
             frames=core.frames_sent,
             bytes=core.bytes_sent,
             connected=s.connected,
+            spooled=s.spooled,
+            spool_dropped=s.spool_dropped,
+            replayed=s.replayed,
         )
 
     def _after_fork_in_child(self) -> None:
         # The parent's sender thread does not exist here: start afresh with an empty queue
-        # (the parent still sends what it had).
+        # (the parent still sends what it had). The parent's spool stays the parent's: the
+        # child closes its copies of the descriptors and gets a directory of its own.
+        self._sender.forget_after_fork()
         self._q = deque()
         self._dropped = 0
         self._drop_lock = threading.Lock()
@@ -977,10 +1036,10 @@ def bind(uuid: str, parent: int | str | None = None, *, client: LogClient | None
     return Bound(uuid, parent, client)
 
 
-def flush(timeout: float | None = 5.0) -> bool:
+def flush(timeout: float | None = 5.0, *, spooled: bool = False) -> bool:
     """Flush the default client (see :meth:`LogClient.flush`); ``True`` with no client."""
     c = _default[0]
-    return True if c is None else c.flush(timeout)
+    return True if c is None else c.flush(timeout, spooled=spooled)
 
 
 def close(timeout: float | None = 5.0) -> bool:
@@ -990,9 +1049,13 @@ def close(timeout: float | None = 5.0) -> bool:
 
 
 def _close_all_at_exit() -> None:
-    """The exit-time flush: every open client gets its ``exit_timeout`` to deliver."""
+    """The exit-time flush: every open client gets its ``exit_timeout`` to deliver.
+
+    A spooling client is closed even with ``exit_timeout=0``: what it could not deliver in
+    time goes to its spool instead of being lost.
+    """
     for client in list(_clients):
-        if not client.closed and client.exit_timeout > 0:
+        if not client.closed and (client.exit_timeout > 0 or client.spool_dir is not None):
             try:
                 client.close(client.exit_timeout)
             except Exception:  # never let logging break interpreter exit

@@ -19,6 +19,11 @@ one server, and cuts what is ready into envelopes ``{"seq": n, "logs": [...]}`` 
 ``batch_size`` events, never splitting a tree that fits. Envelopes stay pending until
 acknowledged; a lost connection puts the unacknowledged ones back in front, in ``seq``
 order, to be resent (at-least-once: the server drops duplicates, DESIGN §3).
+
+Two optional hooks let the sender keep a spool without the core doing I/O: ``on_cut`` sees
+every envelope as it is cut (before it can be sent), ``on_done`` every envelope
+acknowledged or refused for good; :meth:`ClientCore.restore` queues an envelope read back
+from a spool.
 """
 
 from __future__ import annotations
@@ -150,12 +155,20 @@ class Envelope:
         payload: the encoded bytes, written as they are on every (re)send.
         count: how many events it holds.
         sends: how many times it was written to a connection.
+        spooled_at: its position in the client's spool (``0``: not spooled).
     """
 
     seq: int
     payload: bytes
     count: int
     sends: int = 0
+    spooled_at: int = 0
+
+
+class _Stored(msgspec.Struct):
+    """An envelope read back from a spool: its events kept as raw MessagePack."""
+
+    logs: msgspec.Raw
 
 
 def plain(value: Any) -> Any:
@@ -259,6 +272,10 @@ class ClientCore:
         machine: stamped on every event (DESIGN §2 ``machine``).
         limits: batching, holding and memory limits.
         encode: encodes an envelope map to bytes (default: MessagePack via msgspec).
+        on_cut: called with every envelope as it is cut, before it can be sent (the
+            sender spools it there).
+        on_done: called with every envelope acknowledged or refused for good (it will
+            never be sent again).
 
     The sender thread calls, in a loop: :meth:`feed` with what it drained from the
     application's queue, :meth:`tick` with the time, then :meth:`next_to_send` until it
@@ -273,8 +290,12 @@ class ClientCore:
         machine: str,
         limits: CoreLimits | None = None,
         encode: Callable[[Any], bytes] | None = None,
+        on_cut: Callable[[Envelope], None] | None = None,
+        on_done: Callable[[Envelope], None] | None = None,
     ) -> None:
         self.pid = pid
+        self.on_cut = on_cut
+        self.on_done = on_done
         self.machine = machine
         self.limits = limits or CoreLimits()
         self._encode = encode or msgspec.msgpack.Encoder().encode
@@ -467,9 +488,32 @@ class ClientCore:
             self.rejected += 1  # one event over the frame limit: the server would refuse it
             return
         self.event_bytes = 0.9 * self.event_bytes + 0.1 * (len(payload) / n)
-        self._unsent.append(Envelope(seq, payload, n))
+        env = Envelope(seq, payload, n)
+        self._unsent.append(env)
         self._envelope_events += n
         self._envelope_bytes += len(payload)
+        if self.on_cut is not None:
+            self.on_cut(env)
+
+    def restore(self, payload: bytes, count: int, spooled_at: int) -> Envelope:
+        """Queue an envelope read back from a spool, under a new ``seq``.
+
+        Args:
+            payload: the envelope as it was sent once (``{"seq": …, "logs": [...]}``).
+            count: how many events it holds.
+            spooled_at: its position in this client's spool.
+
+        Raises:
+            msgspec.DecodeError: ``payload`` is not an envelope.
+        """
+        logs = msgspec.msgpack.decode(payload, type=_Stored).logs
+        self._seq += 1
+        data = msgspec.msgpack.encode({"seq": self._seq, "logs": logs})
+        env = Envelope(self._seq, data, count, spooled_at=spooled_at)
+        self._unsent.append(env)
+        self._envelope_events += count
+        self._envelope_bytes += len(data)
+        return env
 
     # ------------------------------------------------------------------ out
 
@@ -548,6 +592,10 @@ class ClientCore:
         self._unsent.extendleft(reversed(back))
         return len(back)
 
+    def envelopes(self) -> list[Envelope]:
+        """The envelopes not yet acknowledged (in flight, then unsent)."""
+        return [*self._in_flight.values(), *self._unsent]
+
     def abandon(self) -> int:
         """Forget everything still queued (the client is closing); return how many events."""
         lost = self._held_events + self._outbox_events + len(self._standalone)
@@ -571,6 +619,8 @@ class ClientCore:
     def _forget(self, env: Envelope) -> None:
         self._envelope_events -= env.count
         self._envelope_bytes -= len(env.payload)
+        if self.on_done is not None:
+            self.on_done(env)
 
     # ------------------------------------------------------------------ state
 
@@ -608,9 +658,17 @@ class ClientCore:
         by_bytes = (limits.max_queue_bytes - self.pending_bytes) / self.event_bytes
         return max(0, min(by_events, int(by_bytes)))
 
-    def settled(self, seq: int) -> bool:
-        """Whether every envelope up to ``seq`` was acknowledged (or refused)."""
+    def settled(self, seq: int, *, spooled: bool = False) -> bool:
+        """Whether every envelope up to ``seq`` was acknowledged (or refused).
+
+        With ``spooled``, an envelope written to the spool counts as settled too.
+        """
         # A split refused envelope jumps the queue with higher numbers: scan, do not peek.
+        if spooled:
+            return not any(
+                e.seq <= seq and not e.spooled_at
+                for e in (*self._in_flight.values(), *self._unsent)
+            )
         return not any(s <= seq for s in self._in_flight) and not any(
             e.seq <= seq for e in self._unsent
         )

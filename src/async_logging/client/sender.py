@@ -9,6 +9,12 @@ when the connection is lost, while acks come back through the :class:`Listener` 
 It also tells the application how much room is left (``client._room``: the app thread
 compares its deque's length with it, no lock) and logs one warning per burst of drops on
 the ``async_logging.client`` logger.
+
+With a ``spool_dir`` it owns the client's :class:`~async_logging.client.spool.ClientSpool`
+too: it opens it when the thread starts, adopts what earlier clients left there, appends
+every envelope the core cuts before the pump can send it, advances the ack watermark as
+acks come, and at the stop writes what is still unacknowledged (the deque and the held
+trees included) to it instead of losing it. No other thread touches the spool's files.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from ..exceptions import UsageError
-from .core import ClientCore
+from .core import ClientCore, Envelope
+from .spool import DEFAULT_SPOOL_MAX_BYTES, ClientSpool
 from .transports import (
     TRANSIENT_REFUSALS,
     Connection,
@@ -42,16 +49,22 @@ log = logging.getLogger("async_logging.client")
 
 #: Seconds without a drop that end a burst of drops (one warning per burst).
 BURST_QUIET = 1.0
+#: Seconds between two writes of the spool's checkpoint (the ack watermark) at most.
+CHECKPOINT_INTERVAL = 0.1
 
 
 class FlushRequest:
-    """Queue marker: send everything enqueued before it, then set ``done``."""
+    """Queue marker: send everything enqueued before it, then set ``done``.
 
-    __slots__ = ("done", "ok")
+    With ``spooled``, an envelope written to the spool counts as delivered.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "ok", "spooled")
+
+    def __init__(self, spooled: bool = False) -> None:
         self.done = threading.Event()
         self.ok = False
+        self.spooled = spooled
 
     def finish(self, ok: bool) -> None:
         self.ok = ok
@@ -72,6 +85,8 @@ class Sender:
         connect_timeout: seconds a connection attempt may take.
         headers: sent with every request (``Authorization`` for a token).
         clock: monotonic seconds (the core's hold clock).
+        spool_dir: where to spool envelopes until acknowledged (``None``: no spool).
+        spool_max_bytes: unacknowledged bytes the spool holds at most.
     """
 
     def __init__(
@@ -87,6 +102,8 @@ class Sender:
         connect_timeout: float = 10.0,
         headers: dict[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        spool_dir: str | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
     ) -> None:
         self.client = client
         self.core = core
@@ -119,13 +136,34 @@ class Sender:
         self._seen_drops = 0
         self._burst_from: int | None = None
         self._last_drop_at = 0.0
+        self.spool_dir = spool_dir
+        self.spool_max_bytes = spool_max_bytes
+        #: The open spool (set by the thread when it starts), if any.
+        self.spool: ClientSpool | None = None
+        #: Events written to the spool / not written because it was full or failed /
+        #: read back from earlier clients' spools at start.
+        self.spooled = 0
+        self.spool_dropped = 0
+        self.replayed = 0
+        self._spool_burst_from: int | None = None
+        self._checkpoint_at = 0.0
+        self._start_error: BaseException | None = None
 
     # ------------------------------------------------------------------ any thread
 
     def start(self) -> None:
-        """Start the thread and wait until its loop runs."""
+        """Start the thread and wait until its loop runs (and its spool is open).
+
+        Raises:
+            UsageError: the spool directory cannot be created or locked.
+        """
         self._thread.start()
         self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise UsageError(
+                f"cannot spool into {self.spool_dir!r}: {self._start_error}"
+            ) from self._start_error
 
     @property
     def alive(self) -> bool:
@@ -150,11 +188,13 @@ class Sender:
         except RuntimeError:  # the loop closed meanwhile
             self._wake_scheduled = False
 
-    def flush(self, timeout: float | None) -> bool:
+    def flush(self, timeout: float | None, *, spooled: bool = False) -> bool:
         """Send everything enqueued so far (held transactions included) and wait for acks.
 
+        With ``spooled``, an envelope written to the spool counts as acknowledged.
+
         Returns:
-            Whether everything was acknowledged within ``timeout`` seconds.
+            Whether everything was acknowledged (or spooled) within ``timeout`` seconds.
 
         Raises:
             UsageError: when called from the sender thread itself (it would wait for itself).
@@ -163,7 +203,7 @@ class Sender:
             raise UsageError("flush() cannot be called from the sender thread")
         if not self.alive:
             return self.client._pending_events() == 0
-        req = FlushRequest()
+        req = FlushRequest(spooled)
         self.client._q.append(req)  # past the room limit on purpose: markers are tiny
         self._wake_scheduled = False
         self.wake()
@@ -176,6 +216,12 @@ class Sender:
         self.wake()
         if self._thread.is_alive() and threading.get_ident() != self._thread.ident:
             self._thread.join(timeout)
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: let go of the parent's spool without releasing its lock."""
+        if self.spool is not None:
+            self.spool.forget_after_fork()
+            self.spool = None
 
     # ------------------------------------------------------------------ sender thread
 
@@ -200,7 +246,21 @@ class Sender:
         self._wake_ev = asyncio.Event()
         self._kick = asyncio.Event()
         self._loop = loop
+        if self.spool_dir is not None:
+            try:
+                self.spool = ClientSpool(self.spool_dir, self.spool_max_bytes)
+            except OSError as exc:
+                self._start_error = exc
+                self._ready.set()
+                return
+            self.core.on_cut = self._spool_cut
+            self.core.on_done = self._spool_done
         self._ready.set()
+        if self.spool is not None:
+            try:
+                self._adopt(self.spool)
+            except Exception:
+                log.exception("async-logging client: replaying the spool failed")
         q = self.client._q
         wake_at = self.client._wake_at
         session = aiohttp.ClientSession(
@@ -246,13 +306,17 @@ class Sender:
                 for marker in core.feed(items, self.clock()):
                     if isinstance(marker, FlushRequest):
                         self._flushes.append((core.flush_all(), marker))
-        core.tick(self.clock())
+        now = self.clock()
+        core.tick(now)
         self._set_room()
         self._watch_drops()
         if core.has_unsent and self._kick is not None:
             self._kick.set()
         if self._flushes:
             self._check_flushes()
+        if self.spool is not None and now - self._checkpoint_at >= CHECKPOINT_INTERVAL:
+            self._checkpoint_at = now
+            self._checkpoint(self.spool)
 
     def _set_room(self) -> None:
         client = self.client
@@ -284,33 +348,170 @@ class Sender:
     def _check_flushes(self) -> None:
         core = self.core
         keep = []
+        done = []
         for target, req in self._flushes:
-            if core.settled(target):
-                req.finish(True)
+            if core.settled(target, spooled=req.spooled):
+                done.append(req)
             else:
                 keep.append((target, req))
         self._flushes = keep
+        if done and self.spool is not None:
+            # Once flush() returns, a restart does not resend what it saw acknowledged.
+            self._checkpoint(self.spool)
+        for req in done:
+            req.finish(True)
 
     def _abandon(self) -> None:
-        lost = self.core.abandon()
         q = self.client._q
+        items = []
         while q:
-            it = q.popleft()
+            items.append(q.popleft())
+        lost = 0
+        for it in items:
             if isinstance(it, FlushRequest):
                 it.finish(False)
-            else:
+            elif self.spool is None:
                 lost += 1
         for _, req in self._flushes:
             req.finish(False)
         self._flushes = []
+        spool = self.spool
+        kept = 0
+        if spool is not None:
+            try:
+                # What the application enqueued last goes to the spool too, held trees
+                # included (cut now, as they are).
+                self.core.feed([it for it in items if not isinstance(it, FlushRequest)], 0.0)
+            except Exception:  # never lose the rest over one bad item
+                log.exception("async-logging client: cannot take the last events")
+        lost_core, kept = self._drop_core()
+        lost += lost_core
         self.lost += lost
         self.client._room = 0
-        if lost:
+        if spool is not None:
+            self.spool = None
+            try:
+                spool.close()
+            except OSError as exc:
+                log.warning("async-logging client: closing the spool %s: %r", spool.dir, exc)
+        if lost or kept:
             log.warning(
-                "async-logging client: stopped with %d events not acknowledged (%s)",
-                lost,
+                "async-logging client: stopped with %d events not acknowledged (%s)%s",
+                lost + kept,
                 "connected" if self.connected else f"not connected: {self.last_error!r}",
+                f": {kept} kept in the spool {spool.dir} for the next start, {lost} lost"
+                if spool is not None
+                else "",
             )
+
+    def _drop_core(self) -> tuple[int, int]:
+        """Abandon the core's events; return how many are lost and how many stay spooled."""
+        core = self.core
+        kept = 0
+        if self.spool is not None:
+            core.flush_all()  # cuts (and so spools) the held trees and the outbox
+            kept = sum(env.count for env in core.envelopes() if env.spooled_at)
+        return core.abandon() - kept, kept
+
+    # ------------------------------------------------------------------ spool
+
+    def _spool_cut(self, env: Envelope) -> None:
+        """The core cut ``env``: append it to the spool before the pump can send it."""
+        spool = self.spool
+        if spool is None:
+            return
+        error: OSError | None = None
+        try:
+            pos = spool.append(env.payload, env.count)
+        except OSError as exc:
+            pos, error = 0, exc
+        if pos:
+            env.spooled_at = pos
+            self.spooled += env.count
+            if self._spool_burst_from is not None:
+                log.info(
+                    "async-logging client: spooling again; %d events were not spooled",
+                    self.spool_dropped - self._spool_burst_from,
+                )
+                self._spool_burst_from = None
+            return
+        if self._spool_burst_from is None:
+            self._spool_burst_from = self.spool_dropped
+            log.warning(
+                "async-logging client: %s; new envelopes are kept in memory only (a restart "
+                "loses them) until the proxy acknowledges what is spooled",
+                f"cannot write to the spool {spool.dir}: {error!r}"
+                if error is not None
+                else f"the spool {spool.dir} is full ({spool.pending_bytes} bytes not "
+                f"acknowledged, spool_max_bytes={spool.max_bytes})",
+            )
+        self.spool_dropped += env.count
+
+    def _spool_done(self, env: Envelope) -> None:
+        if env.spooled_at and self.spool is not None:
+            self.spool.done(env.spooled_at)
+
+    def _checkpoint(self, spool: ClientSpool) -> None:
+        try:
+            spool.checkpoint()
+        except OSError as exc:
+            log.warning("async-logging client: cannot checkpoint the spool %s: %r", spool.dir, exc)
+
+    def _adopt(self, spool: ClientSpool) -> None:
+        """Take over what closed or dead clients left in the spool directory, to resend it."""
+        core = self.core
+        for orphan in spool.orphans():
+            events = 0
+            taken = orphan.checkpointed
+            complete = True
+            failed = False
+            try:
+                for payload, count, position in orphan.records():
+                    # Our copy is written before the orphan forgets it: a crash in between
+                    # replays it twice, never zero times. An empty spool takes any size.
+                    pos = 0
+                    if core.room() > 0:
+                        pos = spool.append(payload, count, force=spool.pending_bytes == 0)
+                    if not pos:
+                        complete = False
+                        break
+                    try:
+                        core.restore(payload, count, pos)
+                    except Exception:  # passed its CRC yet is no envelope: skip it
+                        spool.done(pos)
+                        orphan.torn += 1
+                    else:
+                        events += count
+                    taken = position
+                if complete:
+                    orphan.remove()
+                else:
+                    orphan.save(taken)
+                    orphan.release()
+            except OSError as exc:
+                log.warning(
+                    "async-logging client: cannot take over the spool %s: %r", orphan.dir, exc
+                )
+                complete = False
+                failed = True
+                with contextlib.suppress(OSError):
+                    orphan.save(taken)
+                orphan.release()
+            self.replayed += events
+            if events or orphan.torn:
+                log.info(
+                    "async-logging client: resending %d events from %s%s",
+                    events,
+                    orphan.dir,
+                    f" ({orphan.torn} damaged records skipped)" if orphan.torn else "",
+                )
+            if not complete:
+                if not failed:
+                    log.warning(
+                        "async-logging client: the spool or the queue is full; what is left "
+                        "in the spool directories of earlier clients waits for a later start"
+                    )
+                break
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
@@ -320,7 +521,7 @@ class Sender:
             self.url,
             exc,
         )
-        self.lost += self.core.abandon()
+        self.lost += self._drop_core()[0]
         for _, req in self._flushes:
             req.finish(False)
         self._flushes = []
