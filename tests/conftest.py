@@ -59,3 +59,9 @@ async def server(
         yield cluster
     finally:
         await cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own directory, so default paths (./log/...) never land in the repo."""
+    monkeypatch.chdir(tmp_path)

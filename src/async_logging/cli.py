@@ -156,5 +156,76 @@ def serve(
     sys.exit(code)
 
 
+@main.command()
+@click.option(
+    "--url",
+    default=None,
+    help="The server's monitoring port [default: http://127.0.0.1:3001].",
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(["transaction", "atomicEvent", "heartbeat", "all"]),
+    help="Record kinds to show; repeatable [default: transaction].",
+)
+@click.option("--type", "type_", default=None, help="Only this CAL type (URL, API, DB, ...).")
+@click.option("--name", default=None, help="Only this name; a trailing * makes it a prefix.")
+@click.option("--failures", is_flag=True, help="Only records whose status is not 0.")
+@click.option(
+    "--min-duration", type=float, default=None, help="Only records lasting at least N ms."
+)
+@click.option("--count", "-n", type=int, default=None, help="Stop after N records.")
+@click.option("--json", "json_lines", is_flag=True, help="Print JSON lines instead of trees.")
+@click.option("--no-color", is_flag=True, help="Print without colours.")
+@click.option(
+    "--reconnect/--no-reconnect",
+    default=True,
+    help="Reconnect when the server ends the stream [default: reconnect].",
+)
+def tail(
+    *,
+    url: str | None,
+    kinds: tuple[str, ...],
+    type_: str | None,
+    name: str | None,
+    failures: bool,
+    min_duration: float | None,
+    count: int | None,
+    json_lines: bool,
+    no_color: bool,
+    reconnect: bool,
+) -> None:
+    """Stream a running server's published trees to the terminal, as indented trees.
+
+    Reads the live stream of the viewer (GET /api/live on the server's --mon-port). With
+    server workers the live tail is not available.
+    """
+    from .tail import DEFAULT_URL, TailError, TailFilters, run
+
+    try:
+        filters = TailFilters(
+            kinds=() if "all" in kinds else (kinds or ("transaction",)),
+            type=type_,
+            name=name,
+            failures_only=failures,
+            min_duration=min_duration,
+        )
+    except TailError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if count is not None and count < 1:
+        raise click.UsageError("--count must be at least 1")
+    sys.exit(
+        run(
+            url or DEFAULT_URL,
+            filters,
+            count=count,
+            reconnect=reconnect,
+            json_lines=json_lines,
+            no_color=no_color,
+        )
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

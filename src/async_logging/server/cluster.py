@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import wire
 from ..buffer import LogBuffer
 from ..emitter import EventEmitter
 from ..exceptions import ConfigError
@@ -155,6 +156,17 @@ class LogCluster:
             publishers.append(StdoutPublisher())
         if self.emitter is not None:
             publishers.append(EmitterPublisher(self.emitter))
+        # The viewer's store and live hub (issue 6) come after the configured sinks, the hub
+        # last: a record seen live is already in the store.
+        from ..publishers.sqlite import SqliteStore
+        from .live import LiveHub
+
+        self.store: SqliteStore | None = None
+        if c.store:
+            self.store = SqliteStore(c.store, max_age=c.store_max_age, max_bytes=c.store_max_bytes)
+            publishers.append(self.store)
+        self.live_hub = LiveHub()
+        publishers.append(self.live_hub)
         return publishers[0] if len(publishers) == 1 else MultiPublisher(publishers)
 
     def _make_listener(self, pipeline: Pipeline) -> LogListener:
@@ -173,8 +185,11 @@ class LogCluster:
 
     async def start(self, *, reuse_port: bool = False, monitor: bool = True) -> None:
         """Build the pipeline, listen, start the clean cycle, heartbeats and the MonApp."""
+        from .viewer import Viewer
+
         c = self.config
         self._shared_output = reuse_port  # workers append to one file
+        self.viewer: Viewer | None = None
         buffer = self._make_buffer()
         publisher = self._make_publisher()
         spool = None
@@ -190,6 +205,13 @@ class LogCluster:
             wait_for_publisher=c.wait_for_publisher,
             stats=self.stats,
             spool=spool,
+            wire_limits=wire.WireLimits(
+                max_message_bytes=c.max_message_bytes,
+                max_events_per_frame=c.max_events_per_frame,
+                max_depth=c.max_depth,
+                max_string_length=c.max_string_length,
+                max_keys_per_map=c.max_keys_per_map,
+            ),
         )
         self.pipeline.start()
         if spool is not None:
@@ -204,7 +226,9 @@ class LogCluster:
         try:
             self.port = await self.listener.start(reuse_port=reuse_port)
             if monitor and c.mon_port >= 0:
-                self.monapp = MonApp(self.snapshot, self.health)
+                store = self.store
+                self.viewer = Viewer(store.path if store else None, self.live_hub)
+                self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
                 self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         except OSError as exc:
             await self.pipeline.close("shutdown")
@@ -237,6 +261,9 @@ class LogCluster:
             await listener.cleanup()
         if self.monapp is not None:
             await self.monapp.cleanup()
+        viewer = getattr(self, "viewer", None)
+        if viewer is not None:
+            await viewer.close()
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for ``/metrics`` (and the supervisor)."""
@@ -355,8 +382,9 @@ def _announce(c: ServerConfig, port: int, mon_port: int, workers: int = 1) -> No
     else:
         sink = ", ".join(map(str, c.publisher if isinstance(c.publisher, list) else [c.publisher]))
     mon = f"http://{c.mon_host}:{mon_port}/ecv /metrics" if c.mon_port >= 0 else "off"
+    s = "s" if c.tls_cert else ""
     print(
-        f"async-logging: listening on ws://{c.host}:{port}/ and http://{c.host}:{port}/log "
+        f"async-logging: listening on ws{s}://{c.host}:{port}/ and http{s}://{c.host}:{port}/log "
         f"({workers} worker{'s' if workers != 1 else ''}), monitoring {mon}, "
         f"writing {sink}{' and stdout' if c.stdout else ''}",
         file=sys.stderr,
@@ -435,6 +463,7 @@ class Supervisor:
         self.mon_port = config.mon_port
         self._reserve: socket.socket | None = None
         self.monapp: MonApp | None = None
+        self.viewer: Any = None
 
     def run(self) -> int:
         """Run until SIGTERM / SIGINT; drain every worker; return the exit status."""
@@ -469,7 +498,11 @@ class Supervisor:
                 raise ConfigError("workers did not start listening in time")
             await asyncio.sleep(0.05)
         if c.mon_port >= 0:
-            self.monapp = MonApp(self.snapshot, self.health)
+            from .viewer import Viewer
+
+            # Workers write one SQLite store; the viewer reads it (no live tail here).
+            self.viewer = Viewer(_absolute(c.store) if c.store else None, None)
+            self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
             self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         self._watch = asyncio.create_task(self._watch_loop())
 
@@ -493,6 +526,8 @@ class Supervisor:
         self.reports.put(None)
         if self.monapp is not None:
             await self.monapp.cleanup()
+        if self.viewer is not None:
+            await self.viewer.close()
         if self._reserve is not None:
             self._reserve.close()
 
@@ -627,3 +662,8 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot bind {host}:{port}: {exc}") from exc
     return sock
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute against the current directory (resolved once, at start)."""
+    return os.path.abspath(path)

@@ -1,4 +1,4 @@
-"""MonApp: the monitoring port (DESIGN §5): ``GET /ecv``, ``GET /metrics``.
+"""MonApp: the monitoring port (DESIGN §5): ``GET /ecv``, ``GET /metrics``, and the viewer.
 
 ``/ecv`` is the seed's health check: 200 ``{"status": "AVAILABLE", …}`` while the server
 takes traffic and its ``ecv`` switch is on, 503 ``UNAVAILABLE`` while it drains or is
@@ -6,13 +6,16 @@ switched off (so a load balancer takes it out of rotation first).
 
 ``/metrics`` is Prometheus text from a collector that reads the pipeline's plain counters
 (summed over workers when there are several), so the hot path never touches a metrics lock.
+
+Given a :class:`~async_logging.server.viewer.Viewer`, the same port also serves the web
+viewer (``/ui/``) and its API (``/api/...``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -27,6 +30,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from .pipeline import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from .viewer import Viewer
 
 __all__ = ["MonApp", "SnapshotCollector"]
 
@@ -175,9 +181,11 @@ class MonApp:
     Args:
         snapshot: returns the counters to export.
         health: returns ``{"available": bool, ...}`` for ``/ecv``.
+        viewer: the web viewer to mount beside them (None: no viewer).
     """
 
-    def __init__(self, snapshot: Snapshot, health: Health) -> None:
+    def __init__(self, snapshot: Snapshot, health: Health, viewer: Viewer | None = None) -> None:
+        self.viewer = viewer
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
         self._health = health
@@ -189,6 +197,8 @@ class MonApp:
         app = web.Application()
         app.router.add_get("/ecv", self.handle_ecv)
         app.router.add_get("/metrics", self.handle_metrics)
+        if self.viewer is not None:
+            self.viewer.add_routes(app)
         return app
 
     async def start(self, host: str, port: int) -> int:

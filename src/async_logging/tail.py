@@ -1,0 +1,382 @@
+"""``async-logging tail``: stream a running server's published trees to the terminal.
+
+Connects to the viewer's live endpoint (``GET /api/live`` on the server's ``mon_port``,
+server-sent events), lets the server filter (``--type``, ``--name``, ``--failures``,
+``--min-duration``, ``--kind``), and prints each record as an indented tree with
+`rich <https://rich.readthedocs.io>`_::
+
+    12:00:01.123  URL /checkout  169 ms  status 1  uuid req-42
+    ├── ◆ INFO request  POST /checkout user=1842
+    ├── API auth.verify  10 ms  status 0
+    │   └── ◆ CACHE session  hit
+    └── API payment.charge  88 ms  status 51
+        └── ◆ ERROR gateway  card declined (code 51)
+
+``--json`` prints the records as JSON lines instead (for ``jq``). The stream reconnects
+with backoff when the server goes away (``--no-reconnect`` to stop instead); the first
+connection failing is an error (exit status 1). With server workers the live tail is not
+available (the supervisor answers 503) and ``tail`` says so.
+
+Limits: one server-sent event may be at most :data:`MAX_EVENT_BYTES` (a longer one is
+skipped and reported); a tree prints at most :data:`MAX_CHILDREN` children per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Final, TextIO
+
+import aiohttp
+import orjson
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+from rich.tree import Tree
+
+__all__ = [
+    "DEFAULT_URL",
+    "MAX_CHILDREN",
+    "MAX_EVENT_BYTES",
+    "SseParser",
+    "TailError",
+    "TailFilters",
+    "render",
+    "run",
+    "tail",
+]
+
+#: The monitoring port of a server started with the defaults.
+DEFAULT_URL: Final = "http://127.0.0.1:3001"
+#: Largest server-sent event accepted, in bytes.
+MAX_EVENT_BYTES: Final = 16 * 1024 * 1024
+#: Children printed under one node (the rest are summarised in one line).
+MAX_CHILDREN: Final = 200
+#: Seconds to wait for the server to answer the subscription.
+CONNECT_TIMEOUT: Final = 10.0
+#: Backoff between reconnections (seconds): starts here, doubles up to the maximum.
+RECONNECT_MIN: Final = 0.5
+RECONNECT_MAX: Final = 10.0
+
+_FLAGS: Final = ("late", "orphan", "missing_end", "missing_begin", "cycle", "depth_cut", "conflict")
+_KINDS: Final = ("transaction", "atomicEvent", "heartbeat")
+
+
+class TailError(Exception):
+    """The live stream cannot be used (no server, live tail off, bad filter).
+
+    Attributes:
+        status: the exit status ``async-logging tail`` ends with.
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class TailFilters:
+    """What to stream: the server applies these before sending anything.
+
+    Attributes:
+        kinds: record kinds (``transaction``, ``atomicEvent``, ``heartbeat``); empty = all.
+        type: the CAL type, exact.
+        name: the name, exact, or a prefix when it ends with ``*``.
+        failures_only: only records whose status is not ``"0"``.
+        min_duration: only records lasting at least this many ms.
+    """
+
+    kinds: tuple[str, ...] = ("transaction",)
+    type: str | None = None
+    name: str | None = None
+    failures_only: bool = False
+    min_duration: float | None = None
+
+    def __post_init__(self) -> None:
+        for kind in self.kinds:
+            if kind not in _KINDS:
+                raise TailError(f"kind must be one of {', '.join(_KINDS)}, not {kind!r}", 2)
+        if self.min_duration is not None and self.min_duration < 0:
+            raise TailError("min-duration must not be negative", 2)
+
+    def query(self) -> list[tuple[str, str]]:
+        """The query parameters of ``/api/live``."""
+        q = [("kind", kind) for kind in self.kinds]
+        if self.type:
+            q.append(("type", self.type))
+        if self.name:
+            q.append(("name", self.name))
+        if self.failures_only:
+            q.append(("failures", "1"))
+        if self.min_duration is not None:
+            q.append(("min_duration", repr(self.min_duration)))
+        return q
+
+
+class SseParser:
+    """Incremental parser of a ``text/event-stream`` body (the subset the server sends).
+
+    Feed it bytes as they arrive; it returns the complete events as ``(event, data)``
+    pairs. Comments and ``retry`` fields are ignored. An event longer than ``max_bytes``
+    is skipped, counted in :attr:`oversized`.
+    """
+
+    def __init__(self, max_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.oversized = 0
+        self._buf = bytearray()
+        self._skipping = False
+        self._cr = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        """Add ``chunk``; return the events it completed."""
+        data = self._cr + chunk
+        # A CRLF may be split between two chunks: hold a trailing CR back until the next.
+        self._cr = b"\r" if data.endswith(b"\r") else b""
+        self._buf += data[: len(data) - len(self._cr)].replace(b"\r\n", b"\n")
+        events: list[tuple[str, str]] = []
+        while True:
+            end = self._buf.find(b"\n\n")
+            if end < 0:
+                if len(self._buf) > self.max_bytes:
+                    # Keep only a possible partial separator; skip to the next blank line.
+                    if not self._skipping:
+                        self.oversized += 1
+                    self._skipping = True
+                    del self._buf[:-1]
+                return events
+            block = bytes(self._buf[:end])
+            del self._buf[: end + 2]
+            if self._skipping:
+                self._skipping = False
+                continue
+            if len(block) > self.max_bytes:
+                self.oversized += 1
+                continue
+            event, values = "message", []
+            for line in block.decode("utf-8", "replace").split("\n"):
+                if not line or line.startswith(":"):
+                    continue
+                field, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if field == "event":
+                    event = value
+                elif field == "data":
+                    values.append(value)
+            if values:
+                events.append((event, "\n".join(values)))
+
+
+def _clock(ts: Any) -> str:
+    if not isinstance(ts, int | float) or isinstance(ts, bool):
+        return "--:--:--.---"
+    seconds = ts / 1000
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{int(ts) % 1000:03d}"
+
+
+def _ms(duration: Any) -> str:
+    if not isinstance(duration, int | float) or isinstance(duration, bool):
+        return ""
+    if duration < 1000:
+        return f"{duration:g} ms"
+    return f"{duration / 1000:.2f} s"
+
+
+def _status_style(status: Any) -> str:
+    if status is None or str(status) == "-1":
+        return "yellow"
+    return "green" if str(status) == "0" else "bold red"
+
+
+def _label(node: dict[str, Any], *, root: bool) -> Text:
+    kind = node.get("kind")
+    parts: list[str] = []
+    if root:
+        parts.append(f"[dim]{_clock(node.get('timestamp'))}[/dim]")
+    head = escape(str(node.get("type", "")))
+    name = node.get("name")
+    msg = node.get("msg")
+    if kind == "transaction":
+        parts.append(f"[cyan]{head}[/cyan] [bold]{escape(str(name or ''))}[/bold]")
+        parts.append(_ms(node.get("duration")))
+        status = node.get("status")
+        parts.append(f"[{_status_style(status)}]status {escape(str(status))}[/]")
+        if msg:
+            parts.append(f"[dim]{escape(str(msg))}[/dim]")
+    else:
+        level = str(node.get("level", "")).upper()
+        if (
+            level.startswith(("ERR", "FATAL", "CRIT"))
+            or _status_style(node.get("status")) == "bold red"
+        ):
+            style = "red"
+        elif level.startswith("WARN"):
+            style = "yellow"
+        else:
+            style = "blue"
+        marker = "♥" if kind == "heartbeat" else "◆"
+        parts.append(f"[{style}]{marker}[/] [cyan]{head}[/cyan] {escape(str(name or ''))}")
+        if msg:
+            parts.append(escape(str(msg)))
+    if kind == "transaction" and node.get("complete") is False:
+        reason = node.get("reason")
+        parts.append(
+            "[black on yellow] incomplete" + (f": {escape(str(reason))}" if reason else "") + " [/]"
+        )
+    for flag in _FLAGS:
+        if node.get(flag):
+            parts.append(f"[magenta]\\[{flag}][/magenta]")
+    if root and node.get("uuid"):
+        parts.append(f"[dim]uuid {escape(str(node['uuid']))}[/dim]")
+    return Text.from_markup("  ".join(p for p in parts if p))
+
+
+def render(record: dict[str, Any], *, max_children: int = MAX_CHILDREN) -> Tree:
+    """One record as a rich :class:`~rich.tree.Tree`: children nested, in order."""
+    tree = Tree(_label(record, root=True), guide_style="dim")
+    stack: list[tuple[Tree, dict[str, Any]]] = [(tree, record)]
+    while stack:
+        branch, node = stack.pop()
+        children = node.get("children")
+        if not isinstance(children, list):
+            continue
+        for child in children[:max_children]:
+            if isinstance(child, dict):
+                sub = branch.add(_label(child, root=False))
+                stack.append((sub, child))
+        if len(children) > max_children:
+            branch.add(Text(f"… {len(children) - max_children} more", style="dim"))
+    return tree
+
+
+async def tail(
+    url: str,
+    filters: TailFilters,
+    console: Console,
+    *,
+    count: int | None = None,
+    reconnect: bool = True,
+    json_lines: bool = False,
+    err: Console | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> int:
+    """Stream records from the server at ``url`` (its monitoring port) to ``console``.
+
+    Args:
+        url: base URL of the server's monitoring port, e.g. ``http://127.0.0.1:3001``.
+        filters: what the server should send.
+        console: where trees (or JSON lines) are printed.
+        count: stop after this many records (None: until cancelled or the stream ends
+            with ``reconnect`` off).
+        reconnect: reconnect with backoff when an established stream ends.
+        json_lines: print each record as one JSON line instead of a tree.
+        err: where notices (dropped records, reconnections) go; default stderr.
+        session: an aiohttp session to use (one is made and closed otherwise).
+
+    Returns:
+        How many records were printed.
+
+    Raises:
+        TailError: the first connection failed, or the server refused the stream.
+    """
+    err = err or Console(stderr=True, highlight=False, soft_wrap=True)
+    own = session is None
+    session = session or aiohttp.ClientSession()
+    printed = 0
+    delay = RECONNECT_MIN
+    connected_once = False
+    endpoint = url.rstrip("/") + "/api/live"
+    try:
+        while True:
+            try:
+                async with session.get(
+                    endpoint,
+                    params=filters.query(),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
+                    headers={"Accept": "text/event-stream"},
+                ) as resp:
+                    if resp.status != 200:
+                        raise TailError(await _refusal(resp), 2 if resp.status == 400 else 1)
+                    connected_once = True
+                    delay = RECONNECT_MIN
+                    parser = SseParser()
+                    async for chunk in resp.content.iter_any():
+                        for event, data in parser.feed(chunk):
+                            if event == "dropped":
+                                lost = orjson.loads(data).get("dropped", 0)
+                                err.print(
+                                    f"[yellow]… {lost} records dropped: this tail fell behind[/]"
+                                )
+                                continue
+                            if event != "record":
+                                continue
+                            record = orjson.loads(data)
+                            if json_lines:
+                                console.out(data, highlight=False)
+                            else:
+                                console.print(render(record))
+                            printed += 1
+                            if count is not None and printed >= count:
+                                return printed
+                        if parser.oversized:
+                            err.print(f"[yellow]… skipped {parser.oversized} oversized events[/]")
+                            parser.oversized = 0
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                if not connected_once:
+                    raise TailError(f"cannot stream from {endpoint}: {exc}") from exc
+                err.print(f"[yellow]… connection lost ({exc}); reconnecting[/]")
+            else:
+                if not reconnect:
+                    return printed
+                err.print("[yellow]… the server ended the stream; reconnecting[/]")
+            if not reconnect:
+                return printed
+            await asyncio.sleep(delay)
+            delay = min(RECONNECT_MAX, delay * 2)
+    finally:
+        if own:
+            await session.close()
+
+
+async def _refusal(resp: aiohttp.ClientResponse) -> str:
+    try:
+        body = await resp.json(content_type=None)
+        detail = body.get("detail") or body.get("error")
+    except (aiohttp.ClientError, ValueError, AttributeError):
+        detail = None
+    return f"the server refused the live stream (HTTP {resp.status}): {detail or resp.reason}"
+
+
+def run(
+    url: str,
+    filters: TailFilters,
+    *,
+    count: int | None = None,
+    reconnect: bool = True,
+    json_lines: bool = False,
+    stdout: TextIO | None = None,
+    no_color: bool = False,
+) -> int:
+    """Run :func:`tail` until done or interrupted; returns the exit status."""
+    console = Console(file=stdout or sys.stdout, highlight=False, no_color=no_color)
+    err = Console(stderr=True, highlight=False, no_color=no_color, soft_wrap=True)
+    try:
+        asyncio.run(
+            tail(
+                url,
+                filters,
+                console,
+                count=count,
+                reconnect=reconnect,
+                json_lines=json_lines,
+                err=err,
+            )
+        )
+    except TailError as exc:
+        err.print(f"[red]async-logging tail: {escape(str(exc))}[/red]")
+        return exc.status
+    except KeyboardInterrupt:
+        return 0
+    return 0

@@ -1,0 +1,492 @@
+// async-logging viewer: plain JavaScript, no build step, no dependencies.
+// Log data is shown with textContent only (never innerHTML): records come from clients.
+"use strict";
+
+(function () {
+  const API = "../api/";
+  /** Rows the live tail keeps (older ones are removed). */
+  const LIVE_ROWS = 200;
+  const FLAG_NAMES = ["late", "orphan", "missing_end", "missing_begin", "cycle", "depth_cut", "conflict"];
+
+  // ------------------------------------------------------------------ helpers
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    if (props) {
+      for (const [key, value] of Object.entries(props)) {
+        if (value === undefined || value === null || value === false) continue;
+        if (key === "className") node.className = value;
+        else if (key === "dataset") Object.assign(node.dataset, value);
+        else if (key === "onclick") node.addEventListener("click", value);
+        else if (key === "title") node.title = value;
+        else node.setAttribute(key, value);
+      }
+    }
+    for (const child of children) {
+      if (child === undefined || child === null || child === false) continue;
+      node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  function appendAll(node, ...children) {
+    for (const child of children) if (child !== null && child !== undefined) node.append(child);
+  }
+
+  function clear(node) {
+    while (node.firstChild) node.removeChild(node.firstChild);
+  }
+
+  function fmtMs(ms) {
+    if (ms === null || ms === undefined || Number.isNaN(ms)) return "";
+    if (ms < 1) return ms.toFixed(2) + " ms";
+    if (ms < 1000) return (Math.round(ms * 10) / 10) + " ms";
+    if (ms < 60000) return (ms / 1000).toFixed(2) + " s";
+    return (ms / 60000).toFixed(1) + " min";
+  }
+
+  function pad(n, w) {
+    return String(n).padStart(w || 2, "0");
+  }
+
+  function fmtTime(ts) {
+    if (typeof ts !== "number") return "";
+    const d = new Date(ts);
+    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+  }
+
+  function statusClass(status) {
+    if (status === undefined || status === null) return "unknown";
+    if (String(status) === "0") return "ok";
+    if (String(status) === "-1") return "unknown";
+    return "fail";
+  }
+
+  async function getJSON(path) {
+    const resp = await fetch(API + path, { headers: { Accept: "application/json" } });
+    let body;
+    try {
+      body = await resp.json();
+    } catch (e) {
+      throw new Error(`HTTP ${resp.status}`);
+    }
+    if (!resp.ok) throw new Error(body && body.detail ? body.detail : `HTTP ${resp.status}`);
+    return body;
+  }
+
+  function flagsOf(tree) {
+    // Flags found anywhere in a record (the live tail has no store row to tell them).
+    const found = new Set();
+    const stack = [tree];
+    let nodes = 0;
+    while (stack.length) {
+      const node = stack.pop();
+      nodes += 1;
+      for (const f of FLAG_NAMES) if (node[f]) found.add(f);
+      if (Array.isArray(node.children)) stack.push(...node.children);
+    }
+    return { flags: [...found].sort(), nodes };
+  }
+
+  function badges(row) {
+    const out = [];
+    if (row.kind === "transaction" && row.complete === false) {
+      out.push(el("span", { className: "badge incomplete", title: "published incomplete" },
+        "incomplete" + (row.reason ? ": " + row.reason : "")));
+    }
+    for (const f of row.flags || []) {
+      out.push(el("span", { className: "badge " + (f === "late" ? "late" : "flag") }, f));
+    }
+    return out;
+  }
+
+  // A summary row (search result or live record) as a table row.
+  function resultRow(row, onOpen) {
+    const sc = statusClass(row.status);
+    const tr = el("tr", { dataset: { kind: row.kind || "" } },
+      el("td", { className: "time" }, fmtTime(row.ts)),
+      el("td", { className: "kind" }, row.kind === "transaction" ? "tx" : row.kind === "heartbeat" ? "hb" : "event"),
+      el("td", null, row.type || ""),
+      el("td", { className: "name", title: row.name || "" }, row.name || ""),
+      el("td", { className: "num" }, row.kind === "transaction" ? fmtMs(row.duration) : ""),
+      el("td", { className: "st-" + sc }, row.status === null || row.status === undefined ? "" : String(row.status)),
+      el("td", { className: "num" }, row.nodes === undefined ? "" : String(row.nodes)),
+      el("td", null, ...badges(row)),
+      el("td", { className: "uuid" }, row.uuid || ""));
+    tr.addEventListener("click", () => {
+      for (const other of tr.parentNode.querySelectorAll("tr.selected")) other.classList.remove("selected");
+      tr.classList.add("selected");
+      onOpen();
+    });
+    return tr;
+  }
+
+  // ------------------------------------------------------------------ tabs
+
+  const tabs = document.querySelectorAll(".tab");
+  const panels = document.querySelectorAll(".panel");
+  const treePane = document.getElementById("tree-pane");
+  let current = "search";
+
+  function showTab(name) {
+    current = name;
+    for (const t of tabs) t.classList.toggle("active", t.dataset.tab === name);
+    for (const p of panels) p.hidden = p.dataset.panel !== name;
+    treePane.hidden = name === "summary" || !treePane.dataset.loaded;
+    if (name === "summary") loadSummary();
+  }
+  for (const t of tabs) t.addEventListener("click", () => {
+    showTab(t.dataset.tab);
+    history.replaceState(null, "", "#" + t.dataset.tab);
+  });
+
+  // ------------------------------------------------------------------ the waterfall
+
+  const waterfall = document.getElementById("waterfall");
+  const treeHead = document.getElementById("tree-head");
+  const detail = document.getElementById("detail");
+
+  function flatten(tree) {
+    const rows = [];
+    const stack = [[tree, 0]];
+    while (stack.length) {
+      const [node, depth] = stack.pop();
+      rows.push({ node, depth });
+      const kids = Array.isArray(node.children) ? node.children : [];
+      for (let i = kids.length - 1; i >= 0; i--) stack.push([kids[i], depth + 1]);
+    }
+    return rows;
+  }
+
+  function showDetail(node) {
+    clear(detail);
+    for (const [key, value] of Object.entries(node)) {
+      if (key === "children") continue;
+      const text = typeof value === "object" ? JSON.stringify(value) : String(value);
+      detail.append(el("tr", null, el("th", null, key), el("td", null, text)));
+    }
+    if (Array.isArray(node.children)) {
+      detail.append(el("tr", null, el("th", null, "children"), el("td", null, String(node.children.length))));
+    }
+  }
+
+  function drawTree(tree, storedId, extras) {
+    treePane.dataset.loaded = "1";
+    treePane.hidden = current === "summary";
+    const rows = flatten(tree);
+    for (const extra of extras || []) rows.push(...flatten(extra));
+    let t0 = Infinity;
+    let t1 = -Infinity;
+    for (const { node } of rows) {
+      const ts = typeof node.timestamp === "number" ? node.timestamp : null;
+      if (ts === null) continue;
+      t0 = Math.min(t0, ts);
+      const dur = node.kind === "transaction" && typeof node.duration === "number" ? node.duration : 0;
+      t1 = Math.max(t1, ts + dur);
+    }
+    if (!Number.isFinite(t0)) { t0 = 0; t1 = 1; }
+    const span = Math.max(t1 - t0, 1);
+
+    // Header: what this tree is.
+    clear(treeHead);
+    const sc = statusClass(tree.status);
+    const info = flagsOf(tree);
+    appendAll(treeHead,
+      el("span", { className: "title" }, `${tree.type || ""} ${tree.name || tree.msg || ""}`.trim() || "(unnamed)"),
+      el("span", { className: "st-" + sc }, tree.status === undefined ? "" : `status ${tree.status}`),
+      tree.kind === "transaction" ? el("span", { className: "meta" }, fmtMs(tree.duration)) : null,
+      el("span", { className: "meta" }, fmtTime(tree.timestamp)),
+      tree.uuid ? el("span", { className: "meta" }, "uuid " + tree.uuid) : null,
+      el("span", { className: "meta" }, `${info.nodes} node${info.nodes === 1 ? "" : "s"}`),
+      storedId ? el("span", { className: "meta" }, "#" + storedId) : null,
+      ...badges({ kind: tree.kind, complete: tree.complete, reason: tree.reason, flags: info.flags }));
+
+    // The axis.
+    clear(waterfall);
+    const axisTrack = el("div", { className: "wf-track" });
+    for (let i = 0; i <= 4; i++) {
+      const tick = el("span", { className: "wf-tick" + (i === 0 ? " first" : i === 4 ? " last" : "") }, fmtMs((span * i) / 4));
+      tick.style.left = (i * 25) + "%";
+      axisTrack.append(tick);
+    }
+    waterfall.append(el("div", { className: "wf-axis" }, el("div", { className: "wf-label" }, "transaction / event"), axisTrack));
+
+    // One row per node, in tree order.
+    for (const { node, depth } of rows) {
+      const isTx = node.kind === "transaction";
+      const label = el("div", { className: "wf-label", title: node.msg ? String(node.msg) : "" },
+        el("span", { className: "twist" }, isTx && node.children && node.children.length ? "▾" : ""),
+        el("span", { className: "type" }, node.type || node.kind || ""),
+        el("span", { className: "name" }, node.name || (isTx ? "" : node.msg || "")),
+        node.name && node.msg && !isTx ? el("span", { className: "msg" }, String(node.msg)) : null);
+      label.style.paddingLeft = (8 + depth * 16) + "px";
+      for (const f of FLAG_NAMES) {
+        if (node[f]) label.append(" ", el("span", { className: "badge " + (f === "late" ? "late" : "flag") }, f));
+      }
+      if (isTx && node.complete === false && !node.missing_end) {
+        label.append(" ", el("span", { className: "badge incomplete" }, "incomplete"));
+      }
+      const track = el("div", { className: "wf-track" });
+      const ts = typeof node.timestamp === "number" ? node.timestamp : t0;
+      const left = ((ts - t0) / span) * 100;
+      if (isTx) {
+        const dur = typeof node.duration === "number" ? node.duration : 0;
+        const width = (dur / span) * 100;
+        const bar = el("div", {
+          className: `wf-bar ${statusClass(node.status)}${node.complete === false ? " incomplete" : ""}${left + width > 80 ? " right" : ""}`,
+          title: `${node.type || ""} ${node.name || ""}: ${fmtMs(dur)}, status ${node.status}` +
+            (node.complete === false ? " (incomplete)" : ""),
+          dataset: { status: String(node.status) },
+        }, el("span", { className: "wf-dur" }, fmtMs(dur)));
+        bar.style.left = left + "%";
+        bar.style.width = width + "%";
+        track.append(bar);
+      } else {
+        const level = String(node.level || "").toUpperCase();
+        const bad = level === "ERROR" || level === "FATAL" || level === "CRITICAL" ||
+          (node.status !== undefined && statusClass(node.status) === "fail");
+        const marker = el("div", {
+          className: "wf-marker" + (bad ? " error" : level.startsWith("WARN") ? " warn" : "") + (node.late ? " late" : ""),
+          title: `${node.type || ""} ${node.name || ""} ${node.msg || ""} @ +${fmtMs(ts - t0)}`.trim(),
+        });
+        marker.style.left = left + "%";
+        track.append(marker);
+      }
+      const row = el("div", { className: "wf-row", dataset: { kind: node.kind || "", depth: String(depth) } }, label, track);
+      row.addEventListener("click", () => {
+        for (const other of waterfall.querySelectorAll(".wf-row.selected")) other.classList.remove("selected");
+        row.classList.add("selected");
+        showDetail(node);
+      });
+      waterfall.append(row);
+    }
+    showDetail(tree);
+  }
+
+  async function openStored(id) {
+    try {
+      const body = await getJSON("tree/" + encodeURIComponent(id));
+      let extras = [];
+      if (body.record.uuid) {
+        // Records of the same request stored apart (late events, fragments) join the picture.
+        const q = new URLSearchParams({ uuid: String(body.record.uuid), limit: "200" });
+        const same = await getJSON("search?" + q.toString());
+        const others = same.results.filter((r) => r.id !== body.id).reverse();
+        extras = await Promise.all(others.map((r) => getJSON("tree/" + r.id).then((b) => b.record)));
+      }
+      drawTree(body.record, body.id, extras);
+      if (current === "search") history.replaceState(null, "", "#tree=" + body.id);
+    } catch (e) {
+      note(resultsNote, "cannot load tree " + id + ": " + e.message, true);
+    }
+  }
+
+  // ------------------------------------------------------------------ search
+
+  const searchForm = document.getElementById("search-form");
+  const resultsBody = document.querySelector("#results tbody");
+  const resultsNote = document.getElementById("results-note");
+
+  function note(node, text, error) {
+    node.textContent = text;
+    node.classList.toggle("error", !!error);
+  }
+
+  function localMs(value) {
+    if (!value) return null;
+    const t = new Date(value).getTime();
+    return Number.isFinite(t) ? t : null;
+  }
+
+  async function search() {
+    const f = new FormData(searchForm);
+    const q = new URLSearchParams();
+    for (const key of ["uuid", "type", "name", "kind", "min_duration", "limit"]) {
+      const v = String(f.get(key) || "").trim();
+      if (v) q.set(key, v);
+    }
+    if (f.get("failures")) q.set("failures", "1");
+    if (f.get("incomplete")) q.set("incomplete", "1");
+    const range = String(f.get("range") || "");
+    let since = localMs(f.get("since"));
+    const until = localMs(f.get("until"));
+    if (since === null && range) since = Date.now() - Number(range) * 1000;
+    if (since !== null) q.set("since", String(since));
+    if (until !== null) q.set("until", String(until));
+    note(resultsNote, "searching…");
+    try {
+      const body = await getJSON("search?" + q.toString());
+      clear(resultsBody);
+      for (const row of body.results) resultsBody.append(resultRow(row, () => openStored(row.id)));
+      const n = body.results.length;
+      note(resultsNote, n === 0 ? "nothing matches" :
+        `${n} record${n === 1 ? "" : "s"}, newest first` + (n >= body.limit ? ` (the first ${body.limit}; narrow the search for more)` : ""));
+    } catch (e) {
+      note(resultsNote, "search failed: " + e.message, true);
+    }
+  }
+  searchForm.addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
+
+  // ------------------------------------------------------------------ live tail
+
+  const liveForm = document.getElementById("live-form");
+  const liveBody = document.querySelector("#live tbody");
+  const liveNote = document.getElementById("live-note");
+  const liveState = document.getElementById("live-state");
+  const liveToggle = document.getElementById("live-toggle");
+  let source = null;
+  let received = 0;
+  let dropped = 0;
+
+  function liveStatus(text, cls) {
+    liveState.textContent = text;
+    liveState.className = "live-state " + cls;
+  }
+
+  function liveCounts() {
+    note(liveNote, `${received} received` + (dropped ? `, ${dropped} dropped (this page fell behind)` : "") +
+      `; the newest ${LIVE_ROWS} are kept`);
+  }
+
+  function stopLive() {
+    if (source) source.close();
+    source = null;
+    liveToggle.textContent = "Start";
+    liveStatus("stopped", "off");
+  }
+
+  function startLive() {
+    const f = new FormData(liveForm);
+    const q = new URLSearchParams();
+    for (const key of ["type", "name", "min_duration"]) {
+      const v = String(f.get(key) || "").trim();
+      if (v) q.set(key, v);
+    }
+    if (f.get("transactions")) q.append("kind", "transaction");
+    if (f.get("failures")) q.set("failures", "1");
+    source = new EventSource(API + "live?" + q.toString());
+    liveToggle.textContent = "Stop";
+    liveStatus("connecting…", "off");
+    source.addEventListener("open", () => liveStatus("live", "on"));
+    source.addEventListener("error", () => {
+      if (source && source.readyState === EventSource.CLOSED) {
+        liveStatus("closed by the server", "error");
+      } else {
+        liveStatus("reconnecting…", "error");
+      }
+    });
+    source.addEventListener("record", (ev) => {
+      const record = JSON.parse(ev.data);
+      const info = flagsOf(record);
+      const row = {
+        ts: record.timestamp, kind: record.kind, type: record.type, name: record.name,
+        status: record.status, duration: record.duration, complete: record.complete,
+        reason: record.reason, uuid: record.uuid, flags: info.flags, nodes: info.nodes,
+      };
+      received += 1;
+      liveBody.prepend(resultRow(row, () => drawTree(record, null)));
+      while (liveBody.children.length > LIVE_ROWS) liveBody.removeChild(liveBody.lastChild);
+      liveCounts();
+    });
+    source.addEventListener("dropped", (ev) => {
+      dropped += JSON.parse(ev.data).dropped;
+      liveCounts();
+    });
+  }
+
+  liveForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (source) stopLive();
+    else startLive();
+  });
+  document.getElementById("live-clear").addEventListener("click", () => {
+    clear(liveBody);
+    received = 0;
+    dropped = 0;
+    note(liveNote, "");
+  });
+
+  // ------------------------------------------------------------------ summary
+
+  const summaryForm = document.getElementById("summary-form");
+  const summaryBody = document.querySelector("#summary tbody");
+  const summaryNote = document.getElementById("summary-note");
+
+  function reportCells(r) {
+    const rate = r.failure_rate * 100;
+    return [
+      el("td", { className: "num" }, r.count.toLocaleString()),
+      el("td", { className: "num" }, r.failures.toLocaleString()),
+      el("td", { className: "num" + (r.failures ? " rate-bad" : "") }, rate.toFixed(rate && rate < 1 ? 2 : 1) + " %"),
+      el("td", { className: "num" }, fmtMs(r.avg)),
+      el("td", { className: "num" }, fmtMs(r.p50)),
+      el("td", { className: "num" }, fmtMs(r.p95)),
+      el("td", { className: "num" }, fmtMs(r.max)),
+    ];
+  }
+
+  async function loadSummary() {
+    const f = new FormData(summaryForm);
+    const q = new URLSearchParams({ window: String(f.get("window") || "3600") });
+    const type = String(f.get("type") || "").trim();
+    if (type) q.set("type", type);
+    if (f.get("roots")) q.set("roots", "1");
+    note(summaryNote, "loading…");
+    try {
+      const s = await getJSON("summary?" + q.toString());
+      clear(summaryBody);
+      for (const t of s.types) {
+        summaryBody.append(el("tr", { className: "type-row" }, el("td", { className: "label" }, t.type || "(no type)"), ...reportCells(t)));
+        for (const r of s.rows) {
+          if (r.type !== t.type) continue;
+          summaryBody.append(el("tr", { className: "name-row" }, el("td", { className: "label" }, r.name || "(no name)"), ...reportCells(r)));
+        }
+      }
+      const parts = [`${s.spans.toLocaleString()} transactions from ${fmtTime(s.since)} to ${fmtTime(s.until)}`];
+      if (s.sampled) parts.push("only the most recent were read");
+      if (s.truncated) parts.push("only the busiest names are listed");
+      if (!s.spans) parts.push("nothing in this window");
+      note(summaryNote, parts.join("; "));
+    } catch (e) {
+      note(summaryNote, "summary failed: " + e.message, true);
+    }
+  }
+  summaryForm.addEventListener("submit", (ev) => { ev.preventDefault(); loadSummary(); });
+
+  // ------------------------------------------------------------------ start
+
+  async function serverStatus() {
+    const node = document.getElementById("server-status");
+    try {
+      const s = await getJSON("status");
+      const parts = [];
+      parts.push(s.store ? `store: ${s.store.records.toLocaleString()} records` : "store: off");
+      parts.push(s.live.enabled ? "live: on" : "live: off (workers)");
+      node.textContent = parts.join(" · ");
+    } catch (e) {
+      node.textContent = "server: " + e.message;
+    }
+  }
+
+  // Deep links: #tree=ID opens a stored tree, #live starts the live tail, #summary.
+  function route(first) {
+    const hash = location.hash.replace(/^#/, "");
+    if (hash.startsWith("tree=")) {
+      showTab("search");
+      openStored(hash.slice(5));
+      if (first) search();
+    } else if (hash === "live") {
+      showTab("live");
+      if (!source) startLive();
+    } else if (hash === "summary") {
+      showTab("summary");
+    } else {
+      showTab("search");
+      if (first) search();
+    }
+  }
+  window.addEventListener("hashchange", () => route(false));
+  route(true);
+  serverStatus();
+})();

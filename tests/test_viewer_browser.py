@@ -1,0 +1,181 @@
+"""End to end in headless Chromium (issue 6): trees sent to a real server are drawn by the page.
+
+Needs Debian's ``chromium`` (``apt-get install -y chromium``; ``.ci/run`` installs it) and
+Playwright for Python; it never downloads a browser of its own. Skipped, saying why, when
+either is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from async_logging.server import LogCluster
+from conftest import TIMEOUT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip(
+        "Debian's chromium is not installed (apt-get install -y chromium)", allow_module_level=True
+    )
+playwright_api = pytest.importorskip(
+    "playwright.async_api", reason="Playwright for Python is not installed (pip install playwright)"
+)
+
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MS = TIMEOUT * 1000  # Playwright counts milliseconds
+T0 = int(time.time() * 1000) - 30_000
+
+
+def request_tree(uuid: str, status: str = "0") -> list[dict[str, Any]]:
+    """A URL request: a log line, an auth call, a payment call holding an error event."""
+    e = {"uuid": uuid}
+    return [
+        {**e, "clazz": "begin", "event": "1", "parent": "0", "type": "URL", "name": "/checkout", "timestamp": T0},
+        {**e, "clazz": "atomicEvent", "event": "2", "parent": "1", "type": "INFO", "name": "req", "msg": "POST", "timestamp": T0 + 1},
+        {**e, "clazz": "begin", "event": "3", "parent": "1", "type": "API", "name": "auth", "timestamp": T0 + 2},
+        {**e, "clazz": "end", "event": "3", "parent": "1", "status": "0", "timestamp": T0 + 20},
+        {**e, "clazz": "begin", "event": "4", "parent": "1", "type": "API", "name": "pay", "timestamp": T0 + 50},
+        {**e, "clazz": "atomicEvent", "event": "5", "parent": "4", "type": "ERROR", "name": "gw", "msg": "declined", "level": "ERROR", "timestamp": T0 + 80},
+        {**e, "clazz": "end", "event": "4", "parent": "1", "status": status, "timestamp": T0 + 90},
+        {**e, "clazz": "end", "event": "1", "parent": "0", "status": status, "timestamp": T0 + 100},
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def server_options(tmp_path: Path) -> dict[str, Any]:
+    # A short clean cycle, so a tree whose end never comes is published incomplete quickly.
+    return {"store": str(tmp_path / "trees.sqlite"), "clean_duration": 0.2, "clean_cycles": 1}
+
+
+@pytest.fixture
+async def page(server: LogCluster) -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=MS)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(MS)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            yield page
+            assert errors == []  # no script error and no CSP violation on the way
+        finally:
+            await browser.close()
+
+
+async def post(server: LogCluster, logs: list[dict[str, Any]]) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{server.port}/log", json={"logs": logs}) as resp,
+    ):
+        assert resp.status == 200
+
+
+async def stored(server: LogCluster, uuids: set[str], send: Awaitable[None]) -> None:
+    """Run ``send``, then wait until the trees of ``uuids`` are in the store.
+
+    The server hands each batch to its live hub after the store has committed it, so a
+    record seen on a hub subscription is searchable: an event to wait on, not a poll.
+    """
+    sub = server.live_hub.subscribe()
+    try:
+        await send
+        seen: set[str] = set()
+        while not uuids <= seen:
+            batch, _ = await asyncio.wait_for(sub.next_batch(), TIMEOUT)
+            seen.update(r.get("uuid") for r in batch)
+    finally:
+        sub.close()
+
+
+async def test_a_tree_sent_to_the_server_is_found_and_drawn_as_a_waterfall(
+    server: LogCluster, page: Any
+) -> None:
+    """Searching by uuid lists the tree; clicking it draws one row per node, bars by start and duration coloured by status, events as markers, incomplete flagged."""
+    await stored(server, {"req-fail"}, post(server, request_tree("req-fail", status="51")))
+    # Begins only: published incomplete by the clean cycle.
+    await stored(server, {"req-open"}, post(server, request_tree("req-open")[:3]))
+
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/")
+    await page.fill("#search-form input[name=uuid]", "req-fail")
+    await page.click("#search-form button[type=submit]")
+    row = page.locator("#results tbody tr")
+    await row.filter(has_text="req-fail").wait_for()
+    assert await row.count() == 1
+    await row.click()
+    await page.locator(".wf-row").first.wait_for()
+
+    rows = page.locator("#waterfall .wf-row")
+    drawn = await rows.evaluate_all(
+        "rows => rows.map(r => [r.dataset.depth, r.querySelector('.type').textContent,"
+        " r.querySelector('.name').textContent])"
+    )
+    assert drawn == [  # tree order, nesting depth, type and name (events: name, else msg)
+        ["0", "URL", "/checkout"],
+        ["1", "INFO", "req"],
+        ["1", "API", "auth"],
+        ["1", "API", "pay"],
+        ["2", "ERROR", "gw"],
+    ]
+    bars = page.locator("#waterfall .wf-bar")
+    assert await bars.count() == 3
+    colours = await bars.evaluate_all(
+        "bars => bars.map(b => ['ok', 'fail', 'unknown'].filter(c => b.classList.contains(c)))"
+    )
+    assert colours == [["fail"], ["ok"], ["fail"]]
+    # Bars sit by start and duration on the tree's time axis (100 ms): pay starts at 50 ms.
+    left = await bars.nth(2).evaluate("b => b.style.left")
+    width = await bars.nth(2).evaluate("b => b.style.width")
+    assert (left, width) == ("50%", "40%")
+    markers = page.locator("#waterfall .wf-marker")
+    assert await markers.count() == 2
+    assert await markers.nth(1).get_attribute("class") == "wf-marker error"
+    assert await markers.nth(1).evaluate("m => m.style.left") == "80%"
+    box = await page.locator("#waterfall .wf-bar.ok").bounding_box()
+    assert box is not None and box["width"] > 20  # really drawn, not just in the DOM
+
+    # The incomplete tree: its row and its waterfall say so.
+    await page.fill("#search-form input[name=uuid]", "req-open")
+    await page.click("#search-form button[type=submit]")
+    await page.locator("#results tbody tr", has_text="req-open").click()
+    await page.locator(".wf-bar.incomplete").first.wait_for()
+    assert "incomplete: timeout" in await page.locator("#tree-head").inner_text()
+    assert await page.locator("#waterfall .badge", has_text="missing_end").count() == 2
+
+
+async def test_the_live_tail_streams_new_trees_and_the_summary_counts_them(
+    server: LogCluster, page: Any
+) -> None:
+    """The live tab shows a tree published after it connected and draws it on click; the summary tab counts it by type and name."""
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/#live")
+    await page.locator("#live-state.on").wait_for()
+    await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
+    await post(server, request_tree("req-live", status="7"))
+    row = page.locator("#live tbody tr", has_text="req-live")
+    await row.wait_for()
+    await row.click()
+    await page.locator("#waterfall .wf-bar.fail").first.wait_for()
+    assert await page.locator("#waterfall .wf-row").count() == 5
+
+    await page.click("#tab-btn-summary")
+    type_row = page.locator("#summary tr.type-row", has_text="API")
+    await type_row.wait_for()
+    cells = await type_row.locator("td").all_inner_texts()
+    assert cells[:4] == ["API", "2", "1", "50.0 %"]
