@@ -364,7 +364,8 @@ class LogBuffer:
                 else:
                     g.pending.add(eid)
             else:
-                key = _atomic_key(e, eid, parent)
+                msg = e.get("msg")  # _atomic_key, inlined on the hot path
+                key = (eid, parent, e["timestamp"], msg if msg.__class__ is str else None)
                 seen = g.seen
                 prev = seen.get(key)
                 if prev is not None:
