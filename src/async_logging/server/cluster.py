@@ -386,7 +386,9 @@ def _announce(c: ServerConfig, port: int, mon_port: int, workers: int = 1) -> No
     print(
         f"async-logging: listening on ws{s}://{c.host}:{port}/ and http{s}://{c.host}:{port}/log "
         f"({workers} worker{'s' if workers != 1 else ''}), monitoring {mon}, "
-        f"writing {sink}{' and stdout' if c.stdout else ''}",
+        f"writing {sink}{' and stdout' if c.stdout else ''}"
+        + (f", store {_absolute(c.store)}" if c.store else "")
+        + (f", viewer http://{c.mon_host}:{mon_port}/ui/" if c.store and c.mon_port >= 0 else ""),
         file=sys.stderr,
         flush=True,
     )
