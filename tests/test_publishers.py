@@ -797,6 +797,7 @@ def test_publishers_exports() -> None:
         "BUILTIN_PUBLISHERS",
         "PUBLISHER_METHODS",
         "BasePublisher",
+        "BatchPublisher",
         "CalTextPublisher",
         "JsonLinesPublisher",
         "LineEncoder",
@@ -828,3 +829,22 @@ def test_jsonl_writers_sharing_one_file_follow_each_others_rotation(log_path: Pa
     # Each file was written by both, yet stays near the limit (never a private stale file).
     assert all(f.stat().st_size <= 2000 + 3 * len(encode_line(records[0])) for f in files)
     assert a.stats["rotations"] + b.stats["rotations"] == len(files) - 1
+
+
+def test_batch_publisher_sends_single_records_as_batches_of_one() -> None:
+    """A BatchPublisher subclass only writes publish_many; each single-record call arrives there."""
+    from async_logging.publishers import BatchPublisher
+
+    class Batches(BatchPublisher):
+        def __init__(self) -> None:
+            self.calls: list[list[Record]] = []
+
+        def publish_many(self, records: Sequence[Record]) -> None:
+            self.calls.append(list(records))
+
+    pub = Batches()
+    tx, ev, hb = {"kind": "transaction"}, atomic_record(), heartbeat_record()
+    pub.transaction(tx)
+    pub.atomic_event(ev)
+    pub.heartbeat(hb)
+    assert pub.calls == [[tx], [ev], [hb]]

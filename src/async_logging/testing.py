@@ -18,14 +18,14 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from .buffer import Record
-from .publishers.base import BasePublisher
+from .publishers.base import BatchPublisher
 
 __all__ = ["MemoryPublisher"]
 
 T = TypeVar("T")
 
 
-class MemoryPublisher(BasePublisher):
+class MemoryPublisher(BatchPublisher):
     """A publisher that keeps every record in memory; thread-safe.
 
     Read the lists while no publisher thread can append (after :meth:`wait_for` returned,
@@ -51,18 +51,6 @@ class MemoryPublisher(BasePublisher):
         self.batches = 0
         self.flushed = 0
         self.closed = 0
-
-    def transaction(self, record: Record) -> None:
-        """Record one transaction."""
-        self.publish_many((record,))
-
-    def atomic_event(self, record: Record) -> None:
-        """Record one atomic event."""
-        self.publish_many((record,))
-
-    def heartbeat(self, record: Record) -> None:
-        """Record one heartbeat."""
-        self.publish_many((record,))
 
     def publish_many(self, records: Sequence[Record]) -> None:
         """Record a batch and wake up the threads waiting in :meth:`wait_for`."""

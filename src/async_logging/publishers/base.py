@@ -99,6 +99,7 @@ __all__ = [
     "BUILTIN_PUBLISHERS",
     "PUBLISHER_METHODS",
     "BasePublisher",
+    "BatchPublisher",
     "MultiPublisher",
     "Publisher",
     "import_object",
@@ -203,6 +204,25 @@ class BasePublisher:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class BatchPublisher(BasePublisher):
+    """A base for publishers that work in batches: override :meth:`publish_many` only.
+
+    The single-record methods hand their record to ``publish_many`` as a batch of one.
+    """
+
+    def transaction(self, record: Record) -> None:
+        """Publish one transaction tree (a batch of one)."""
+        self.publish_many((record,))
+
+    def atomic_event(self, record: Record) -> None:
+        """Publish one stand-alone atomic event (a batch of one)."""
+        self.publish_many((record,))
+
+    def heartbeat(self, record: Record) -> None:
+        """Publish one heartbeat (a batch of one)."""
+        self.publish_many((record,))
 
 
 class MultiPublisher(BasePublisher):

@@ -28,7 +28,7 @@ import orjson
 
 from ..buffer import Record
 from ..exceptions import ConfigError, UsageError
-from .base import BasePublisher
+from .base import BatchPublisher
 
 __all__ = [
     "DEFAULT_BACKUP_COUNT",
@@ -157,7 +157,7 @@ class LineEncoder:
         return parts, total
 
 
-class JsonLinesPublisher(BasePublisher):
+class JsonLinesPublisher(BatchPublisher):
     """Write records as JSON lines to a file rotated by size.
 
     Each :meth:`publish_many` call serialises the batch and writes it with one system
@@ -214,18 +214,6 @@ class JsonLinesPublisher(BasePublisher):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
-
-    def transaction(self, record: Record) -> None:
-        """Write one transaction record."""
-        self.publish_many((record,))
-
-    def atomic_event(self, record: Record) -> None:
-        """Write one atomic event record."""
-        self.publish_many((record,))
-
-    def heartbeat(self, record: Record) -> None:
-        """Write one heartbeat record."""
-        self.publish_many((record,))
 
     def publish_many(self, records: Sequence[Record]) -> None:
         """Write a batch of records, one line each, in order, with one system call.

@@ -61,7 +61,7 @@ import orjson
 
 from ..buffer import Record
 from ..exceptions import AsyncLoggingError, ConfigError, UsageError
-from .base import BasePublisher
+from .base import BatchPublisher
 from .jsonl import encode_line
 
 __all__ = [
@@ -318,7 +318,7 @@ def _insert_rows(
         conn.execute(_values_sql(head, columns, len(chunk)), params)
 
 
-class SqliteStore(BasePublisher):
+class SqliteStore(BatchPublisher):
     """A publisher that keeps every published record in a queryable SQLite file.
 
     Thread-safe (calls are serialised by a lock); the server calls it from its publisher
@@ -377,18 +377,6 @@ class SqliteStore(BasePublisher):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
-
-    def transaction(self, record: Record) -> None:
-        """Store one transaction tree."""
-        self.publish_many((record,))
-
-    def atomic_event(self, record: Record) -> None:
-        """Store one stand-alone atomic event."""
-        self.publish_many((record,))
-
-    def heartbeat(self, record: Record) -> None:
-        """Store one heartbeat."""
-        self.publish_many((record,))
 
     def publish_many(self, records: Sequence[Record]) -> None:
         """Store a batch in one transaction, then apply retention when it is due.
