@@ -119,22 +119,15 @@ class LogCluster:
 
     def _make_buffer(self) -> LogBuffer:
         c = self.config
-        spec = c.buffer
-        if isinstance(spec, str):
-            spec = import_object(spec, what="buffer")
-        if spec is None:
-            spec = LogBuffer
+        spec = _plugin(c.buffer, "buffer", LogBuffer)
         if isinstance(spec, type):
             try:
-                return spec(  # type: ignore[no-any-return]
+                spec = spec(
                     clean_duration=c.clean_duration, clean_cycles=c.clean_cycles, settle=c.settle
                 )
             except TypeError as exc:
                 raise ConfigError(f"buffer {spec.__name__} cannot be built: {exc}") from exc
-        for method in ("feed_many", "expire", "flush_all"):
-            if not callable(getattr(spec, method, None)):
-                raise ConfigError(f"buffer {spec!r} has no {method}() method")
-        return spec  # type: ignore[no-any-return]
+        return _require(spec, "buffer", ("feed_many", "expire", "flush_all"))  # type: ignore[no-any-return]
 
     def _make_publisher(self) -> Publisher:
         c = self.config
@@ -170,16 +163,10 @@ class LogCluster:
         return publishers[0] if len(publishers) == 1 else MultiPublisher(publishers)
 
     def _make_listener(self, pipeline: Pipeline) -> LogListener:
-        spec = self.config.listener
-        if isinstance(spec, str):
-            spec = import_object(spec, what="listener")
-        if spec is None:
-            spec = LogListener
+        spec = _plugin(self.config.listener, "listener", LogListener)
         listener = spec(pipeline, self.config) if isinstance(spec, type) else spec
-        for method in ("start", "stop_accepting", "close_connections", "cleanup"):
-            if not callable(getattr(listener, method, None)):
-                raise ConfigError(f"listener {listener!r} has no {method}() method")
-        return listener  # type: ignore[no-any-return]
+        methods = ("start", "stop_accepting", "close_connections", "cleanup")
+        return _require(listener, "listener", methods)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -616,22 +603,8 @@ class Supervisor:
                 last_restart[new.wid] = time.monotonic()
 
     def snapshot(self) -> dict[str, Any]:
-        snap = merge_snapshots([self.retired, *self.live.values()])
-        for key in ("frames", "bytes", "bad_input", "records", "connections_refused"):
-            snap.setdefault(key, {})
-        for key in (
-            "events",
-            "connections",
-            "connections_total",
-            "backpressure_waits",
-            "publish_errors",
-            "records_dropped",
-            "latency_sum",
-            "latency_count",
-            "publish_queue",
-        ):
-            snap.setdefault(key, 0)
-        snap.setdefault("latency_buckets", [0] * 10)
+        # An empty Stats snapshot first gives every key its zero before any worker reported.
+        snap = merge_snapshots([Stats().snapshot(), self.retired, *self.live.values()])
         snap["workers"] = sum(1 for s in self.slots.values() if s.process.is_alive())
         snap["worker_restarts"] = self.restarts
         snap["worker_recycles"] = self.recycles
@@ -664,6 +637,21 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot bind {host}:{port}: {exc}") from exc
     return sock
+
+
+def _plugin(spec: Any, what: str, default: type) -> Any:
+    """A plug-in option resolved: ``"module:attr"`` imported, None replaced by the default."""
+    if isinstance(spec, str):
+        spec = import_object(spec, what=what)
+    return default if spec is None else spec
+
+
+def _require(obj: Any, what: str, methods: tuple[str, ...]) -> Any:
+    """``obj`` itself, once it is known to have every method a ``what`` plug-in needs."""
+    for method in methods:
+        if not callable(getattr(obj, method, None)):
+            raise ConfigError(f"{what} {obj!r} has no {method}() method")
+    return obj
 
 
 def _absolute(path: str) -> str:
