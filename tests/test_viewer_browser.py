@@ -117,7 +117,12 @@ async def test_a_tree_sent_to_the_server_is_found_and_drawn_as_a_waterfall(
     await page.fill("#search-form input[name=uuid]", "req-fail")
     await page.click("#search-form button[type=submit]")
     row = page.locator("#results tbody tr")
-    await row.filter(has_text="req-fail").wait_for()
+    # The page lists recent trees on load; wait for the search's own answer to replace them.
+    await page.wait_for_function(
+        "() => { const r = document.querySelectorAll('#results tbody tr');"
+        " return r.length === 1 && r[0].textContent.includes('req-fail'); }",
+        timeout=MS,
+    )
     assert await row.count() == 1
     await row.click()
     await page.locator(".wf-row").first.wait_for()
