@@ -69,6 +69,7 @@ def test_exported_names() -> None:
             "decode_multipart_fields",
             "encode_ack",
             "encode_error",
+            "is_msgpack_type",
             "peek_seq",
         ]
     )

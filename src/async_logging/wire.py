@@ -100,6 +100,7 @@ __all__ = [
     "decode_multipart_fields",
     "encode_ack",
     "encode_error",
+    "is_msgpack_type",
     "peek_seq",
 ]
 
@@ -431,6 +432,9 @@ def _frame_from(obj: Any, limits: WireLimits) -> Frame:
     return Frame(seq, logs)
 
 
+_UTF8_ERROR: Final = re.compile(r"utf-?8", re.IGNORECASE)
+
+
 def _decode_slow(data: bytes | str, is_text: bool, limits: WireLimits) -> Frame:
     """The reference decoder: untyped decode, then a Python walk over every log map."""
     try:
@@ -451,6 +455,10 @@ def _decode_slow(data: bytes | str, is_text: bool, limits: WireLimits) -> Frame:
                 data.decode("utf-8")
             except UnicodeDecodeError as uexc:
                 raise DecodeError("bad_utf8", f"invalid UTF-8: {uexc}") from exc
+        if not is_text and _UTF8_ERROR.search(str(exc)):
+            # msgspec 0.23 reports a bad MessagePack string as its own DecodeError
+            # ("Invalid UTF-8 encoded string"); older releases raised UnicodeDecodeError.
+            raise DecodeError("bad_utf8", f"invalid UTF-8: {exc}") from exc
         reason = "bad_json" if is_text else "bad_msgpack"
         raise DecodeError(reason, str(exc)) from exc
     return _frame_from(obj, limits)
@@ -644,6 +652,11 @@ _MSGPACK_TYPES: Final = frozenset(
     {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 )
 _FORM_TYPE: Final = "application/x-www-form-urlencoded"
+
+
+def is_msgpack_type(content_type: str) -> bool:
+    """Whether a ``Content-Type`` names MessagePack (parameters ignored)."""
+    return content_type.partition(";")[0].strip().lower() in _MSGPACK_TYPES
 
 
 def decode_http_body(body: bytes, content_type: str, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
