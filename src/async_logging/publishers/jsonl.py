@@ -27,6 +27,7 @@ from typing import Final
 import orjson
 
 from ..buffer import Record
+from ..encoded import EncodedRecords
 from ..exceptions import ConfigError, UsageError
 from .base import BatchPublisher
 
@@ -135,6 +136,8 @@ class LineEncoder:
         Returns:
             The chunks (each a run of whole lines) and their total size in bytes.
         """
+        if type(records) is EncodedRecords:  # the engine's fast path encoded them already
+            return records.chunks, records.nbytes
         n = len(records)
         if n == 1:
             line = encode_line(records[0], self.stats)
@@ -225,7 +228,7 @@ class JsonLinesPublisher(BatchPublisher):
             UsageError: the publisher is closed.
             OSError: the write failed (disk full, ...); some of the batch may be written.
         """
-        if not isinstance(records, list | tuple):
+        if not isinstance(records, list | tuple | EncodedRecords):
             records = list(records)
         if not records:
             return

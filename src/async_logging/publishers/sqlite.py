@@ -60,6 +60,7 @@ from typing import Any, Final
 import orjson
 
 from ..buffer import Record
+from ..encoded import EncodedRecords
 from ..exceptions import AsyncLoggingError, ConfigError, UsageError
 from .base import BatchPublisher
 from .jsonl import encode_line
@@ -394,8 +395,14 @@ class SqliteStore(BatchPublisher):
         trees: list[TreeRow] = []
         spans: list[SpanRow] = []
         row = self._row
-        for i, record in enumerate(records, 1):
-            trees.append(row(i, record, spans))
+        if type(records) is EncodedRecords:
+            # Encoded by the engine's fast path: each line is the body already.
+            bodies = [line for chunk in records.chunks for line in chunk.splitlines()]
+            for i, record in enumerate(records, 1):
+                trees.append(row(i, record, spans, bodies[i - 1]))
+        else:
+            for i, record in enumerate(records, 1):
+                trees.append(row(i, record, spans))
         with self._lock:
             conn = self._connection()
             try:
@@ -446,7 +453,9 @@ class SqliteStore(BatchPublisher):
                     "store: skipped a record SQLite refused (%s: %s)", type(exc).__name__, exc
                 )
 
-    def _row(self, i: int, record: Record, spans: list[SpanRow]) -> TreeRow:
+    def _row(
+        self, i: int, record: Record, spans: list[SpanRow], body: bytes | None = None
+    ) -> TreeRow:
         """The ``trees`` row of ``record`` (ids relative to the batch); appends its spans.
 
         Every Python step here runs under the GIL that the server's event loop needs too,
@@ -454,10 +463,11 @@ class SqliteStore(BatchPublisher):
         the transaction nodes gives the spans, the flags and the node count; atomic
         children are only looked at for the one flag they can carry (``orphan``).
         """
-        try:
-            body = _dumps(record)
-        except TypeError:  # an odd value from a custom mapper: the file sink's fallbacks
-            body = encode_line(record, self.stats)[:-1]
+        if body is None:
+            try:
+                body = _dumps(record)
+            except TypeError:  # an odd value from a custom mapper: the file sink's fallbacks
+                body = encode_line(record, self.stats)[:-1]
         ts = _int64(record.get("timestamp"), 0)
         status = record.get("status")
         kind = record.get("kind")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from ..buffer import Record
+from ..encoded import EncodedRecords
 from .base import BasePublisher
 from .jsonl import LineEncoder
 
@@ -62,7 +63,7 @@ class StdoutPublisher(BasePublisher):
         Args:
             records: the batch.
         """
-        if not isinstance(records, list | tuple):
+        if not isinstance(records, list | tuple | EncodedRecords):
             records = list(records)
         if not records:
             return

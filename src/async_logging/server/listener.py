@@ -184,16 +184,14 @@ class LogListener:
                 self.frames_seen += 1
                 seq: int | None = None
                 try:
-                    frame = (
-                        wire.decode_json(data, limits)
-                        if is_text
-                        else wire.decode_msgpack(data, limits)
-                    )
-                    seq = frame.seq
-                    spent = max(1, len(frame.logs))
-                    fed = await pipeline.accept(
-                        frame.logs, (spool.JSON if is_text else spool.MSGPACK, data)
-                    )
+                    if is_text:
+                        frame = wire.decode_json(data, limits)
+                        seq = frame.seq
+                        spent = max(1, len(frame.logs))
+                        fed = await pipeline.accept(frame.logs, (spool.JSON, data))
+                    else:
+                        seq, items, fed = await pipeline.accept_msgpack(data)
+                        spent = max(1, items)
                 except BadInput as exc:
                     spent = 1  # a refused frame costs as much as one event: no free flooding
                     stats.bad_input[exc.reason] += 1
@@ -260,6 +258,10 @@ class LogListener:
                         status=408,
                     ) from exc
                 stats.bytes["http"] += len(body)
+                if wire.is_msgpack_type(ctype):
+                    self.frames_seen += 1
+                    seq, items, fed = await self.pipeline.accept_msgpack(body)
+                    return _post_answer(seq, items, fed)
                 frame = wire.decode_http_body(body, ctype, self.limits)
             self.frames_seen += 1
             raw = _spool_record(body if ctype != "multipart/form-data" else None, ctype, frame)
@@ -267,19 +269,7 @@ class LogListener:
         except BadInput as exc:
             stats.bad_input[exc.reason] += 1
             return _json_error(exc.status, exc.reason, exc.detail)
-        accepted = len(frame.logs) - len(fed.rejected)
-        body_out: dict[str, Any] = {"accepted": accepted}
-        if frame.seq is not None:
-            body_out["ack"] = frame.seq
-        if fed.rejected:
-            body_out["rejected"] = _rejections(fed)
-            if accepted == 0:
-                first = fed.rejected[0][1]
-                body_out.update(error=first.reason, detail=first.detail)
-                return web.Response(
-                    status=400, body=orjson.dumps(body_out), content_type="application/json"
-                )
-        return web.Response(body=orjson.dumps(body_out), content_type="application/json")
+        return _post_answer(frame.seq, len(frame.logs), fed)
 
     def _on_head_timeout(self) -> None:
         self.stats.connections_refused["request_timeout"] += 1
@@ -364,6 +354,24 @@ class _GuardedSite(web.TCPSite):
             transport.close()
             return
         loop.call_later(self._head_timeout, self._watch, loop, handler, count)
+
+
+def _post_answer(seq: int | None, items: int, fed: Any) -> web.Response:
+    """The answer to a ``POST /log`` batch: 200 with the count accepted (and the refusals),
+    400 when every event was refused."""
+    accepted = items - len(fed.rejected)
+    body_out: dict[str, Any] = {"accepted": accepted}
+    if seq is not None:
+        body_out["ack"] = seq
+    if fed.rejected:
+        body_out["rejected"] = _rejections(fed)
+        if accepted == 0:
+            first = fed.rejected[0][1]
+            body_out.update(error=first.reason, detail=first.detail)
+            return web.Response(
+                status=400, body=orjson.dumps(body_out), content_type="application/json"
+            )
+    return web.Response(body=orjson.dumps(body_out), content_type="application/json")
 
 
 def _spool_record(body: bytes | None, ctype: str, frame: wire.Frame) -> tuple[int, bytes]:

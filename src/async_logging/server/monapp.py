@@ -129,6 +129,11 @@ class SnapshotCollector(Collector):
             "spool_replayed", "Events replayed from the spool at start.", s.get("spool_replayed", 0)
         )
         yield _counter(
+            "native_frames",
+            "MessagePack frames reassembled by the native fast path (the rest: decoded and fed).",
+            s.get("native_frames", 0),
+        )
+        yield _counter(
             "publish_errors", "Publisher calls that raised (retried).", s["publish_errors"]
         )
         yield _counter(

@@ -1,7 +1,12 @@
 """The ingest pipeline: listeners hand it decoded logs; it owns the buffer and the publisher.
 
-Listener tasks ──accept(logs)──▶ LogBuffer (event-loop thread) ──records──▶ bounded queue
-──▶ publisher thread (``publish_many``) ──▶ sinks.
+Listener tasks ──accept(logs) / accept_msgpack(payload)──▶ LogBuffer (event-loop thread)
+──records──▶ bounded queue ──▶ publisher thread (``publish_many``) ──▶ sinks.
+
+A MessagePack payload first goes to the buffer's native fast path
+(:meth:`LogBuffer.prepare_msgpack <async_logging.buffer.LogBuffer.prepare_msgpack>`),
+which publishes whole trees as JSON lines (:class:`~async_logging.encoded.EncodedRecords`)
+without a Python object per event; a payload it declines is decoded and fed as before.
 
 The publisher runs in its own thread so a blocking sink never stalls the event loop. The
 queue between them is bounded (``publish_queue`` records): when it is full, ``accept`` waits
@@ -15,20 +20,23 @@ counted as ``records_dropped`` and logged.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
 
 from .. import wire
 from ..buffer import Fed, LogBuffer, Record
-from ..exceptions import BadInput
+from ..encoded import EncodedRecords
+from ..exceptions import BadInput, LimitExceeded
 from ..publishers import Publisher
 from .spool import JSON, MSGPACK, Spool
 
@@ -40,6 +48,9 @@ log = logging.getLogger("async_logging.server")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 #: uuids of replayed trees remembered so their later records are flagged too.
 REPLAYED_MEMORY = 100_000
+#: Payloads this large (bytes) are reassembled on a worker thread (smaller ones cost less
+#: than the hand-over).
+OFFLOAD_BYTES = int(os.environ.get("XOFFLOAD", "4096"))
 #: Backoff (seconds) between retries of a batch whose publisher raised.
 RETRY_BACKOFF = (0.05, 0.2, 1.0, 5.0)
 
@@ -63,6 +74,7 @@ class Stats:
         self.backpressure_waits = 0
         self.rate_limited = 0
         self.spool_replayed = 0
+        self.native_frames = 0
         self.spool_rebases = 0
         self.publish_errors = 0
         self.records_dropped = 0
@@ -96,6 +108,7 @@ class Stats:
             "backpressure_waits": self.backpressure_waits,
             "rate_limited": self.rate_limited,
             "spool_replayed": self.spool_replayed,
+            "native_frames": self.native_frames,
             "spool_rebases": self.spool_rebases,
             "publish_errors": self.publish_errors,
             "records_dropped": self.records_dropped,
@@ -163,13 +176,13 @@ class Pipeline:
         # known to be published, oldest first.
         self._spooled: deque[tuple[int, int]] = deque()
         # uuids of trees replayed from a spool: their records are flagged ``replayed``.
-        self._replayed: dict[str, None] = {}
+        self._replayed: OrderedDict[str, None] = OrderedDict()
         self.publisher = publisher
         self.stats = stats or Stats()
         self.publish_queue = publish_queue
         self.wait_for_publisher = wait_for_publisher
         # (time queued, records, spool checkpoint reached once they are published)
-        self._queue: deque[tuple[float, list[Record], int | None]] = deque()
+        self._queue: deque[tuple[float, Sequence[Record], int | None]] = deque()
         self._queued = 0
         self._cond = threading.Condition()
         self._stopping = False
@@ -178,6 +191,11 @@ class Pipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.closed = False
+        self._reassembler: concurrent.futures.ThreadPoolExecutor | None = None
+        if getattr(buffer, "native", False) and os.environ.get("XTHREAD", "0") == "1":
+            self._reassembler = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="async-logging-reassemble"
+            )
 
     @property
     def queued(self) -> int:
@@ -194,6 +212,16 @@ class Pipeline:
         )
         self._thread.start()
 
+    async def _room_to_feed(self) -> None:
+        """Wait while the publish queue is full (backpressure: the caller stops reading)."""
+        if self._queued >= self.publish_queue:
+            self.stats.backpressure_waits += 1
+            room = self._room
+            assert room is not None, "Pipeline.start() was not called"
+            while self._queued >= self.publish_queue and not self.closed:
+                room.clear()
+                await room.wait()
+
     async def accept(self, logs: list[Any], raw: tuple[int, bytes] | None = None) -> Fed:
         """Feed a batch to the buffer (waiting first while the publish queue is full).
 
@@ -205,25 +233,70 @@ class Pipeline:
         Raises:
             LimitExceeded: ``spool_full``; the batch was not taken.
         """
-        if self._queued >= self.publish_queue:
-            self.stats.backpressure_waits += 1
-            room = self._room
-            assert room is not None, "Pipeline.start() was not called"
-            while self._queued >= self.publish_queue and not self.closed:
-                room.clear()
-                await room.wait()
+        await self._room_to_feed()
+        fed = self._feed(functools.partial(self.buffer.feed_many, logs), raw)
+        self.stats.events += len(logs) - len(fed.rejected)
+        return fed
+
+    async def accept_msgpack(self, payload: bytes) -> tuple[int | None, int, Fed]:
+        """Feed one MessagePack payload (a binary frame or an HTTP body).
+
+        Whole trees go through the buffer's native fast path when it has one; anything it
+        declines is decoded (:func:`~async_logging.wire.decode_msgpack`) and fed like
+        :meth:`accept` does. Same waiting, spooling and errors either way.
+
+        Returns:
+            The envelope's ``seq`` (or None), the number of log items, and what was fed.
+
+        Raises:
+            BadInput: the payload does not decode or breaks a wire limit.
+            LimitExceeded: ``spool_full``; the batch was not taken.
+        """
+        await self._room_to_feed()
+        buffer = self.buffer
+        reassemble = getattr(buffer, "reassemble_msgpack", None)
+        result = None
+        if reassemble is not None:
+            pool = self._reassembler
+            if pool is not None and len(payload) >= OFFLOAD_BYTES:
+                # The native work runs beside the event loop (it releases the GIL), so this
+                # loop goes on reading the other connections meanwhile.
+                result = await asyncio.get_running_loop().run_in_executor(
+                    pool, reassemble, payload, self.wire_limits
+                )
+                if self.closed:
+                    raise LimitExceeded(
+                        "draining",
+                        "the server closed while this frame was being read; resend it",
+                        status=503,
+                    )
+            else:
+                result = reassemble(payload, self.wire_limits)
+        # No await from here on: the buffer cannot change between prepare and feed.
+        prepared = buffer.prepare_reassembled(result) if result is not None else None
+        if prepared is None:
+            frame = wire.decode_msgpack(payload, self.wire_limits)
+            fed = self._feed(functools.partial(buffer.feed_many, frame.logs), (MSGPACK, payload))
+            self.stats.events += len(frame.logs) - len(fed.rejected)
+            return frame.seq, len(frame.logs), fed
+        fed = self._feed(functools.partial(buffer.feed_prepared, prepared), (MSGPACK, payload))
+        self.stats.events += prepared.events
+        self.stats.native_frames += 1
+        return prepared.seq, prepared.events, fed
+
+    def _feed(self, feed: Callable[[], Fed], raw: tuple[int, bytes] | None) -> Fed:
+        """Run ``feed`` (which feeds the buffer) after spooling ``raw``; queue what it publishes."""
         spool = self.spool
         if spool is not None and raw is not None:
             before = spool.position
             spool.append(*raw)
-            fed = self.buffer.feed_many(logs)
+            fed = feed()
             self._spooled.append((getattr(self.buffer, "batches", 0), before))
             self.emit(fed.records, self._checkpoint())
         else:
-            fed = self.buffer.feed_many(logs)
+            fed = feed()
             if fed.records:
                 self.emit(fed.records)
-        self.stats.events += len(logs) - len(fed.rejected)
         return fed
 
     def _checkpoint(self) -> int | None:
@@ -279,7 +352,7 @@ class Pipeline:
                 if uuid is not None:
                     replayed[str(uuid)] = None
             while len(replayed) > REPLAYED_MEMORY:
-                del replayed[next(iter(replayed))]
+                replayed.popitem(last=False)
             fed = self.buffer.feed_many(frame.logs)
             self._spooled.append((getattr(self.buffer, "batches", 0), before))
             events += len(frame.logs) - len(fed.rejected)
@@ -296,10 +369,12 @@ class Pipeline:
         if records:
             self.emit(records)
 
-    def emit(self, records: list[Record], checkpoint: int | None = None) -> None:
+    def emit(self, records: Sequence[Record], checkpoint: int | None = None) -> None:
         """Queue records for the publisher thread (no waiting: callers check for room)."""
         replayed = self._replayed
         if replayed:  # a tree begun in a replayed batch may complete with later traffic
+            if isinstance(records, EncodedRecords):
+                records = records.decoded()
             for record in records:
                 if record.get("uuid") in replayed:
                     record["replayed"] = True
@@ -339,6 +414,8 @@ class Pipeline:
                 log.exception("publisher %s failed", step.__name__)
         if self.spool is not None:
             self.spool.close()
+        if self._reassembler is not None:
+            self._reassembler.shutdown(wait=False)
 
     # ------------------------------------------------------------------ publisher thread
 
@@ -353,13 +430,13 @@ class Pipeline:
                     return
                 batches = list(queue)
                 queue.clear()
-            records: list[Record] = []
             checkpoint = None
-            for _, batch, position in batches:
-                records.extend(batch)
+            for _, _, position in batches:
                 if position is not None:
                     checkpoint = position
-            published = self._publish_with_retry(records)
+            published = True
+            for run in _runs(batch for _, batch, _ in batches):
+                published = self._publish_with_retry(run) and published
             now = time.monotonic()
             for enqueued, _, _ in batches:
                 self.stats.observe_latency(now - enqueued)
@@ -368,9 +445,9 @@ class Pipeline:
                     self.spool.checkpoint(checkpoint)
                 except OSError:
                     log.exception("could not write the spool checkpoint")
-            self._release(len(records))
+            self._release(sum(len(batch) for _, batch, _ in batches))
 
-    def _publish_with_retry(self, records: list[Record]) -> bool:
+    def _publish_with_retry(self, records: Sequence[Record]) -> bool:
         """Publish, retrying with backoff; False only when given up at shutdown."""
         if not records:
             return True
@@ -389,8 +466,11 @@ class Pipeline:
                 attempt += 1
             else:
                 kinds = self.stats.records
-                for r in records:
-                    kinds[r.get("kind", "unknown")] += 1
+                if isinstance(records, EncodedRecords):
+                    kinds.update(records.kinds)
+                else:
+                    for r in records:
+                        kinds[r.get("kind", "unknown")] += 1
                 return True
 
     def _release(self, n: int) -> None:
@@ -401,6 +481,30 @@ class Pipeline:
             # A closed loop raises RuntimeError: then nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._room.set)
+
+
+def _runs(batches: Iterable[Sequence[Record]]) -> list[Sequence[Record]]:
+    """The batches as few publish calls as possible, in order: consecutive lists of dicts
+    joined into one list, consecutive encoded batches into one (never decoded here)."""
+    runs: list[Sequence[Record]] = []
+    plain: list[Record] = []
+    encoded: list[EncodedRecords] = []
+    for batch in batches:
+        if isinstance(batch, EncodedRecords):
+            if plain:
+                runs.append(plain)
+                plain = []
+            encoded.append(batch)
+        elif batch:
+            if encoded:
+                runs.append(EncodedRecords.join(encoded))
+                encoded = []
+            plain.extend(batch)
+    if plain:
+        runs.append(plain)
+    if encoded:
+        runs.append(EncodedRecords.join(encoded))
+    return runs
 
 
 def process_rss() -> int:
