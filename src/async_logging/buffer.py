@@ -412,6 +412,9 @@ class LogBuffer:
         native = self._native
         if native is None or type(payload) is not bytes:
             return None
+        now = self._clock()
+        if type(now) is not int:  # an injected clock may return a float: the reference path
+            return None
         cached = self._limits_cache
         if cached is None or cached[0] is not limits:
             lim = self.limits
@@ -427,7 +430,7 @@ class LogBuffer:
                     lim.max_events_per_tx,
                 ),
             )
-        return native.reassemble(payload, self._clock(), cached[1], orjson.dumps)  # type: ignore[no-any-return]
+        return native.reassemble(payload, now, cached[1], orjson.dumps)  # type: ignore[no-any-return]
 
     def prepare_reassembled(self, result: Reassembled | None) -> Prepared | None:
         """Check a :meth:`reassemble_msgpack` result against the engine's state.
@@ -740,7 +743,7 @@ class LogBuffer:
             published[g.uuid] = memory
         if g.roots and not g.pending:
             records = self._build_complete(g)
-            reason = None
+            reason = "cycle"  # a closed tree is incomplete only around a parent cycle
         else:
             reason = reason or "incomplete"
             records = self._build_incomplete(g, reason)
@@ -749,9 +752,11 @@ class LogBuffer:
             if r.get("complete") is True:
                 stats["published_complete"] += 1
             else:
-                why = r.setdefault("reason", reason or "incomplete")
+                # The engine's reason replaces a client's key of that name: "reason" on an
+                # incomplete record is the engine's (a client's value could be anything).
+                r["reason"] = reason
                 stats["published_incomplete"] += 1
-                self.incomplete[why] += 1
+                self.incomplete[reason] += 1
         return records
 
     def _build_complete(self, g: _Group) -> list[Record]:
