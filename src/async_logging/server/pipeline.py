@@ -20,7 +20,6 @@ counted as ``records_dropped`` and logged.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -36,7 +35,7 @@ import msgspec
 from .. import wire
 from ..buffer import Fed, LogBuffer, Record
 from ..encoded import EncodedRecords
-from ..exceptions import BadInput, LimitExceeded
+from ..exceptions import BadInput
 from ..publishers import Publisher
 from .spool import JSON, MSGPACK, Spool
 
@@ -48,9 +47,6 @@ log = logging.getLogger("async_logging.server")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 #: uuids of replayed trees remembered so their later records are flagged too.
 REPLAYED_MEMORY = 100_000
-#: Payloads this large (bytes) are reassembled on a worker thread (smaller ones cost less
-#: than the hand-over).
-OFFLOAD_BYTES = int(os.environ.get("XOFFLOAD", "4096"))
 #: Backoff (seconds) between retries of a batch whose publisher raised.
 RETRY_BACKOFF = (0.05, 0.2, 1.0, 5.0)
 
@@ -191,11 +187,6 @@ class Pipeline:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.closed = False
-        self._reassembler: concurrent.futures.ThreadPoolExecutor | None = None
-        if getattr(buffer, "native", False) and os.environ.get("XTHREAD", "0") == "1":
-            self._reassembler = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="async-logging-reassemble"
-            )
 
     @property
     def queued(self) -> int:
@@ -255,23 +246,9 @@ class Pipeline:
         await self._room_to_feed()
         buffer = self.buffer
         reassemble = getattr(buffer, "reassemble_msgpack", None)
-        result = None
-        if reassemble is not None:
-            pool = self._reassembler
-            if pool is not None and len(payload) >= OFFLOAD_BYTES:
-                # The native work runs beside the event loop (it releases the GIL), so this
-                # loop goes on reading the other connections meanwhile.
-                result = await asyncio.get_running_loop().run_in_executor(
-                    pool, reassemble, payload, self.wire_limits
-                )
-                if self.closed:
-                    raise LimitExceeded(
-                        "draining",
-                        "the server closed while this frame was being read; resend it",
-                        status=503,
-                    )
-            else:
-                result = reassemble(payload, self.wire_limits)
+        # Inline on the event loop: handing frames to a worker thread (the extension releases
+        # the GIL) measured slower on 2 cores, the GIL hand-overs costing more than it freed.
+        result = reassemble(payload, self.wire_limits) if reassemble is not None else None
         # No await from here on: the buffer cannot change between prepare and feed.
         prepared = buffer.prepare_reassembled(result) if result is not None else None
         if prepared is None:
@@ -414,8 +391,6 @@ class Pipeline:
                 log.exception("publisher %s failed", step.__name__)
         if self.spool is not None:
             self.spool.close()
-        if self._reassembler is not None:
-            self._reassembler.shutdown(wait=False)
 
     # ------------------------------------------------------------------ publisher thread
 
