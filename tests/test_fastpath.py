@@ -1689,7 +1689,7 @@ def test_late_events_after_a_native_tree_match_the_reference() -> None:
 
 
 def test_a_payload_that_is_not_bytes_is_declined() -> None:
-    """A bytearray or memoryview payload (mutable, so not read with the GIL released) is
+    """A bytearray or memoryview payload (the server only hands over bytes) is
     declined, not misread."""
     a = LogBuffer(clock=Clock())
     for payload in (bytearray(OK_FRAME), memoryview(OK_FRAME)):
@@ -1698,8 +1698,8 @@ def test_a_payload_that_is_not_bytes_is_declined() -> None:
 
 
 def test_frames_taken_in_threads_at_once_give_the_same_records() -> None:
-    """Frames prepared by several threads at once (the native path runs without the GIL,
-    taking it back for floats) give exactly what they give one at a time."""
+    """Frames prepared by several threads at once (each call on its own memory, floats
+    through a Python call) give exactly what they give one at a time."""
     data = _load_bench_data()
     payloads = [
         msgpack.packb([e for tx in data.shuffled_transactions(20, seed=n) for e in tx])

@@ -108,7 +108,7 @@ static int buf_grow(Buf *b, size_t extra) {
     b->cap = cap;
     return OK;
 fail:
-    return ERR; /* out of memory: raised once the GIL is held again */
+    return ERR; /* out of memory: reassemble() raises MemoryError */
 }
 
 static inline int buf_reserve(Buf *b, size_t extra) {
@@ -732,7 +732,6 @@ typedef struct {
 typedef struct {
     Params prm;
     PyObject *dumps_fn;
-    PyThreadState *ts; /* while the GIL is released: this thread's state, else NULL */
     uint64_t seq;      /* the envelope's seq, when has_seq */
     int has_seq;
     Arena arena;
@@ -784,11 +783,10 @@ static int no_duplicates(Keys *k, const int32_t *ids, Py_ssize_t n) {
     return OK;
 }
 
-/* Check one value nested in a log map (depth: its level; the log map is 1) and skip it;
- * *deepest is raised to the deepest level reached. */
-static int check_nested(Ctx *c, Reader *r, Value *v, int depth, int32_t *deepest) {
-    TRY(read_token(r, v, c->prm.max_string));
-    if (v->type != T_ARRAY && v->type != T_MAP) return OK;
+static int check_nested(Ctx *c, Reader *r, Value *v, int depth, int32_t *deepest);
+
+/* Check the items of an array or map whose header v was just read (depth: its level). */
+static int check_container(Ctx *c, Reader *r, Value *v, int depth, int32_t *deepest) {
     if (depth > c->prm.max_depth || depth > HARD_MAX_DEPTH) return NO;
     if (depth > *deepest) *deepest = depth;
     Value item;
@@ -810,6 +808,14 @@ static int check_nested(Ctx *c, Reader *r, Value *v, int depth, int32_t *deepest
     return OK;
 }
 
+/* Check one value nested in a log map (depth: its level; the log map is 1) and skip it;
+ * *deepest is raised to the deepest level reached. */
+static int check_nested(Ctx *c, Reader *r, Value *v, int depth, int32_t *deepest) {
+    TRY(read_token(r, v, c->prm.max_string));
+    if (v->type != T_ARRAY && v->type != T_MAP) return OK;
+    return check_container(c, r, v, depth, deepest);
+}
+
 static int parse_event(Ctx *c, Reader *r, Event *ev) {
     Value m;
     TRY(read_token(r, &m, c->prm.max_string));
@@ -826,9 +832,10 @@ static int parse_event(Ctx *c, Reader *r, Event *ev) {
         TRY(read_key(r, &c->keys, &c->arena, c->prm.max_string, &f->key));
         if (c->keys.keys[f->key].stamp == stamp) return NO; /* a duplicate key */
         c->keys.keys[f->key].stamp = stamp;
-        TRY(check_nested(c, r, &f->v, 2, &ev->vdepth));
-        /* nested maps took stamps of their own: take this map's again */
+        TRY(read_token(r, &f->v, c->prm.max_string)); /* scalars: inline */
         if (f->v.type == T_MAP || f->v.type == T_ARRAY) {
+            TRY(check_container(c, r, &f->v, 2, &ev->vdepth));
+            /* nested maps took stamps of their own: take this map's again */
             stamp = ++c->keys.stamp;
             for (uint32_t j = 0; j <= i; j++) c->keys.keys[ev->fields[j].key].stamp = stamp;
         }
@@ -1335,10 +1342,9 @@ static int write_json_str(Buf *b, const uint8_t *s, size_t n) {
     return OK;
 }
 
-/* Floats are formatted by orjson itself (a Python call, so with the GIL held again):
- * the shortest repr it picks is not worth re-deriving, and floats are rare in logs. */
+/* Floats are formatted by orjson itself (a Python call): the shortest repr it picks is not
+ * worth re-deriving, and floats are rare in logs. */
 static int write_float(Ctx *c, double f) {
-    if (c->ts != NULL) PyEval_RestoreThread(c->ts);
     int rc = ERR;
     PyObject *obj = PyFloat_FromDouble(f);
     PyObject *res = obj ? PyObject_CallOneArg(c->dumps_fn, obj) : NULL;
@@ -1349,7 +1355,6 @@ static int write_float(Ctx *c, double f) {
         rc = buf_put(&c->out, PyBytes_AS_STRING(res), (size_t)PyBytes_GET_SIZE(res));
     if (rc == ERR && !PyErr_Occurred()) PyErr_NoMemory();
     Py_XDECREF(res);
-    if (c->ts != NULL) c->ts = PyEval_SaveThread();
     return rc;
 }
 
@@ -1465,15 +1470,18 @@ static void mapped_entries(Ctx *c, const Event *ev, Entries *out) {
     out->n = n;
 }
 
-static int write_entries(Ctx *c, const Entries *en) {
+/* "key":value, */
+static inline int write_entry(Ctx *c, int32_t key, const Value *v) {
     Buf *b = &c->out;
-    TRY(buf_put(b, "{", 1));
-    for (int32_t i = 0; i < en->n; i++) {
-        const Key *k = &c->keys.keys[en->e[i].key];
-        TRY(buf_put(b, k->json, k->json_len));
-        TRY(write_value(c, en->e[i].v));
-        TRY(buf_put(b, ",", 1));
-    }
+    const Key *k = &c->keys.keys[key];
+    TRY(buf_put(b, k->json, k->json_len));
+    TRY(write_value(c, v));
+    return buf_put(b, ",", 1);
+}
+
+static int write_entries(Ctx *c, const Entries *en) {
+    TRY(buf_put(&c->out, "{", 1));
+    for (int32_t i = 0; i < en->n; i++) TRY(write_entry(c, en->e[i].key, en->e[i].v));
     return OK;
 }
 
@@ -1487,10 +1495,20 @@ static Entry *entries_alloc(Ctx *c, int32_t n) {
 /* An atomic event as a record; `level` is the JSON level of its object (1 at top). */
 static int write_atomic(Ctx *c, const Event *ev, int level) {
     if (level - 1 + ev->vdepth > MAX_JSON_LEVEL) return NO;
-    Entries en = {entries_alloc(c, ev->nf + 6), 0};
-    if (en.e == NULL) return ERR;
-    mapped_entries(c, ev, &en);
-    TRY(write_entries(c, &en));
+    /* what write_entries(mapped_entries(ev)) writes, without building the entries */
+    TRY(buf_put(&c->out, "{", 1));
+    const Field *f = ev->fields;
+    for (int32_t i = 0; i < ev->nf; i++) {
+        int32_t k = f[i].key;
+        if (k == K_CLAZZ) continue;
+        TRY(write_entry(c, k, (k < NK && ev->ov[k] != NULL) ? ev->ov[k] : &f[i].v));
+    }
+    if (ev->app_request != NULL) TRY(write_entry(c, K_REQUEST, ev->app_request));
+    if (ev->app_parent != NULL) TRY(write_entry(c, K_PARENT, ev->app_parent));
+    if (ev->app_type != NULL) TRY(write_entry(c, K_TYPE, ev->app_type));
+    if (ev->app_timestamp != NULL) TRY(write_entry(c, K_TIMESTAMP, ev->app_timestamp));
+    if (ev->app_ipaddress != NULL) TRY(write_entry(c, K_IPADDRESS, ev->app_ipaddress));
+    if (ev->app_tid != NULL) TRY(write_entry(c, K_TID, ev->app_tid));
     if (ev->clazz == C_HEARTBEAT) return PUT_LIT(&c->out, "\"kind\":\"heartbeat\"}");
     return PUT_LIT(&c->out, "\"kind\":\"atomicEvent\"}");
 }
@@ -1711,7 +1729,7 @@ static int run(Ctx *c, const uint8_t *data, Py_ssize_t size) {
     } else if (top.type == T_MAP) {
         /* an envelope: "logs" (an array) and optionally "seq" (an int >= 0), nothing else */
         for (uint32_t i = 0; i < top.len; i++) {
-            Value k, v;
+            Value k = {0}, v = {0};
             TRY(read_token(&r, &k, -1));
             if (k.type != T_STR) return NO;
             TRY(read_token(&r, &v, -1));
@@ -1840,18 +1858,16 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     c.prm.tree_depth = lim[5];
     c.prm.tx_events = lim[6];
     c.dumps_fn = args[3];
-    /* bytes only: immutable, so it can be read with the GIL released */
+    /* bytes only: the frames the server receives; anything else takes the reference path */
     if (!PyBytes_Check(args[0])) Py_RETURN_NONE;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
     PyObject *seq = NULL, *result = NULL;
-    /* Everything up to the results is plain C on the payload's bytes: other threads run
-     * meanwhile (the server calls this from a worker thread beside its event loop). */
-    c.ts = PyEval_SaveThread();
+    /* The GIL stays held: releasing it for the ~50 us a frame takes measured slower in
+     * the server (its event loop then had to win the GIL back from the publisher thread
+     * after every frame: 517-609k events/s against 635-659k held). */
     int rc = ctx_init(&c);
     if (rc == OK) rc = run(&c, view.buf, view.len);
-    PyEval_RestoreThread(c.ts);
-    c.ts = NULL;
     if (rc == ERR && !PyErr_Occurred()) PyErr_NoMemory();
     if (rc == OK && c.has_seq) {
         seq = PyLong_FromUnsignedLongLong(c.seq);

@@ -402,8 +402,8 @@ class LogBuffer:
     ) -> Reassembled | None:
         """The native work of :meth:`prepare_msgpack`, which reads no engine state.
 
-        Safe to call from any thread, several at once: the extension releases the GIL
-        while it parses and writes, so a server can run it beside its event loop.
+        Safe to call from any thread: every call works on its own memory (it holds the
+        GIL, which measured faster in the server than releasing it).
 
         Returns:
             The frame reassembled, for :meth:`prepare_reassembled`; None when the frame
@@ -453,16 +453,19 @@ class LogBuffer:
                 return None
             if not self._published.keys().isdisjoint(uuids):
                 return None
-        records = EncodedRecords(
-            lines,
-            {TRANSACTION: transactions, ATOMIC: atomics, HEARTBEAT: heartbeats},
-        )
+        standalone = atomics + heartbeats
+        if standalone:
+            kinds = {TRANSACTION: transactions, ATOMIC: atomics, HEARTBEAT: heartbeats}
+            kinds = {kind: n for kind, n in kinds.items() if n}
+        else:
+            kinds = {TRANSACTION: transactions} if transactions else {}
+        records = EncodedRecords._made(lines, kinds, transactions + standalone)
         return Prepared(
             self.batches,
             seq,
             records,
             events=events,
-            standalone=atomics + heartbeats,
+            standalone=standalone,
             uuids=uuids,
             memories=memories,
         )
