@@ -73,6 +73,18 @@ class EncodedRecords(Sequence[Record]):
         self._decoded: list[Record] | None = None
 
     @classmethod
+    def _made(cls, lines: bytes, kinds: dict[str, int], count: int) -> EncodedRecords:
+        """A batch from parts the caller vouches for (``kinds`` without zeros, ``count``
+        their sum): the per-frame path, without the checks of ``__init__``."""
+        self = cls.__new__(cls)
+        self.chunks = [lines] if lines else []
+        self.nbytes = len(lines)
+        self.kinds = kinds
+        self._count = count
+        self._decoded = None
+        return self
+
+    @classmethod
     def join(cls, batches: Iterable[EncodedRecords]) -> EncodedRecords:
         """One batch holding the records of ``batches``, in order (their chunks, not copied)."""
         batches = list(batches)

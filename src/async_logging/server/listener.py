@@ -56,6 +56,10 @@ class LogListener:
         self.stats = pipeline.stats
         self.limits = pipeline.wire_limits
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        # Loop time of each open WebSocket's last frame, for the idle watchdog.
+        self._last_frame: dict[web.WebSocketResponse, float] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[bool]] = set()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port: int = config.port
@@ -91,7 +95,30 @@ class LogListener:
         sockets = getattr(server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        if self.config.idle_timeout > 0:
+            self._watchdog = asyncio.create_task(self._close_idle(), name="idle-watchdog")
         return self.port
+
+    async def _close_idle(self) -> None:
+        """Close WebSockets that sent no frame for ``idle_timeout`` seconds (1000, "idle").
+
+        One watchdog for every connection, waking every quarter of the timeout (30 s at
+        most): a connection is closed between ``idle_timeout`` and 1.25 times it (or 30 s
+        past it) after its last frame. (aiohttp's own receive timeout would arm and cancel
+        a timer for every frame received.)
+        """
+        timeout = self.config.idle_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(timeout / 4, 30.0))
+            now = loop.time()
+            for ws, last in list(self._last_frame.items()):
+                if now - last >= timeout and not ws.closed:
+                    del self._last_frame[ws]
+                    self.stats.connections_refused["idle"] += 1
+                    task = asyncio.ensure_future(ws.close(code=WSCloseCode.OK, message=b"idle"))
+                    self._closing.add(task)  # held until done (the loop keeps weak refs)
+                    task.add_done_callback(self._closing.discard)
 
     async def stop_accepting(self) -> None:
         """Stop taking new connections (the listening socket closes; others may hold the port)."""
@@ -117,6 +144,9 @@ class LogListener:
 
     async def cleanup(self) -> None:
         """Release the HTTP machinery (after the pipeline is closed)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -144,19 +174,20 @@ class LogListener:
             protocols=(SUBPROTOCOL,),
             max_msg_size=self.config.max_message_bytes,
             heartbeat=self.config.ping_interval or None,
-            receive_timeout=self.config.idle_timeout or None,
             decode_text=False,
         )
         await ws.prepare(request)
         self.stats.connections += 1
         self.stats.connections_total += 1
         self._sockets.add(ws)
+        self._last_frame[ws] = asyncio.get_running_loop().time()
         try:
             await ws.send_str(READY)
             await self._serve(ws)
         finally:
             self.stats.connections -= 1
             self._sockets.discard(ws)
+            self._last_frame.pop(ws, None)
             if not ws.closed:
                 await ws.close()
         return ws
@@ -168,15 +199,13 @@ class LogListener:
         rate = self.config.rate_limit
         loop = asyncio.get_running_loop()
         bucket = guard.TokenBucket(rate, now=loop.time()) if rate > 0 else None
+        last_frame = self._last_frame
         while True:
-            try:
-                msg = await ws.receive()
-            except TimeoutError:
-                stats.connections_refused["idle"] += 1
-                await ws.close(code=WSCloseCode.OK, message=b"idle")
-                return
+            msg = await ws.receive()
             kind = msg.type
             if kind is WSMsgType.BINARY or kind is WSMsgType.TEXT:
+                if ws in last_frame:
+                    last_frame[ws] = loop.time()
                 data = msg.data
                 is_text = kind is WSMsgType.TEXT
                 stats.frames["ws"] += 1

@@ -204,14 +204,17 @@ class Pipeline:
         self._thread.start()
 
     async def _room_to_feed(self) -> None:
-        """Wait while the publish queue is full (backpressure: the caller stops reading)."""
-        if self._queued >= self.publish_queue:
-            self.stats.backpressure_waits += 1
-            room = self._room
-            assert room is not None, "Pipeline.start() was not called"
-            while self._queued >= self.publish_queue and not self.closed:
-                room.clear()
-                await room.wait()
+        """Wait while the publish queue is full (backpressure: the caller stops reading).
+
+        Callers check ``self._queued >= self.publish_queue`` first, which saves a
+        coroutine per frame when there is room.
+        """
+        self.stats.backpressure_waits += 1
+        room = self._room
+        assert room is not None, "Pipeline.start() was not called"
+        while self._queued >= self.publish_queue and not self.closed:
+            room.clear()
+            await room.wait()
 
     async def accept(self, logs: list[Any], raw: tuple[int, bytes] | None = None) -> Fed:
         """Feed a batch to the buffer (waiting first while the publish queue is full).
@@ -224,7 +227,8 @@ class Pipeline:
         Raises:
             LimitExceeded: ``spool_full``; the batch was not taken.
         """
-        await self._room_to_feed()
+        if self._queued >= self.publish_queue:
+            await self._room_to_feed()
         fed = self._feed(functools.partial(self.buffer.feed_many, logs), raw)
         self.stats.events += len(logs) - len(fed.rejected)
         return fed
@@ -243,11 +247,12 @@ class Pipeline:
             BadInput: the payload does not decode or breaks a wire limit.
             LimitExceeded: ``spool_full``; the batch was not taken.
         """
-        await self._room_to_feed()
+        if self._queued >= self.publish_queue:
+            await self._room_to_feed()
         buffer = self.buffer
         reassemble = getattr(buffer, "reassemble_msgpack", None)
-        # Inline on the event loop: handing frames to a worker thread (the extension releases
-        # the GIL) measured slower on 2 cores, the GIL hand-overs costing more than it freed.
+        # Inline on the event loop: handing frames to a worker thread, with the GIL released
+        # in the extension, measured slower on 2 cores (the GIL hand-overs cost more).
         result = reassemble(payload, self.wire_limits) if reassemble is not None else None
         # No await from here on: the buffer cannot change between prepare and feed.
         prepared = buffer.prepare_reassembled(result) if result is not None else None
@@ -356,9 +361,11 @@ class Pipeline:
                 if record.get("uuid") in replayed:
                     record["replayed"] = True
         with self._cond:
-            self._queue.append((time.monotonic(), records, checkpoint))
+            queue = self._queue
+            queue.append((time.monotonic(), records, checkpoint))
             self._queued += len(records)
-            self._cond.notify()
+            if len(queue) == 1:  # else the publisher was woken already and takes them all
+                self._cond.notify()
 
     async def close(self, reason: str = "shutdown") -> None:
         """Publish everything the buffer holds (flagged ``reason``), then stop the publisher."""
