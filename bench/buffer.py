@@ -86,12 +86,16 @@ def main() -> None:
 
     def native() -> None:
         buf = LogBuffer(clock=lambda: 1_795_463_406_000)
+        tune_gc()  # the collector as `serve` runs it, as for the reference engine
         feed = buf.feed_msgpack
         for f in frames:
             if feed(f) is None:
                 raise SystemExit("a frame was declined by the native path")
         assert buf.stats["published_complete"] == n
+        gc.unfreeze()
+        gc.enable()
 
+    decoded.clear()  # the reference run's dicts are not the native run's garbage
     t_native = best_of(3, native) if NATIVE else float("nan")
 
     def rate(t: float) -> float:
