@@ -988,10 +988,12 @@ def test_native_and_reference_agree_on_generated_frames() -> None:
 
     run()
     # The share taken is pinned over many more frames by the next test; here it is only a
-    # sanity check, on however many unperturbed default-limit frames the run drew.
+    # sanity check on however many unperturbed default-limit frames the run drew (some of
+    # them rightly declined: float32 packing can merge two large float ids, making the
+    # tree incomplete for the reference path too).
     total = taken["True"] + taken["False"]
     assert total > 0, taken
-    assert taken["True"] >= 0.8 * total or total < 10, taken
+    assert taken["True"] >= 0.5 * total or total < 10, taken
 
 
 def test_unperturbed_frames_in_any_packing_are_mostly_taken() -> None:
