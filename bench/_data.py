@@ -100,12 +100,18 @@ def transaction(n: int, t0: int = 1_795_463_406_000, pid: int = 4242) -> list[di
     return ev
 
 
-def shuffled_transactions(count: int, seed: int = 7) -> list[list[dict[str, Any]]]:
-    """``count`` transactions, each with its events in a random order."""
+def shuffled_transactions(
+    count: int, seed: int = 7, t0: int = 1_795_463_406_000
+) -> list[list[dict[str, Any]]]:
+    """``count`` transactions, each with its events in a random order, starting at ``t0`` ms.
+
+    The default ``t0`` is fixed (reproducible records); a server run wants the current time,
+    or its store's age retention (7 days) deletes the trees as soon as they are stored.
+    """
     rng = random.Random(seed)
     out = []
     for n in range(count):
-        ev = transaction(n)
+        ev = transaction(n, t0)
         rng.shuffle(ev)
         out.append(ev)
     return out

@@ -48,6 +48,9 @@ def start_server(out: Path, extra: list[str]) -> tuple[subprocess.Popen[str], in
         "0",
         "--log-file",
         str(out),
+        # the store (on by default) beside the log file: a fresh one each run, not ./log/
+        "--store",
+        str(out.with_name("trees.sqlite")),
         "--log-max-bytes",
         "0",
         *extra,
@@ -123,13 +126,16 @@ def bare_decode_rate(frames: list[bytes], events: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--transactions", type=int, default=100_000)
+    # Past max_published_memory (100,000 uuids): the steady state of a server that has
+    # been up a while, evicting the oldest remembered tree for each new one.
+    ap.add_argument("--transactions", type=int, default=200_000)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--tx-per-frame", type=int, default=10)
     ap.add_argument("--server-arg", action="append", default=[], help="extra serve flag")
     args = ap.parse_args()
     n, k = args.transactions, args.tx_per_frame
-    txs = shuffled_transactions(n)
+    # Stamped now: with an old fixed time the store's age retention would delete every tree.
+    txs = shuffled_transactions(n, t0=int(time.time() * 1000))
     frames = [msgpack.packb([e for tx in txs[i : i + k] for e in tx]) for i in range(0, n, k)]
     events = n * EVENTS_PER_TX
     mp_rate, ms_rate = bare_decode_rate(frames, events)
