@@ -582,7 +582,18 @@ static int intern(Keys *k, Arena *arena, const uint8_t *p, uint32_t n, int32_t *
 
 /* Read a map key: a string, checked like read_token does, and interned. The common
  * short ASCII key costs two word loads, a hash of them and one probe. */
-HOT int read_key(Reader *r, Keys *k, Arena *arena, Py_ssize_t max_string, int32_t *id) {
+/* The key last read at one position of a log map: events of a frame mostly repeat the
+ * same keys in the same order, so most keys are found here without hashing. */
+typedef struct {
+    uint64_t w0, w1;
+    uint32_t n; /* 0: empty (a zero-length key is never cached) */
+    int32_t id;
+} KeySlot;
+
+#define KEY_CACHE 32 /* positions cached */
+
+HOT int read_key(Reader *r, Keys *k, Arena *arena, Py_ssize_t max_string, int32_t *id,
+                 KeySlot *cached) {
     const uint8_t *p = r->p, *end = r->end;
     uint32_t n;
     if (p < end && (*p & 0xE0) == 0xA0) { /* fixstr */
@@ -597,6 +608,12 @@ HOT int read_key(Reader *r, Keys *k, Arena *arena, Py_ssize_t max_string, int32_
     }
     uint64_t w0, w1;
     load16(p, n, end, &w0, &w1);
+    if (cached != NULL && n != 0 && cached->n == n && cached->w0 == w0 && cached->w1 == w1) {
+        /* the same bytes as a key already checked and interned (n <= 16: all compared) */
+        r->p = p + n;
+        *id = cached->id;
+        return OK;
+    }
     if (n > 16 || ((w0 | w1) & HIGH)) { /* longer, or not ASCII: the full check */
         if (!utf8_valid(p, n)) return NO;
         if (max_string >= 0 && n > (uint64_t)max_string && utf8_chars(p, n) > (size_t)max_string)
@@ -605,7 +622,14 @@ HOT int read_key(Reader *r, Keys *k, Arena *arena, Py_ssize_t max_string, int32_
         return NO;
     }
     r->p = p + n;
-    return intern_words(k, arena, p, n, w0, w1, id);
+    TRY(intern_words(k, arena, p, n, w0, w1, id));
+    if (cached != NULL && n > 0 && n <= 16) {
+        cached->w0 = w0;
+        cached->w1 = w1;
+        cached->n = n;
+        cached->id = *id;
+    }
+    return OK;
 }
 
 /* ------------------------------------------------------------------ md5 (tid digit) */
@@ -754,6 +778,7 @@ typedef struct {
     uint32_t atomic_mask;
     int32_t *sort_tmp, *sort_tmp2;
     char *block, *zeroed; /* the two allocations behind the arrays above */
+    KeySlot key_cache[KEY_CACHE]; /* by position in a log map (see read_key) */
     Buf out;
     int32_t n_tx, n_atomic, n_heartbeat;
 } Ctx;
@@ -797,7 +822,7 @@ static int check_container(Ctx *c, Reader *r, Value *v, int depth, int32_t *deep
         Py_ssize_t base = c->nscratch;
         for (uint32_t i = 0; i < v->len; i++) {
             int32_t id;
-            TRY(read_key(r, &c->keys, &c->arena, c->prm.max_string, &id));
+            TRY(read_key(r, &c->keys, &c->arena, c->prm.max_string, &id, NULL));
             TRY(push_scratch(c, id));
             TRY(check_nested(c, r, &item, depth + 1, deepest));
         }
@@ -829,7 +854,8 @@ static int parse_event(Ctx *c, Reader *r, Event *ev) {
     uint32_t stamp = ++c->keys.stamp;
     for (uint32_t i = 0; i < m.len; i++) {
         Field *f = &ev->fields[i];
-        TRY(read_key(r, &c->keys, &c->arena, c->prm.max_string, &f->key));
+        KeySlot *cached = i < KEY_CACHE ? &c->key_cache[i] : NULL;
+        TRY(read_key(r, &c->keys, &c->arena, c->prm.max_string, &f->key, cached));
         if (c->keys.keys[f->key].stamp == stamp) return NO; /* a duplicate key */
         c->keys.keys[f->key].stamp = stamp;
         TRY(read_token(r, &f->v, c->prm.max_string)); /* scalars: inline */
