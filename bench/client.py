@@ -12,8 +12,8 @@ Prints, in one run (DESIGN §7, issue 4):
    ack-only WebSocket sink (this same script with ``--sink``), which shows the client's
    own ceiling when the proxy is the bottleneck (the proxy's CPU time is printed too).
 
-The proxy and the sink run in subprocesses (the proxy as ``async-logging serve`` with the
-no-op ``BasePublisher``) so they do not share this process's GIL. Costs are medians of
+The proxy and the sink run in subprocesses (the proxy as ``async-logging serve`` writing
+JSON lines to a temporary file, the SQLite store off) so they do not share this process's GIL. Costs are medians of
 batches of calls: wall time per call, and the application thread's CPU time per call
 (``time.thread_time``), which leaves out the time the thread waited for the GIL while the
 sender thread ran; the sender thread's own CPU time per event is printed beside them.
@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,11 +47,13 @@ from async_logging.client import LogClient, configure, event, transaction
 ANNOUNCE = re.compile(r"listening on ws://[^:]+:(\d+)/")
 
 
-def start_server(sink: bool = False) -> tuple[subprocess.Popen[str], int]:
+def start_server(sink: bool = False, log_dir: str = ".") -> tuple[subprocess.Popen[str], int]:
     cmd = [
         sys.executable, "-m", "async_logging.cli", "serve", "--host", "127.0.0.1",
         "--port", "0", "--mon-port", "-1", "--heartbeat-interval", "0",
-        "--publisher", "async_logging.publishers.base:BasePublisher",
+        # the default sink, in a temporary directory; the SQLite store off (bench/ingest.py
+        # measures the proxy with it)
+        "--log-file", os.path.join(log_dir, "all.log"), "--log-max-bytes", "0", "--store", "",
     ]  # fmt: skip
     if sink:
         cmd = [sys.executable, __file__, "--sink"]
@@ -268,16 +272,18 @@ def main() -> None:
     if args.sink:
         run_sink()
         return
-    proc, port = start_server()
-    sink, sink_port = start_server(sink=True)
-    try:
-        costs(port, args.calls)
-        throughput(port, args.seconds, "a real proxy (async-logging serve)", proc)
-        throughput(sink_port, args.seconds, "an ack-only sink (the client's own ceiling)", sink)
-    finally:
-        for p in (proc, sink):
-            p.terminate()
-            p.wait(30)
+    with tempfile.TemporaryDirectory() as log_dir:
+        proc, port = start_server(log_dir=log_dir)
+        sink, sink_port = start_server(sink=True)
+        try:
+            costs(port, args.calls)
+            label = "a real proxy (async-logging serve, JSON-lines sink)"
+            throughput(port, args.seconds, label, proc)
+            throughput(sink_port, args.seconds, "an ack-only sink (the client's own ceiling)", sink)
+        finally:
+            for p in (proc, sink):
+                p.terminate()
+                p.wait(30)
 
 
 if __name__ == "__main__":

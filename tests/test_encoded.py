@@ -285,3 +285,36 @@ def test_native_buffer_publishes_the_bench_frames_natively() -> None:
     for frame in bench_frames(50, 10):
         assert buf.feed_msgpack(frame, wire.DEFAULT_LIMITS) is not None
     assert buf.stats["published_complete"] == 50 and buf.open_count == 0
+
+
+@needs_native
+async def test_the_python_clients_frames_take_the_native_path() -> None:
+    """What LogClient sends (whole trees, many per frame, ids as ints, one millisecond for many
+    events) is reassembled natively by the server, every frame of it."""
+    from async_logging.client import LogClient
+
+    publisher = MemoryPublisher()
+    cluster = LogCluster(
+        host="127.0.0.1", port=0, mon_port=-1, heartbeat_interval=0, store="", publisher=publisher
+    )
+    await cluster.start()
+    try:
+
+        def app() -> None:
+            client = LogClient(url=f"ws://127.0.0.1:{cluster.port}/", exit_timeout=0)
+            for _ in range(300):
+                with client.transaction("URL", "/checkout"):
+                    for _ in range(5):
+                        client.event("DB", "select", "row", "INFO")
+                    with client.transaction("API", "payment"):
+                        for _ in range(3):
+                            client.event("HTTP", "post", "ok", "INFO")
+            assert client.close(TIMEOUT)
+
+        await asyncio.to_thread(app)
+        await asyncio.to_thread(publisher.wait_for, lambda p: len(p.transactions) == 300, TIMEOUT)
+    finally:
+        await cluster.stop()
+    stats = cluster.stats
+    assert stats.events == 3600
+    assert stats.native_frames == stats.frames["ws"] > 0

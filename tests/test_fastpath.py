@@ -1264,6 +1264,29 @@ def test_the_benchmark_frame_is_taken_natively(wrap: str) -> None:
     check_later_behaviour(a, b, payload)
 
 
+def test_many_trees_sharing_times_and_ids_are_taken_natively() -> None:
+    """A frame of many trees whose events share their millisecond and their ids (what a busy
+    client sends: ids restart at 1 in every tree) is taken natively, with the reference's
+    output: duplicate detection keys on the tree too, so neighbouring trees never look alike
+    (a weak hash once declined every such frame)."""
+    logs = []
+    for n in range(200):
+        uuid = f"req-{n}"
+        logs.append({"clazz": "begin", "uuid": uuid, "event": 1, "parent": 0, "timestamp": T0})
+        for k in range(2, 7):
+            logs.append(
+                {"uuid": uuid, "event": k, "parent": 1, "timestamp": T0, "msg": "row", "pid": 7}
+            )
+        logs.append({"clazz": "begin", "uuid": uuid, "event": 7, "parent": 1, "timestamp": T0})
+        for k in range(8, 11):
+            logs.append({"uuid": uuid, "event": k, "parent": 7, "timestamp": T0})
+        logs.append({"clazz": "end", "uuid": uuid, "event": 7, "parent": 1, "timestamp": T0})
+        logs.append({"clazz": "end", "uuid": uuid, "event": 1, "status": "0", "timestamp": T0})
+    a, b = pair()
+    assert check_frame(a, b, msgpack.packb({"seq": 1, "logs": logs}))
+    assert a.stats["published_complete"] == 200
+
+
 def test_the_original_node_client_capture_gives_the_same_records() -> None:
     """The original Node client's capture publishes the same records whichever path takes it."""
     payload = vector("ws-frame-2.msgpack")

@@ -1171,20 +1171,27 @@ static int32_t find_slot(Ctx *c, int32_t group, const Value *id, int make) {
     return c->nslots - 1;
 }
 
-static uint64_t mix(uint64_t h, const uint8_t *p, size_t n) {
-    for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001B3ULL;
-    return (h ^ n) * 0x9E3779B97F4A7C15ULL;
+/* A 64-bit finaliser (MurmurHash3's fmix64): every input bit reaches every output bit. */
+static inline uint64_t fmix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xFF51AFD7ED558CCDULL;
+    x ^= x >> 33;
+    x *= 0xC4CEB9FE1A85EC53ULL;
+    return x ^ (x >> 33);
 }
 
 /* NO when the atomic event's duplicate key (event, parent, timestamp, str msg) was seen
- * in its group: the reference path then compares the events themselves. */
+ * in its group: the reference path then compares the events themselves. Only a 64-bit
+ * hash of the key is kept, so a collision declines too (safe, just slower); each part is
+ * mixed in whole, so that ids of neighbouring trees cannot cancel out (a byte-wise XOR
+ * of the group and the id did: tree 1's event "2" hashed like tree 0's event "3"). */
 static int atomic_unique(Ctx *c, const Event *ev, int32_t group) {
-    uint64_t h = 0xCBF29CE484222325ULL ^ (uint64_t)group;
-    if (ev->eid) h = mix(h ^ 1, ev->eid->s, ev->eid->len);
-    h = mix(h, ev->parent->s, ev->parent->len);
-    h = (h ^ (uint64_t)ev->ts) * 0x9E3779B97F4A7C15ULL;
+    uint64_t h = fmix64((uint64_t)group + 0x9E3779B97F4A7C15ULL);
+    h = fmix64(h ^ (ev->eid ? key_hash(ev->eid->s, ev->eid->len) : 0x51ED270B27D6A1F3ULL));
+    h = fmix64(h + key_hash(ev->parent->s, ev->parent->len));
+    h = fmix64(h ^ (uint64_t)ev->ts);
     const Value *msg = field_value(c, ev, K_MSG);
-    if (msg && msg->type == T_STR) h = mix(h ^ 2, msg->s, msg->len);
+    if (msg && msg->type == T_STR) h = fmix64(h + key_hash(msg->s, msg->len) + 1);
     if (h == 0) h = 1;
     uint32_t i = (uint32_t)(h ^ (h >> 32)) & c->atomic_mask;
     while (c->atomic_keys[i] != 0) {
