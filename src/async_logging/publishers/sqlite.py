@@ -79,6 +79,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SEARCH_DEFAULT_LIMIT",
     "SEARCH_MAX_LIMIT",
+    "SETUP_RETRY",
     "SIZE_CHECK_INTERVAL",
     "SIZE_LOW_WATER",
     "SUMMARY_MAX_GROUPS",
@@ -110,6 +111,9 @@ WAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 PAGE_SIZE: Final = 16384
 #: Seconds a connection waits for another writer (another worker) before failing.
 BUSY_TIMEOUT: Final = 10.0
+#: Seconds between two tries at setting up a file another process is setting up too
+#: (within ``busy_timeout`` in all).
+SETUP_RETRY: Final = 0.02
 #: Rows a search returns when no limit is given, and at most.
 SEARCH_DEFAULT_LIMIT: Final = 100
 SEARCH_MAX_LIMIT: Final = 1000
@@ -213,22 +217,18 @@ def _connect(path: str, *, create: bool, busy_timeout: float = BUSY_TIMEOUT) -> 
         raise ConfigError(f"cannot open store {path!r}: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        # Only takes effect on a new, empty file (before WAL mode and the first table).
-        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # WAL with synchronous=NORMAL loses at most the last commits on a power cut, never
-        # corrupts: the store is a view of what the file sink already holds.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-        conn.executescript(_SCHEMA)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version != SCHEMA_VERSION:
-            raise ConfigError(
-                f"store {path!r} has schema version {version}, this version reads "
-                f"{SCHEMA_VERSION}: move it away or point the store elsewhere"
-            )
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                _set_up(conn, path)
+                break
+            except sqlite3.OperationalError as exc:
+                # Several processes (server workers) setting up one new file at once: SQLite
+                # answers a lock upgrade that could deadlock with "database is locked" at
+                # once, without waiting (a quarter of three-way races, measured). Retry.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(SETUP_RETRY)
     except sqlite3.Error as exc:
         conn.close()
         raise ConfigError(f"cannot use store {path!r}: {exc}") from exc
@@ -236,6 +236,26 @@ def _connect(path: str, *, create: bool, busy_timeout: float = BUSY_TIMEOUT) -> 
         conn.close()
         raise
     return conn
+
+
+def _set_up(conn: sqlite3.Connection, path: str) -> None:
+    """The file's settings and schema (idempotent)."""
+    # Only takes effect on a new, empty file (before WAL mode and the first table).
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    # WAL with synchronous=NORMAL loses at most the last commits on a power cut, never
+    # corrupts: the store is a view of what the file sink already holds.
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+    conn.executescript(_SCHEMA)
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    elif version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"store {path!r} has schema version {version}, this version reads "
+            f"{SCHEMA_VERSION}: move it away or point the store elsewhere"
+        )
 
 
 def _text(value: Any) -> str | None:
