@@ -1,12 +1,14 @@
 """Benchmark: end-to-end ingest of the proxy (DESIGN §7, issue 3).
 
-Starts ``async-logging serve`` as a subprocess (one worker, JSON lines to a temporary file),
-drives it with several WebSocket connections sending pre-encoded MessagePack frames of
+Starts ``async-logging serve`` as a subprocess (one worker, JSON lines to a temporary file,
+and by default the SQLite store beside it, as ``serve`` runs; ``--server-arg=--store=``
+turns the store off, leaving the path the issue's target is about), drives it with several WebSocket connections sending pre-encoded MessagePack frames of
 whole shuffled 12-event transactions, waits until every tree is in the output file, and
 prints events/s end to end beside the bare msgpack-decode rate of the same frames measured
 in the same run, as a ratio. Then it checks every tree in the output.
 
-Run: ``python bench/ingest.py [--transactions N] [--connections C] [--tx-per-frame K]``.
+Run: ``python bench/ingest.py [--transactions N] [--connections C] [--tx-per-frame K]
+[--server-arg=--store=]``.
 """
 
 from __future__ import annotations
@@ -161,9 +163,12 @@ def main() -> None:
             proc.wait(timeout=30)
         check(out, n)
     rate = events / elapsed
+    store = not any(a in ("--store=", "--store=''") for a in args.server_arg)
     print(
         f"ingest bench: {n} transactions x {EVENTS_PER_TX} events, {k} per frame, "
         f"{args.connections} WebSocket connections, 1 worker, JSONL file"
+        + (" and the SQLite store (the default)" if store else " only (store off)")
+        + (f"; serve {' '.join(args.server_arg)}" if args.server_arg else "")
     )
     print(f"  bare msgpack-python unpackb  : {mp_rate:>12,.0f} events/s")
     print(f"  bare msgspec decode          : {ms_rate:>12,.0f} events/s")
