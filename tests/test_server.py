@@ -116,10 +116,11 @@ async def test_original_ws_frames_give_the_listed_records(
     server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
 ) -> None:
     """The Node client's two captured frames publish the tree, the stand-alone event and the heartbeat."""
+    frames = [vector("ws-frame-1.msgpack"), vector("ws-frame-2.msgpack")]  # skips before connecting
     ws = await connect(session, server)
     assert ws.protocol == "log-protocol"
-    await ws.send_bytes(vector("ws-frame-1.msgpack"))
-    await ws.send_bytes(vector("ws-frame-2.msgpack"))
+    for frame in frames:
+        await ws.send_bytes(frame)
     await wait_for(publisher, lambda p: len(p.records) >= 3)
     await ws.close()
     (tree,) = publisher.transactions
