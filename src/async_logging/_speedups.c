@@ -1790,10 +1790,12 @@ static int row_append(Ctx *c, int64_t ts, PyObject *kind, const Value *uuid, con
 static int row_standalone(Ctx *c, const Event *ev) {
     if (has_flag_key(ev)) return NO;
     PyObject *kind = ev->clazz == C_HEARTBEAT ? S_HEARTBEAT : S_ATOMIC;
+    PyObject *no_spans = PyTuple_New(0);
+    if (no_spans == NULL) return ERR;
     return row_append(c, ev->ts, kind, event_get(c, ev, K_UUID), event_get(c, ev, K_TYPE),
                       event_get(c, ev, K_NAME), event_get(c, ev, K_STATUS),
                       event_get(c, ev, K_DURATION), Py_None, event_get(c, ev, K_REASON), 1,
-                      PyTuple_New(0));
+                      no_spans);
 }
 
 /* One span: (seq, ts, type, name, failed, duration, depth) of a written transaction. */
