@@ -1,10 +1,12 @@
 /*
  * _speedups: the native fast path of LogBuffer for MessagePack frames of whole trees.
  *
- * reassemble(payload, now, limits, dumps) takes the bytes of one MessagePack frame
+ * reassemble(payload, now, limits, dumps[, rows]) takes the bytes of one MessagePack frame
  * (an array of log maps, or an envelope {"seq": n, "logs": [...]}) and, when every tree in
  * it is complete, returns the JSON lines that LogBuffer.feed_many would publish for it,
- * byte for byte, without building a Python object per event. It returns None ("decline")
+ * byte for byte, without building a Python object per event (and, asked with a fifth
+ * argument, each record's index row for the SQLite store: see "the store's index rows"
+ * below). It returns None ("decline")
  * as soon as anything is not the common case: the caller then takes the reference path
  * (wire.decode_msgpack + LogBuffer.feed_many), which owns every error and every rare rule.
  * Declining is always safe; accepting obliges this file to produce exactly what the
