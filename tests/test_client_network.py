@@ -418,6 +418,40 @@ async def test_proxy_restart_midstream_loses_no_acked_event_and_doubles_no_child
             check_tree(tx, int(name[2:]))
 
 
+async def test_the_room_shrinks_before_the_queue_is_emptied() -> None:
+    """When the sender moves queued events into its core, the room the app's threads fill
+    against already counts them: queued, held and still admissible events never exceed
+    max_queue_events (with the old room, the app could admit another max_queue_events
+    between the queue emptying and the core's count growing)."""
+    client = LogClient(
+        url=f"ws://127.0.0.1:{free_port()}/",
+        max_queue_events=1000,
+        backoff=fast_backoff,
+        drain_interval=0.01,
+        exit_timeout=0,
+        default=False,
+    )
+    core = client._sender.core
+    feed = core.feed
+    worst: list[int] = []
+    drained = threading.Event()
+
+    def watching(items: list[Any], now: float) -> Any:
+        # the queue was just emptied into `items`; the core does not hold them yet
+        worst.append(client._room + core.pending_events + len(items) + len(client._q))
+        drained.set()
+        return feed(items, now)
+
+    core.feed = watching  # type: ignore[method-assign]
+    try:
+        for i in range(600):
+            client.event("LOG", "x", msg="m", n=i)
+        assert await asyncio.to_thread(drained.wait, TIMEOUT)
+    finally:
+        await client.aclose(0)
+    assert worst and max(worst) <= 1000, worst
+
+
 async def test_a_full_queue_drops_counts_warns_once_and_never_blocks() -> None:
     """With the proxy down, log() stays fast, drops past the queue limit are counted, one warning per burst."""
     warnings: list[logging.LogRecord] = []
@@ -455,6 +489,8 @@ async def test_a_full_queue_drops_counts_warns_once_and_never_blocks() -> None:
         assert time.perf_counter() - t < 2.0
     finally:
         own.removeHandler(catch)
+        if not client.closed:  # a failed assertion must not leave its thread retrying
+            await client.aclose(0)
     s = client.stats
     assert s.dropped + s.lost == calls and s.acked == 0
     assert len(warnings) == 1

@@ -295,6 +295,10 @@ class Sender:
         q = client._q
         n = len(q)
         if n:
+            # The app's threads admit an event while len(q) < _room. Lower the room by what
+            # moves to the core first: q empties before the core's count grows, and with
+            # the old room they could admit another max_queue_events meanwhile.
+            client._room = max(0, client._room - n)
             popleft = q.popleft
             items = [popleft() for _ in range(n)]
             if self.error is not None:
