@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import random
 from typing import Any
 
 import msgspec
@@ -345,6 +346,16 @@ def test_backoff_grows_exponentially_to_its_cap_with_jitter() -> None:
         1.0,
         2.0,
     ]
+
+
+def test_backoff_jitter_leaves_the_applications_random_state_alone() -> None:
+    """The default jitter draws from the client's own generator: an application that seeded
+    the global ``random`` for itself gets the same sequence whatever the client does."""
+    random.seed(7)
+    state = random.getstate()
+    delays = list(itertools.islice(backoff(1.0, 2.0, 5.0, jitter=0.5), 20))
+    assert random.getstate() == state
+    assert len(set(delays[4:])) > 1  # still jittered: the capped delays differ
 
 
 def test_is_retryable_separates_network_trouble_from_misuse() -> None:

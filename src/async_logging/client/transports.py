@@ -180,12 +180,17 @@ def http_url(url: str, path: str) -> str:
 # --------------------------------------------------------------------------- policy
 
 
+#: The jitter's own generator: the client never draws from (or moves) the application's
+#: global ``random`` state, which an application may have seeded for its own use.
+_JITTER: Final = random.Random()
+
+
 def backoff(
     initial: float = 0.05,
     factor: float = 2.0,
     max_delay: float = 5.0,
     jitter: float = 0.5,
-    rng: Callable[[], float] = random.random,
+    rng: Callable[[], float] = _JITTER.random,
 ) -> Iterator[float]:
     """Delays between reconnection attempts: exponential, capped, with jitter.
 
