@@ -418,12 +418,9 @@ async def test_proxy_restart_midstream_loses_no_acked_event_and_doubles_no_child
             check_tree(tx, int(name[2:]))
 
 
-async def test_the_room_shrinks_before_the_queue_is_emptied() -> None:
-    """When the sender moves queued events into its core, the room the app's threads fill
-    against already counts them: queued, held and still admissible events never exceed
-    max_queue_events (with the old room, the app could admit another max_queue_events
-    between the queue emptying and the core's count growing)."""
-    client = LogClient(
+def unreachable_client() -> LogClient:
+    """A client of 1000 queued events at most whose proxy never answers."""
+    return LogClient(
         url=f"ws://127.0.0.1:{free_port()}/",
         max_queue_events=1000,
         backoff=fast_backoff,
@@ -431,6 +428,14 @@ async def test_the_room_shrinks_before_the_queue_is_emptied() -> None:
         exit_timeout=0,
         default=False,
     )
+
+
+async def test_the_room_shrinks_before_the_queue_is_emptied() -> None:
+    """When the sender moves queued events into its core, the room the app's threads fill
+    against already counts them: queued, held and still admissible events never exceed
+    max_queue_events (with the old room, the app could admit another max_queue_events
+    between the queue emptying and the core's count growing)."""
+    client = unreachable_client()
     core = client._sender.core
     feed = core.feed
     worst: list[int] = []
@@ -466,14 +471,7 @@ async def test_a_full_queue_drops_counts_warns_once_and_never_blocks() -> None:
     catch = Catch(logging.WARNING)
     own = logging.getLogger("async_logging.client")
     own.addHandler(catch)
-    client = LogClient(
-        url=f"ws://127.0.0.1:{free_port()}/",
-        max_queue_events=1000,
-        backoff=fast_backoff,
-        drain_interval=0.01,
-        exit_timeout=0,
-        default=False,
-    )
+    client = unreachable_client()
     try:
         calls = 20_000
         slowest = 0.0
