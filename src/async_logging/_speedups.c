@@ -1783,6 +1783,9 @@ static int row_append(Ctx *c, int64_t ts, PyObject *kind, const Value *uuid, con
         if (body) PyTuple_SET_ITEM(row, 12, body);
         if (t == NULL || n == NULL || body == NULL) rc = ERR;
     }
+    /* Only strings, numbers, None, bytes and the (untracked) spans: no cycle can pass
+     * through it, so the collector need not track it (what it would find out itself). */
+    if (rc == OK) PyObject_GC_UnTrack(row);
     if (rc == OK && PyList_Append(c->rows, row) < 0) rc = ERR;
     Py_DECREF(row); /* the unset items are NULL: PyTuple dealloc skips them */
     return rc;
@@ -1828,7 +1831,10 @@ static PyObject *span_tuple(const Event *begin, const Slot *s, int32_t seq, int3
         if (q) PyTuple_SET_ITEM(span, 0, q);
         if (t) PyTuple_SET_ITEM(span, 1, t);
         if (d) PyTuple_SET_ITEM(span, 6, d);
-        if (q && t && d) return span;
+        if (q && t && d) {
+            PyObject_GC_UnTrack(span); /* scalars only, as a row */
+            return span;
+        }
         *rc = ERR;
     }
     Py_DECREF(span); /* the unset items are NULL: PyTuple dealloc skips them */
@@ -1875,6 +1881,7 @@ static int row_tree(Ctx *c, const Group *g, int32_t root) {
     Py_DECREF(spans);
     if (rc != OK) return rc;
     if (tuple == NULL) return ERR;
+    PyObject_GC_UnTrack(tuple); /* untracked spans only */
     const Event *b = &c->events[root];
     const Slot *s = &c->slots[b->slot];
     const Entry *e = s->node;
