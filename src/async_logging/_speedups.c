@@ -800,8 +800,8 @@ typedef struct {
     KeySlot key_cache[KEY_CACHE]; /* by position in a log map (see read_key) */
     Buf out;
     int32_t n_tx, n_atomic, n_heartbeat;
-    int want_rows;  /* build the store's index rows (see row_tree) */
-    PyObject *rows; /* their list; NULL once a record declined (or not wanted) */
+    PyObject *rows; /* the store's index rows (see row_tree): NULL when not wanted, or
+                     * once a record's row was left to the store */
     size_t line_start; /* the record being indexed: its JSON in out, from here to out.len */
 } Ctx;
 
@@ -1653,8 +1653,9 @@ static int write_transaction(Ctx *c, Group *g, int32_t bi, int depth) {
 
 /* ------------------------------------------------------------------ the store's index rows
  *
- * With want_rows, each record also gets the values SqliteStore._row (publishers/sqlite.py)
- * derives from it, so that the store indexes a native batch without decoding its lines:
+ * Asked for them (reassemble's fifth argument), each record also gets the values
+ * SqliteStore._row (publishers/sqlite.py) derives from it, so that the store indexes a
+ * native batch without decoding its lines:
  *
  *   (ts, kind, uuid, type, name, status, failed, duration, complete, reason, flags, nodes,
  *    body, spans)   body: the record's JSON line without its newline;
@@ -1853,12 +1854,11 @@ static int row_tree(Ctx *c, const Group *g, int32_t root) {
         Py_XDECREF(spans);
         return ERR;
     }
-    int32_t top = 0, seq = 0;
+    int32_t top = 1, seq = 0;
     Py_ssize_t nodes = 1;
     int rc = OK;
     stack[0] = root;
     stack[1] = 0;
-    top = 1;
     while (top > 0 && rc == OK) {
         top--;
         int32_t bi = stack[2 * top], depth = stack[2 * top + 1];
@@ -2165,10 +2165,8 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     c.prm.tree_depth = lim[5];
     c.prm.tx_events = lim[6];
     c.dumps_fn = args[3];
-    if (nargs == 5) {
-        c.want_rows = PyObject_IsTrue(args[4]);
-        if (c.want_rows < 0) return NULL;
-    }
+    int want_rows = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
+    if (want_rows < 0) return NULL;
     /* bytes only: the frames the server receives; anything else takes the reference path */
     if (!PyBytes_Check(args[0])) Py_RETURN_NONE;
     Py_buffer view;
@@ -2178,7 +2176,7 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
      * the server (its event loop then had to win the GIL back from the publisher thread
      * after every frame: 517-609k events/s against 635-659k held). */
     int rc = ctx_init(&c);
-    if (rc == OK && c.want_rows && (c.rows = PyList_New(0)) == NULL) rc = ERR;
+    if (rc == OK && want_rows && (c.rows = PyList_New(0)) == NULL) rc = ERR;
     if (rc == OK) rc = run(&c, view.buf, view.len);
     if (rc == ERR && !PyErr_Occurred()) PyErr_NoMemory();
     if (rc == OK && c.has_seq) {
