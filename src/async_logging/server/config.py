@@ -8,6 +8,7 @@ either spelling (``connThreshold`` or ``conn_threshold``). Unknown keys and wron
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import socket
 import tomllib
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..exceptions import ConfigError
 
-__all__ = ["ServerConfig", "load_config_file"]
+__all__ = ["ServerConfig", "announcement", "load_config_file"]
 
 #: Seed defaults and the limits the server enforces (each overridable).
 DEFAULT_PORT = 3000
@@ -242,3 +243,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         # The seed's boolean `cluster` means "fork workers"; it does not say how many.
         data.pop("cluster")
     return data
+
+
+def announcement(c: ServerConfig, port: int, mon_port: int, workers: int = 1) -> str:
+    """The line ``serve`` prints once it listens: where, how many workers, where it writes."""
+    if c.publisher is None:
+        sink = os.path.abspath(c.log_file)
+    else:
+        sink = ", ".join(map(str, c.publisher if isinstance(c.publisher, list) else [c.publisher]))
+    mon = f"http://{c.mon_host}:{mon_port}/ecv /metrics" if c.mon_port >= 0 else "off"
+    s = "s" if c.tls_cert else ""
+    return (
+        f"async-logging: listening on ws{s}://{c.host}:{port}/ and http{s}://{c.host}:{port}/log "
+        f"({workers} worker{'s' if workers != 1 else ''}), monitoring {mon}, "
+        f"writing {sink}{' and stdout' if c.stdout else ''}"
+        + (f", store {os.path.abspath(c.store)}" if c.store else "")
+        + (f", viewer http://{c.mon_host}:{mon_port}/ui/" if c.store and c.mon_port >= 0 else "")
+    )
