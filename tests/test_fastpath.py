@@ -10,10 +10,7 @@ contract pinned here: whenever the native path takes a frame, the reference path
 whose JSON lines, as :class:`~async_logging.publishers.jsonl.LineEncoder` writes them, are
 byte-identical to ``fed.records.lines``, and (d) leaves its engine in the same state: the
 same counters, the same later behaviour (a resend of a published event is a duplicate, a
-late child is flagged ``late``, byte for byte), the same ``flush_all()``; and (e) the
-SQLite store's index rows the native path made (``fed.records.rows``, asked for with
-``index_rows``) are, value for value and type for type, those the store's own ``_row``
-derives from the decoded records.
+late child is flagged ``late``, byte for byte), the same ``flush_all()``.
 
 Frames are generated as whole trees with every variation the mapper knows (ids as ints
 and integral floats, float times, nil values, defaults to append, end-only keys, extra keys
@@ -51,7 +48,6 @@ from async_logging.buffer import Fed, Prepared
 from async_logging.encoded import NATIVE, EncodedRecords
 from async_logging.exceptions import BadInput, UsageError
 from async_logging.publishers.jsonl import LineEncoder
-from async_logging.publishers.sqlite import FLAGS, SqliteStore
 from async_logging.wire import DEFAULT_LIMITS, WireLimits
 from conftest import vector
 
@@ -91,41 +87,12 @@ class Clock:
 
 
 def pair(clock: Clock | None = None, **limits: Any) -> tuple[LogBuffer, LogBuffer]:
-    """Two engines on one clock: the native one (A, asked for index rows) and the reference
-    one (B)."""
+    """Two engines on one clock: the native one (A) and the reference one (B)."""
     clock = clock or Clock()
-    native = LogBuffer(clock=clock, native=True, **limits)
-    native.index_rows = True
-    return native, LogBuffer(clock=clock, native=False, **limits)
-
-
-#: Native batches whose records came with index rows, and without (rows left to the store).
-ROWS_MADE: Counter[bool] = Counter()
-
-
-def typed(value: Any) -> Any:
-    """``value`` with the type of every item beside it (1 and True, 0 and 0.0 differ)."""
-    if isinstance(value, tuple):
-        return tuple(typed(v) for v in value)
-    return (type(value).__name__, value)
-
-
-def expected_rows(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """What ``SqliteStore._row`` makes of ``records``, in the shape of ``EncodedRecords.rows``."""
-    out = []
-    for i, record in enumerate(records, 1):
-        spans: list[tuple[Any, ...]] = []
-        row = SqliteStore._row(None, i, record, spans)  # type: ignore[arg-type]
-        out.append((*row[1:], tuple(span[1:] for span in spans)))
-    return out
-
-
-def check_rows(records: EncodedRecords) -> None:
-    """(e): the native index rows, when made, are the store's own for the decoded records."""
-    ROWS_MADE[records.rows is not None] += 1
-    if records.rows is not None:
-        want = expected_rows(records.decoded())
-        assert [typed(r) for r in records.rows] == [typed(r) for r in want], records.lines
+    return (
+        LogBuffer(clock=clock, native=True, **limits),
+        LogBuffer(clock=clock, native=False, **limits),
+    )
 
 
 def lines(records: Any) -> bytes:
@@ -195,7 +162,6 @@ def check_frame(
         assert fed.rejected == []
         assert isinstance(fed.records, EncodedRecords)
         assert fed.records.lines == expected, f"different records for {payload!r}"
-        check_rows(fed.records)
         assert len(fed.records) == len(ref.records)
         assert fed.records.kinds == dict(Counter(r["kind"] for r in ref.records))
     assert state(a) == state(b), f"different engine state after {payload!r}"
@@ -464,13 +430,8 @@ class Gen:
         return self.rnd.random() < p
 
     def event(self, pairs: list[tuple[str, Any]], extra: bool = True) -> dict[str, Any]:
-        """A log map of ``pairs`` (MISSING values left out), extra keys, in random order.
-
-        Extra keys include, now and then, ``reason`` (a client may send it: the store
-        indexes it, see check_rows)."""
+        """A log map of ``pairs`` (MISSING values left out), extra keys, in random order."""
         items = [(k, v) for k, v in pairs if v is not MISSING]
-        if extra and self.chance(0.2):
-            items.append(("reason", self.pick("late", 5, None, 1.5, True, 2**64 - 1, math.inf)))
         if extra and self.chance(0.5):
             taken = {k for k, _ in items}
             items += [(k, v) for k, v in self.draw(extras).items() if k not in taken]
@@ -579,10 +540,7 @@ def tree_events(g: Gen, uuid: str, node: Node) -> list[dict[str, Any]]:
         *common(),
         ("event", g.pick(*id_forms(node.eid))),
         ("type", g.pick(MISSING, "URL", "API", None, 7)),
-        (
-            "name",
-            g.pick(MISSING, "/a", "GET /ñ", None, 1.5, False, math.nan, 2**64 - 1),
-        ),
+        ("name", g.pick(MISSING, "/a", "GET /ñ", None)),
         ("msg", g.pick(MISSING, MISSING, "start", None)),
         ("timestamp", ts_wire(g, node.ts)),
         ("status", g.pick(*[MISSING] * 4, "0", 0, None)),
@@ -959,15 +917,6 @@ def frames(draw: st.DrawFn, perturb: float = 0.3, max_trees: int = 3, max_nodes:
         items.extend(e for n in tree(g, uuid, max_nodes=max_nodes) for e in n.events)
     tree_items = list(items)
     items.extend(standalone(g, n) for n in range(rnd.choice([0, 0, 1, 2, 3])))
-    if items and draw(st.integers(0, 4)) == 0:
-        # Spoil one event for the store's index rows (see check_rows): a client's key named
-        # like one of the engine's flags, or a container where the store indexes text.
-        e = rnd.choice(items)
-        spoiler = rnd.choice(["flag", "name", "type", "reason"])
-        if spoiler == "flag":
-            e[rnd.choice(FLAGS)] = rnd.choice([True, 1, "x"])
-        else:
-            e[spoiler] = rnd.choice([["n"], {"k": 1}, [], {}])
     if rnd.random() < 0.9:
         rnd.shuffle(items)
     frame = Frame(
@@ -1052,7 +1001,6 @@ def test_unperturbed_frames_in_any_packing_are_mostly_taken() -> None:
     float32, minimal, non-minimal widths) and wrapping, are mostly taken natively, and always
     with the reference's output."""
     taken: Counter[bool] = Counter()
-    ROWS_MADE.clear()
 
     @settings(SETTINGS, max_examples=150)
     @given(frames(perturb=0.0, max_trees=4))
@@ -1070,9 +1018,6 @@ def test_unperturbed_frames_in_any_packing_are_mostly_taken() -> None:
     # packings that round large float ids together (the trees are then incomplete, cyclic or
     # conflicting for the reference path too) and atomic siblings sharing a duplicate key.
     assert taken[True] >= 0.8 * (taken[True] + taken[False]), taken
-    # Index rows are left to the store only for a spoiled frame (a flag key, a container
-    # where the store indexes text): a fifth of them.
-    assert ROWS_MADE[True] >= 0.6 * taken[True], ROWS_MADE
 
 
 @st.composite
@@ -1977,100 +1922,30 @@ def test_numbers_are_written_as_the_reference_writes_them() -> None:
         assert check_frame(a, b, msgpack.packb(tree_)) or not small, i
 
 
-# --------------------------------------------------------------------------- index rows
+# --------------------------------------------------------------------------- the contract
 
 
-def _tree_logs(uuid: str = "r-1", **root: Any) -> list[dict[str, Any]]:
-    """One two-level tree: root 1 holding transaction 2 and an atomic event; ``root`` keys
-    go on the root's begin."""
-    return [
-        {"clazz": "begin", "uuid": uuid, "event": 1, "parent": 0, "timestamp": T0, **root},
-        {"clazz": "begin", "uuid": uuid, "event": 2, "parent": 1, "timestamp": T0 + 1},
-        {"uuid": uuid, "event": 3, "parent": 2, "timestamp": T0 + 2, "name": "q"},
-        {"clazz": "end", "uuid": uuid, "event": 2, "parent": 1, "timestamp": T0 + 5},
-        {"uuid": uuid, "event": 4, "parent": 1, "timestamp": T0 + 6},
-        {"clazz": "end", "uuid": uuid, "event": 1, "status": "500", "timestamp": T0 + 9},
-    ]
+def test_the_extension_returns_a_named_result_holding_only_engine_concerns() -> None:
+    """``_speedups.reassemble`` answers a named tuple of the frame's lines, counts, uuids and
+    the engine's packed memories, and nothing for any sink."""
+    from async_logging.encoded import native_module
 
-
-def test_index_rows_are_the_stores_own_for_a_two_level_tree() -> None:
-    """The rows of a tree: the root's merged values, the node count, a span per transaction
-    with its depth, failed from the end's status (a transaction ended without one gets
-    "-1", a failure)."""
-    a, b = pair()
-    assert check_frame(a, b, msgpack.packb(_tree_logs(reason="why")))
-    buf = LogBuffer(clock=Clock(), native=True)
-    buf.index_rows = True
-    fed = buf.feed_msgpack(msgpack.packb(_tree_logs(reason="why")))
-    assert fed is not None and isinstance(fed.records, EncodedRecords)
-    assert fed.records.rows == [
-        (T0, "transaction", "r-1", "URL", None, "500", 1, 9.0, 1, "why", "", 4,
-         fed.records.lines[:-1],
-         ((0, T0, "URL", None, 1, 9.0, 0), (1, T0 + 1, "URL", None, 1, 4.0, 1)))
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize("flag", ["late", "orphan", "missing_end", "missing_begin", "cycle",
-                                  "depth_cut", "conflict"])  # fmt: skip
-@pytest.mark.parametrize("where", ["root", "child", "standalone"])
-def test_a_client_key_named_like_a_flag_leaves_the_rows_to_the_store(flag: str, where: str) -> None:
-    """A flag key sent by a client (any of the engine's seven) is taken natively, but its
-    frame's rows are left to the store, which reads the flags itself."""
-    logs = _tree_logs(**({flag: True} if where == "root" else {}))
-    if where == "child":
-        logs[2][flag] = True
-    elif where == "standalone":
-        logs.append({"msg": "alone", "timestamp": T0, flag: 1})
-    a, b = pair()
-    assert check_frame(a, b, msgpack.packb(logs))
-    assert ROWS_MADE  # check_frame counted the batch
-    buf = LogBuffer(clock=Clock(), native=True)
-    buf.index_rows = True
-    fed = buf.feed_msgpack(msgpack.packb(logs))
-    assert fed is not None and isinstance(fed.records, EncodedRecords)
-    assert fed.records.rows is None
-
-
-def test_index_rows_only_when_asked() -> None:
-    """Without ``index_rows`` (the default) the native path makes no rows."""
-    buf = LogBuffer(clock=Clock(), native=True)
-    fed = buf.feed_msgpack(msgpack.packb(_tree_logs()))
-    assert fed is not None and isinstance(fed.records, EncodedRecords)
-    assert fed.records.rows is None
-
-
-def test_the_store_keeps_the_same_rows_from_index_rows_as_from_decoded_lines(
-    tmp_path: Path,
-) -> None:
-    """A native batch with rows, the same batch without them (the store decodes the lines)
-    and the reference path's dicts leave identical stores; batches joined keep their rows."""
-    frames = [
-        msgpack.packb([*_tree_logs(uuid=f"r-{n}", name=f"n{n}"), {"msg": n, "timestamp": T0}])
-        for n in range(5)
-    ]
-    native = LogBuffer(clock=Clock(), native=True)
-    native.index_rows = True
-    batches = [native.feed_msgpack(f) for f in frames]
-    encoded = [fed.records for fed in batches if fed is not None]
-    assert len(encoded) == 5 and all(isinstance(r, EncodedRecords) for r in encoded)
-    joined = EncodedRecords.join(encoded)  # type: ignore[arg-type]
-    assert joined.rows is not None and len(joined.rows) == len(joined) == 10
-    bare = EncodedRecords.join(encoded)  # type: ignore[arg-type]
-    bare.rows = None
-    reference = LogBuffer(clock=Clock(), native=False)
-    dicts = [r for f in frames for r in reference.feed_many(msgpack.unpackb(f)).records]
-
-    def stored(records: Any, name: str) -> list[Any]:
-        store = SqliteStore(tmp_path / name, max_age=0)  # T0 is long past: keep it
-        store.publish_many(records)
-        conn = store._conn
-        assert conn is not None
-        trees = conn.execute("SELECT * FROM trees ORDER BY id").fetchall()
-        spans = conn.execute("SELECT * FROM spans ORDER BY tree_id, seq").fetchall()
-        store.close()
-        return [trees, spans]
-
-    with_rows = stored(joined, "rows.sqlite")
-    assert with_rows == stored(bare, "bare.sqlite")
-    assert with_rows == stored(dicts, "dicts.sqlite")
-    assert len(with_rows[0]) == 10 and len(with_rows[1]) == 10
+    module = native_module()
+    assert module is not None
+    payload = msgpack.packb({"seq": 7, "logs": [*_tx(uuid="u"), _child(uuid="u", parent="1")]})
+    a, _ = pair()
+    result = a.reassemble_msgpack(payload)
+    assert result is not None
+    assert type(result) is module.Reassembled
+    assert type(result).__module__ == "async_logging._speedups"
+    assert type(result).n_fields == 8
+    assert (result.seq, result.transactions, result.atomic_events, result.heartbeats) == (
+        7,
+        1,
+        0,
+        0,
+    )
+    assert result.events == 3 and result.uuids == ("u",) and len(result.memories) == 1
+    assert result.lines.count(b"\n") == 1
+    fed = a.feed_prepared(a.prepare_reassembled(result))  # type: ignore[arg-type]
+    assert fed.records.kinds == {"transaction": 1}  # type: ignore[attr-defined]

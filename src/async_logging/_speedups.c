@@ -1,12 +1,10 @@
 /*
  * _speedups: the native fast path of LogBuffer for MessagePack frames of whole trees.
  *
- * reassemble(payload, now, limits, dumps[, rows]) takes the bytes of one MessagePack frame
+ * reassemble(payload, now, limits, dumps) takes the bytes of one MessagePack frame
  * (an array of log maps, or an envelope {"seq": n, "logs": [...]}) and, when every tree in
  * it is complete, returns the JSON lines that LogBuffer.feed_many would publish for it,
- * byte for byte, without building a Python object per event (and, asked with a fifth
- * argument, each record's index row for the SQLite store: see "the store's index rows"
- * below). It returns None ("decline")
+ * byte for byte, without building a Python object per event. It returns None ("decline")
  * as soon as anything is not the common case: the caller then takes the reference path
  * (wire.decode_msgpack + LogBuffer.feed_many), which owns every error and every rare rule.
  * Declining is always safe; accepting obliges this file to produce exactly what the
@@ -89,12 +87,6 @@ typedef struct {
     int32_t key; /* key id */
     Value v;
 } Field;
-
-/* One entry of a record being written: a key id and its value. */
-typedef struct {
-    int32_t key;
-    const Value *v;
-} Entry;
 
 /* ------------------------------------------------------------------ growable buffers */
 
@@ -450,21 +442,12 @@ enum {
     K_KIND,
     K_CHILDREN,
     K_COMPLETE,
-    K_REASON, /* the store's index rows read it; the engine's flags follow (rows decline) */
-    K_LATE,
-    K_ORPHAN,
-    K_MISSING_END,
-    K_MISSING_BEGIN,
-    K_CYCLE,
-    K_DEPTH_CUT,
-    K_CONFLICT,
     NK
 };
 
 static const char *const KNOWN[NK] = {
     "clazz", "uuid", "event", "parent", "type", "timestamp", "duration", "status", "ip",
     "ipAddress", "tid", "pid", "request", "name", "msg", "kind", "children", "complete",
-    "reason", "late", "orphan", "missing_end", "missing_begin", "cycle", "depth_cut", "conflict",
 };
 
 typedef struct {
@@ -768,8 +751,6 @@ typedef struct {
     uint64_t hash;
     int32_t begin, end;       /* event indices, -1 until seen */
     int32_t kids_first, kids_last, kids_n;
-    const Entry *node;   /* the transaction's merged entries, once written */
-    int32_t node_n;
 } Slot;
 
 typedef struct {
@@ -800,9 +781,6 @@ typedef struct {
     KeySlot key_cache[KEY_CACHE]; /* by position in a log map (see read_key) */
     Buf out;
     int32_t n_tx, n_atomic, n_heartbeat;
-    PyObject *rows; /* the store's index rows (see row_tree): NULL when not wanted, or
-                     * once a record's row was left to the store */
-    size_t line_start; /* the record being indexed: its JSON in out, from here to out.len */
 } Ctx;
 
 /* ------------------------------------------------------------------ parsing */
@@ -1188,8 +1166,6 @@ static int32_t find_slot(Ctx *c, int32_t group, const Value *id, int make) {
     e->hash = h;
     e->begin = e->end = -1;
     e->kids_first = e->kids_last = -1;
-    e->node = NULL;
-    e->node_n = 0;
     e->kids_n = 0;
     c->slot_table[i] = ++c->nslots;
     return c->nslots - 1;
@@ -1487,6 +1463,12 @@ static int write_value(Ctx *c, const Value *v) {
     }
 }
 
+/* One entry of a record being written: a key id and its value. */
+typedef struct {
+    int32_t key;
+    const Value *v;
+} Entry;
+
 typedef struct {
     Entry *e;
     int32_t n;
@@ -1629,8 +1611,6 @@ static int write_transaction(Ctx *c, Group *g, int32_t bi, int depth) {
     if (node.e == NULL) return ERR;
     mapped_entries(c, begin, &node);
     TRY(merge_end(c, &node, begin, end));
-    slot->node = node.e;
-    slot->node_n = node.n;
     TRY(write_entries(c, &node));
     TRY(PUT_LIT(&c->out, "\"kind\":\"transaction\",\"complete\":true,\"children\":["));
     g->visited += 2;
@@ -1649,253 +1629,6 @@ static int write_transaction(Ctx *c, Group *g, int32_t bi, int depth) {
         }
     }
     return PUT_LIT(&c->out, "]}");
-}
-
-/* ------------------------------------------------------------------ the store's index rows
- *
- * Asked for them (reassemble's fifth argument), each record also gets the values
- * SqliteStore._row (publishers/sqlite.py) derives from it, so that the store indexes a
- * native batch without decoding its lines:
- *
- *   (ts, kind, uuid, type, name, status, failed, duration, complete, reason, flags, nodes,
- *    body, spans)   body: the record's JSON line without its newline;
- *                   spans: ((seq, ts, type, name, failed, duration, depth), ...)
- *
- * Each value is what _row computes from the record *read back from its JSON line* (a NaN
- * or an infinity reads back as null). A record the rules here do not cover (a text column
- * holding an array, a map or a binary value; any of the engine's flag keys anywhere in
- * it) drops the rows of the whole frame: the store then decodes the lines, as it does for
- * every batch without rows. tests/test_fastpath.py checks rows against _row. */
-
-static PyObject *S_TRANSACTION, *S_ATOMIC, *S_HEARTBEAT, *S_EMPTY, *S_TRUE, *S_FALSE, *I_ONE;
-
-/* _text(): None, the string, or str() of a number or a bool; NO for containers. */
-static int row_text(const Value *v, PyObject **out) {
-    if (v == NULL || v->type == T_NIL) {
-        *out = Py_NewRef(Py_None);
-        return OK;
-    }
-    switch (v->type) {
-        case T_STR:
-            *out = PyUnicode_DecodeUTF8((const char *)v->s, v->len, "strict");
-            break;
-        case T_INT:
-            *out = PyUnicode_FromFormat("%lld", (long long)v->n.i);
-            break;
-        case T_UINT:
-            *out = PyUnicode_FromFormat("%llu", (unsigned long long)v->n.u);
-            break;
-        case T_TRUE:
-            *out = Py_NewRef(S_TRUE);
-            break;
-        case T_FALSE:
-            *out = Py_NewRef(S_FALSE);
-            break;
-        case T_FLOAT:
-            if (!isfinite(v->n.f)) {
-                *out = Py_NewRef(Py_None); /* orjson writes null */
-            } else {
-                PyObject *f = PyFloat_FromDouble(v->n.f);
-                *out = f ? PyObject_Str(f) : NULL;
-                Py_XDECREF(f);
-            }
-            break;
-        default:
-            return NO;
-    }
-    return *out != NULL ? OK : ERR;
-}
-
-/* _number() (with zero_default, `_number(...) or 0.0`). The mapper leaves a duration an
- * int or nil (floats truncated, strings declined), so nothing else is covered. */
-static int row_number(const Value *v, int zero_default, PyObject **out) {
-    if (v == NULL || v->type == T_NIL) {
-        *out = zero_default ? PyFloat_FromDouble(0.0) : Py_NewRef(Py_None);
-    } else if (v->type == T_INT) {
-        *out = PyFloat_FromDouble((double)v->n.i);
-    } else {
-        return NO;
-    }
-    return *out != NULL ? OK : ERR;
-}
-
-/* _failed(): 0 for None or "0", else 1. The mapper leaves a status a string or nil (ints
- * and integral floats become strings, the rest declines), so nothing else is covered. */
-static int row_failed(const Value *v, PyObject **out) {
-    if (v == NULL || v->type == T_NIL) *out = PyLong_FromLong(0);
-    else if (v->type == T_STR) *out = PyLong_FromLong(!str_is(v, "0", 1));
-    else return NO;
-    return OK; /* small ints: never fail */
-}
-
-static const Value *entries_get(const Entry *e, int32_t n, int32_t key) {
-    for (int32_t i = 0; i < n; i++) {
-        if (e[i].key == key) return e[i].v;
-    }
-    return NULL;
-}
-
-/* The value a stand-alone event's record has under a known key (NULL: absent). */
-static const Value *event_get(Ctx *c, const Event *ev, int k) {
-    if (ev->at[k] >= 0) return ev->ov[k] != NULL ? ev->ov[k] : field_value(c, ev, k);
-    if (k == K_TYPE) return ev->app_type;
-    return NULL;
-}
-
-static int has_flag_key(const Event *ev) {
-    for (int k = K_LATE; k <= K_CONFLICT; k++) {
-        if (ev->at[k] >= 0) return 1;
-    }
-    return 0;
-}
-
-/* Append one row to c->rows; NO (rows dropped) when a value is not covered. Steals
- * `spans`. */
-static int row_append(Ctx *c, int64_t ts, PyObject *kind, const Value *uuid, const Value *type,
-                      const Value *name, const Value *status, const Value *duration,
-                      PyObject *complete, const Value *reason, Py_ssize_t nodes,
-                      PyObject *spans) {
-    PyObject *row = PyTuple_New(14);
-    if (row == NULL) {
-        Py_DECREF(spans);
-        return ERR;
-    }
-    PyTuple_SET_ITEM(row, 13, spans);
-    PyTuple_SET_ITEM(row, 1, Py_NewRef(kind));
-    PyTuple_SET_ITEM(row, 8, Py_NewRef(complete));
-    PyTuple_SET_ITEM(row, 10, Py_NewRef(S_EMPTY));
-    PyObject *o;
-    int rc = OK;
-    const Value *texts[5] = {uuid, type, name, status, reason};
-    static const int at[5] = {2, 3, 4, 5, 9};
-    for (int i = 0; i < 5 && rc == OK; i++) {
-        rc = row_text(texts[i], &o);
-        if (rc == OK) PyTuple_SET_ITEM(row, at[i], o);
-    }
-    if (rc == OK && (rc = row_number(duration, 0, &o)) == OK) PyTuple_SET_ITEM(row, 7, o);
-    if (rc == OK && (rc = row_failed(status, &o)) == OK) PyTuple_SET_ITEM(row, 6, o);
-    if (rc == OK) {
-        PyObject *t = PyLong_FromLongLong(ts);
-        PyObject *n = PyLong_FromSsize_t(nodes);
-        PyObject *body = PyBytes_FromStringAndSize(c->out.data + c->line_start,
-                                                   (Py_ssize_t)(c->out.len - c->line_start));
-        if (t) PyTuple_SET_ITEM(row, 0, t);
-        if (n) PyTuple_SET_ITEM(row, 11, n);
-        if (body) PyTuple_SET_ITEM(row, 12, body);
-        if (t == NULL || n == NULL || body == NULL) rc = ERR;
-    }
-    /* Only strings, numbers, None, bytes and the (untracked) spans: no cycle can pass
-     * through it, so the collector need not track it (what it would find out itself). */
-    if (rc == OK) PyObject_GC_UnTrack(row);
-    if (rc == OK && PyList_Append(c->rows, row) < 0) rc = ERR;
-    Py_DECREF(row); /* the unset items are NULL: PyTuple dealloc skips them */
-    return rc;
-}
-
-/* The row of a stand-alone atomic event or heartbeat. */
-static int row_standalone(Ctx *c, const Event *ev) {
-    if (has_flag_key(ev)) return NO;
-    PyObject *kind = ev->clazz == C_HEARTBEAT ? S_HEARTBEAT : S_ATOMIC;
-    PyObject *no_spans = PyTuple_New(0);
-    if (no_spans == NULL) return ERR;
-    return row_append(c, ev->ts, kind, event_get(c, ev, K_UUID), event_get(c, ev, K_TYPE),
-                      event_get(c, ev, K_NAME), event_get(c, ev, K_STATUS),
-                      event_get(c, ev, K_DURATION), Py_None, event_get(c, ev, K_REASON), 1,
-                      no_spans);
-}
-
-/* One span: (seq, ts, type, name, failed, duration, depth) of a written transaction. */
-static PyObject *span_tuple(const Event *begin, const Slot *s, int32_t seq, int32_t depth,
-                            int *rc) {
-    PyObject *span = PyTuple_New(7), *o;
-    if (span == NULL) {
-        *rc = ERR;
-        return NULL;
-    }
-    *rc = row_text(entries_get(s->node, s->node_n, K_TYPE), &o);
-    if (*rc == OK) {
-        PyTuple_SET_ITEM(span, 2, o);
-        *rc = row_text(entries_get(s->node, s->node_n, K_NAME), &o);
-    }
-    if (*rc == OK) {
-        PyTuple_SET_ITEM(span, 3, o);
-        *rc = row_failed(entries_get(s->node, s->node_n, K_STATUS), &o);
-    }
-    if (*rc == OK) {
-        PyTuple_SET_ITEM(span, 4, o);
-        *rc = row_number(entries_get(s->node, s->node_n, K_DURATION), 1, &o);
-    }
-    if (*rc == OK) {
-        PyTuple_SET_ITEM(span, 5, o);
-        PyObject *q = PyLong_FromLong(seq), *t = PyLong_FromLongLong(begin->ts);
-        PyObject *d = PyLong_FromLong(depth);
-        if (q) PyTuple_SET_ITEM(span, 0, q);
-        if (t) PyTuple_SET_ITEM(span, 1, t);
-        if (d) PyTuple_SET_ITEM(span, 6, d);
-        if (q && t && d) {
-            PyObject_GC_UnTrack(span); /* scalars only, as a row */
-            return span;
-        }
-        *rc = ERR;
-    }
-    Py_DECREF(span); /* the unset items are NULL: PyTuple dealloc skips them */
-    return NULL;
-}
-
-/* The row of the tree rooted at begin event `root` of group `g` (written already). The
- * spans in _row's order: a stack, popped from its end, of the transactions to visit. */
-static int row_tree(Ctx *c, const Group *g, int32_t root) {
-    for (int32_t i = g->first; i >= 0; i = c->events[i].gnext) {
-        if (has_flag_key(&c->events[i])) return NO;
-    }
-    int32_t *stack = arena_alloc(&c->arena, sizeof(int32_t) * 2 * (size_t)(g->count + 1));
-    PyObject *spans = PyList_New(0);
-    if (stack == NULL || spans == NULL) {
-        Py_XDECREF(spans);
-        return ERR;
-    }
-    int32_t top = 1, seq = 0;
-    Py_ssize_t nodes = 1;
-    int rc = OK;
-    stack[0] = root;
-    stack[1] = 0;
-    while (top > 0 && rc == OK) {
-        top--;
-        int32_t bi = stack[2 * top], depth = stack[2 * top + 1];
-        const Event *begin = &c->events[bi];
-        const Slot *s = &c->slots[begin->slot];
-        PyObject *span = span_tuple(begin, s, seq++, depth, &rc);
-        if (span == NULL) break;
-        if (PyList_Append(spans, span) < 0) rc = ERR;
-        Py_DECREF(span);
-        nodes += s->kids_n;
-        for (int32_t k = s->kids_first; k >= 0; k = c->events[k].next) {
-            if (c->events[k].clazz == C_BEGIN) {
-                stack[2 * top] = k;
-                stack[2 * top + 1] = depth + 1;
-                top++;
-            }
-        }
-    }
-    PyObject *tuple = rc == OK ? PyList_AsTuple(spans) : NULL;
-    Py_DECREF(spans);
-    if (rc != OK) return rc;
-    if (tuple == NULL) return ERR;
-    PyObject_GC_UnTrack(tuple); /* untracked spans only */
-    const Event *b = &c->events[root];
-    const Slot *s = &c->slots[b->slot];
-    const Entry *e = s->node;
-    int32_t n = s->node_n;
-    return row_append(c, b->ts, S_TRANSACTION, entries_get(e, n, K_UUID),
-                      entries_get(e, n, K_TYPE), entries_get(e, n, K_NAME),
-                      entries_get(e, n, K_STATUS), entries_get(e, n, K_DURATION), I_ONE,
-                      entries_get(e, n, K_REASON), nodes, tuple);
-}
-
-/* After a record was written: its row, or the rows dropped (NO) or an error (ERR). */
-static int add_row(Ctx *c, int rc) {
-    if (rc == NO) Py_CLEAR(c->rows);
-    return rc == ERR ? ERR : OK;
 }
 
 /* ------------------------------------------------------------------ the packed memory */
@@ -2056,9 +1789,7 @@ static int run(Ctx *c, const uint8_t *data, Py_ssize_t size) {
     for (int32_t i = 0; i < c->nevents; i++) {
         Event *ev = &c->events[i];
         if (!is_standalone(ev)) continue;
-        c->line_start = c->out.len;
         TRY(write_atomic(c, ev, 1));
-        if (c->rows != NULL) TRY(add_row(c, row_standalone(c, ev)));
         TRY(buf_put(&c->out, "\n", 1));
         if (ev->clazz == C_HEARTBEAT) c->n_heartbeat++;
         else c->n_atomic++;
@@ -2066,9 +1797,7 @@ static int run(Ctx *c, const uint8_t *data, Py_ssize_t size) {
     for (int32_t gi = 0; gi < c->ngroups; gi++) {
         Group *g = &c->groups[gi];
         for (int32_t i = g->roots_first; i >= 0; i = c->events[i].next) {
-            c->line_start = c->out.len;
             TRY(write_transaction(c, g, i, 0));
-            if (c->rows != NULL) TRY(add_row(c, row_tree(c, g, i)));
             TRY(buf_put(&c->out, "\n", 1));
             c->n_tx++;
         }
@@ -2086,7 +1815,6 @@ static void ctx_free(Ctx *c) {
     PyMem_RawFree(c->block);
     PyMem_RawFree(c->zeroed);
     PyMem_RawFree(c->out.data);
-    Py_CLEAR(c->rows);
 }
 
 /* The key table every call starts from: the known keys, interned once at import. */
@@ -2121,7 +1849,7 @@ static int ctx_init(Ctx *c) {
 }
 
 PyDoc_STRVAR(reassemble_doc,
-"reassemble(payload, now, limits, dumps, rows=False) -> tuple | None\n"
+"reassemble(payload, now, limits, dumps) -> Reassembled | None\n"
 "\n"
 "The JSON lines LogBuffer.feed_many would publish for a MessagePack frame of whole\n"
 "trees, or None when the frame needs the reference path.\n"
@@ -2130,16 +1858,61 @@ PyDoc_STRVAR(reassemble_doc,
 "max_keys_per_map, tree max_depth, max_events_per_tx); dumps(float) -> its JSON bytes\n"
 "(orjson.dumps, so that floats read exactly as the reference path writes them).\n"
 "\n"
-"Returns (seq, lines, transactions, atomic events, heartbeats, events, uuids, memories,\n"
-"rows): the envelope's seq or None, the records as JSON lines, the records by kind, the\n"
-"events taken, for each tree published its uuid and the packed ids the engine remembers,\n"
-"and with rows true the store's index row of each record (a list, in line order), else\n"
-"None (also when a record's row is left to the store).");
+"Returns a Reassembled (a named tuple): the envelope's seq or None, the records as JSON\n"
+"lines, the records by kind, the events taken, and for each tree published its uuid and\n"
+"the packed ids the engine remembers.");
+
+/* The result's named type (a struct sequence: a tuple whose items have names). */
+static PyStructSequence_Field reassembled_fields[] = {
+    {"seq", "the envelope's seq, or None"},
+    {"lines", "the records as JSON lines (bytes), in publication order"},
+    {"transactions", "transaction records in lines"},
+    {"atomic_events", "stand-alone atomic event records in lines"},
+    {"heartbeats", "heartbeat records in lines"},
+    {"events", "events taken: every event of the frame"},
+    {"uuids", "the uuid of each tree published (a tuple of str)"},
+    {"memories", "for each uuid, the packed ids the engine remembers (a tuple of bytes)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc reassembled_desc = {
+    "async_logging._speedups.Reassembled",
+    "One MessagePack frame of whole trees, reassembled: what reassemble() returns.",
+    reassembled_fields,
+    8,
+};
+
+static PyTypeObject *ReassembledType;
+
+/* A Reassembled from its parts; steals every reference (NULL items make it fail). */
+static PyObject *make_reassembled(PyObject *seq, PyObject *lines, Ctx *c, PyObject *uuids,
+                                  PyObject *memories) {
+    PyObject *items[8] = {
+        seq,
+        lines,
+        PyLong_FromLong(c->n_tx),
+        PyLong_FromLong(c->n_atomic),
+        PyLong_FromLong(c->n_heartbeat),
+        PyLong_FromLong(c->nevents),
+        uuids,
+        memories,
+    };
+    PyObject *result = PyStructSequence_New(ReassembledType);
+    for (int i = 0; i < 8; i++) {
+        if (items[i] == NULL) Py_CLEAR(result);
+    }
+    if (result == NULL) {
+        for (int i = 0; i < 8; i++) Py_XDECREF(items[i]);
+        return NULL;
+    }
+    for (int i = 0; i < 8; i++) PyStructSequence_SET_ITEM(result, i, items[i]);
+    return result;
+}
 
 static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 4 && nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "reassemble() takes 4 or 5 arguments");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "reassemble() takes 4 arguments");
         return NULL;
     }
     Ctx c;
@@ -2165,8 +1938,6 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     c.prm.tree_depth = lim[5];
     c.prm.tx_events = lim[6];
     c.dumps_fn = args[3];
-    int want_rows = nargs == 5 ? PyObject_IsTrue(args[4]) : 0;
-    if (want_rows < 0) return NULL;
     /* bytes only: the frames the server receives; anything else takes the reference path */
     if (!PyBytes_Check(args[0])) Py_RETURN_NONE;
     Py_buffer view;
@@ -2176,7 +1947,6 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
      * the server (its event loop then had to win the GIL back from the publisher thread
      * after every frame: 517-609k events/s against 635-659k held). */
     int rc = ctx_init(&c);
-    if (rc == OK && want_rows && (c.rows = PyList_New(0)) == NULL) rc = ERR;
     if (rc == OK) rc = run(&c, view.buf, view.len);
     if (rc == ERR && !PyErr_Occurred()) PyErr_NoMemory();
     if (rc == OK && c.has_seq) {
@@ -2202,9 +1972,8 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
                 PyTuple_SET_ITEM(memories, gi, memo);
             }
             if (gi == c.ngroups) {
-                result = Py_BuildValue("(ONiiiiNNO)", seq ? seq : Py_None, lines, c.n_tx,
-                                       c.n_atomic, c.n_heartbeat, c.nevents, uuids, memories,
-                                       c.rows ? c.rows : Py_None);
+                result = make_reassembled(seq ? Py_NewRef(seq) : Py_NewRef(Py_None), lines, &c,
+                                          uuids, memories);
                 lines = uuids = memories = NULL;
             }
         }
@@ -2234,14 +2003,13 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     md5_init_table();
     digit_pairs_init();
     if (known_table_init() != OK) return PyErr_NoMemory();
-    S_TRANSACTION = PyUnicode_InternFromString("transaction");
-    S_ATOMIC = PyUnicode_InternFromString("atomicEvent");
-    S_HEARTBEAT = PyUnicode_InternFromString("heartbeat");
-    S_EMPTY = PyUnicode_InternFromString("");
-    S_TRUE = PyUnicode_InternFromString("True");
-    S_FALSE = PyUnicode_InternFromString("False");
-    I_ONE = PyLong_FromLong(1);
-    if (!S_TRANSACTION || !S_ATOMIC || !S_HEARTBEAT || !S_EMPTY || !S_TRUE || !S_FALSE || !I_ONE)
+    ReassembledType = PyStructSequence_NewType(&reassembled_desc);
+    if (ReassembledType == NULL) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Reassembled", (PyObject *)ReassembledType) < 0) {
+        Py_DECREF(m);
         return NULL;
-    return PyModule_Create(&module);
+    }
+    return m;
 }

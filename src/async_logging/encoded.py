@@ -60,13 +60,9 @@ class EncodedRecords(Sequence[Record]):
         chunks: the JSON lines, as chunks of whole lines (what ``writev`` takes).
         kinds: how many records of each kind (``transaction``, ``atomicEvent``,
             ``heartbeat``) the batch holds.
-        rows: None, or the SQLite store's index row of each record, in order, made by the
-            extension when the buffer was asked for them (:attr:`LogBuffer.index_rows
-            <async_logging.buffer.LogBuffer.index_rows>`): the store then indexes the
-            batch without decoding it (see :class:`~async_logging.publishers.sqlite.SqliteStore`).
     """
 
-    __slots__ = ("_count", "_decoded", "chunks", "kinds", "nbytes", "rows")
+    __slots__ = ("_count", "_decoded", "chunks", "kinds", "nbytes")
 
     def __init__(self, lines: bytes, kinds: Mapping[str, int]) -> None:
         self.chunks: list[bytes] = [lines] if lines else []
@@ -75,16 +71,9 @@ class EncodedRecords(Sequence[Record]):
         self.kinds = {k: n for k, n in kinds.items() if n}
         self._count = sum(self.kinds.values())
         self._decoded: list[Record] | None = None
-        self.rows: list[tuple[Any, ...]] | None = None
 
     @classmethod
-    def _made(
-        cls,
-        lines: bytes,
-        kinds: dict[str, int],
-        count: int,
-        rows: list[tuple[Any, ...]] | None = None,
-    ) -> EncodedRecords:
+    def _made(cls, lines: bytes, kinds: dict[str, int], count: int) -> EncodedRecords:
         """A batch from parts the caller vouches for (``kinds`` without zeros, ``count``
         their sum): the per-frame path, without the checks of ``__init__``."""
         self = cls.__new__(cls)
@@ -93,7 +82,6 @@ class EncodedRecords(Sequence[Record]):
         self.kinds = kinds
         self._count = count
         self._decoded = None
-        self.rows = rows
         return self
 
     @classmethod
@@ -104,19 +92,12 @@ class EncodedRecords(Sequence[Record]):
             return batches[0]
         joined = cls(b"", {})
         kinds = joined.kinds
-        rows: list[tuple[Any, ...]] | None = []
         for b in batches:
-            if rows is not None:
-                if b.rows is None:
-                    rows = None
-                else:
-                    rows.extend(b.rows)
             joined.chunks.extend(b.chunks)
             joined.nbytes += b.nbytes
             for kind, n in b.kinds.items():
                 kinds[kind] = kinds.get(kind, 0) + n
         joined._count = sum(kinds.values())
-        joined.rows = rows
         return joined
 
     @property

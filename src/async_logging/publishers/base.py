@@ -25,9 +25,7 @@ Contract:
   a batch sees it again (a file may then repeat lines: delivery is at-least-once).
 - A batch may be an :class:`~async_logging.encoded.EncodedRecords` (records the native
   fast path produced as JSON lines): a sequence of dicts like any other, decoded on first
-  use. A publisher with a class attribute ``index_rows = True`` also gets each record's
-  SQLite index row in it (:attr:`~async_logging.encoded.EncodedRecords.rows`; the store's
-  own format, see :class:`~async_logging.publishers.sqlite.SqliteStore`).
+  use.
 
 Plugging one in: the server's ``publisher`` option (and :func:`load_publisher`) takes a
 class (instantiated with the configured options), an instance, a ``"module:attr"`` string
@@ -252,11 +250,6 @@ class MultiPublisher(BasePublisher):
         # The last batch that failed somewhere, and the publishers that still owe it.
         self._failed_batch: Sequence[Record] | None = None
         self._owing: tuple[Publisher, ...] = ()
-
-    @property
-    def index_rows(self) -> bool:
-        """Whether one of the publishers asks for index rows (see the module's contract)."""
-        return any(getattr(p, "index_rows", False) is True for p in self.publishers)
 
     def atomic_event(self, record: Record) -> None:
         """Call ``atomic_event(record)`` on every publisher."""

@@ -369,15 +369,7 @@ class SqliteStore(BatchPublisher):
         ConfigError: an option is out of range, or the file cannot be opened or has an
             unknown schema.
 
-    A batch the engine's native fast path reassembled (an
-    :class:`~async_logging.encoded.EncodedRecords`) comes with each record's row made by
-    the extension (:attr:`~async_logging.encoded.EncodedRecords.rows`, asked for by
-    :attr:`index_rows`), so the store indexes it without decoding a line; other batches
-    are indexed here, record by record (:meth:`_row`, the reference for those rows).
     """
-
-    #: Asks the server's buffer for the index rows of natively reassembled batches.
-    index_rows: Final = True
 
     def __init__(
         self,
@@ -424,17 +416,7 @@ class SqliteStore(BatchPublisher):
         trees: list[TreeRow] = []
         spans: list[SpanRow] = []
         row = self._row
-        indexed = records.rows if type(records) is EncodedRecords else None
-        if indexed is not None:
-            # The engine's fast path made the rows (bodies included): nothing to decode.
-            add_tree, add_span = trees.append, spans.append
-            for i, (ts, kind, uuid, typ, name, status, failed, duration, complete, reason,
-                    flags, nodes, body, own) in enumerate(indexed, 1):  # fmt: skip
-                add_tree((i, ts, kind, uuid, typ, name, status, failed, duration,
-                          complete, reason, flags, nodes, body))  # fmt: skip
-                for span in own:
-                    add_span((i, *span))
-        elif type(records) is EncodedRecords:
+        if type(records) is EncodedRecords:
             # Encoded by the engine's fast path: each line is the body already.
             bodies = [line for chunk in records.chunks for line in chunk.splitlines()]
             for i, record in enumerate(records, 1):

@@ -174,8 +174,6 @@ class Pipeline:
         # uuids of trees replayed from a spool: their records are flagged ``replayed``.
         self._replayed: OrderedDict[str, None] = OrderedDict()
         self.publisher = publisher
-        if getattr(publisher, "index_rows", False) is True and hasattr(buffer, "index_rows"):
-            buffer.index_rows = True  # the store indexes native batches without decoding
         self.stats = stats or Stats()
         self.publish_queue = publish_queue
         self.wait_for_publisher = wait_for_publisher

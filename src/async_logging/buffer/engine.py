@@ -1,33 +1,8 @@
-"""LogBuffer: the sans-I/O reassembly engine (DESIGN §3).
+"""The reference engine: :class:`LogBuffer`, its limits, and how trees are built.
 
-Feed it mapped or raw log maps, get back the records to publish. It does no I/O, starts no
-timers and reads the time only through the clock it is given, so it can sit behind a
-websocket listener, an HTTP handler, a queue consumer or a test with no sockets.
-
-Contract (DESIGN §3):
-
-- a top-level (``parent == "0"``) ``atomicEvent`` / ``heartbeat``, or any event with no
-  uuid, is published at once as a stand-alone record;
-- every other event is held in the *group* of its uuid; a transaction is a ``begin`` and an
-  ``end`` with the same ``event`` id, its children are the events whose ``parent`` is that id;
-- a group is published once it has a root and every transaction referenced in it (as a
-  ``begin``, an ``end`` or a ``parent``) has both its ``begin`` and its ``end``. Inside one
-  :meth:`LogBuffer.feed_many` batch the check runs after the whole batch, so any order of
-  the batch gives the same tree; ``settle`` (seconds, default 0) keeps a closed group open
-  that much longer for events that arrive later over other connections;
-- an incomplete group is published, never dropped: after ``clean_duration * clean_cycles``
-  seconds without a new event (``timeout``), when a cap pushes it out (``evicted``) or on
-  :meth:`LogBuffer.flush_all` (``shutdown``), with ``complete: false`` and ``reason``;
-- duplicates (same uuid, clazz, event, parent, timestamp and content) are dropped; a
-  second ``begin``/``end`` with the same id but other content is published on its own
-  flagged ``conflict``; children whose parent never came are kept under the root flagged
-  ``orphan``; parent cycles are cut (``cycle``); trees deeper than ``max_depth`` are cut
-  into fragments (``depth_cut``); an event for a tree already published is published on
-  its own flagged ``late``.
-
-Published records are the mapped event maps themselves, with ``clazz`` replaced by
-``kind`` (``transaction``, ``atomicEvent``, ``heartbeat``); transactions also carry
-``children``, ``complete``, ``duration`` and ``status`` (``"-1"`` when none was sent).
+The contract it keeps is in :mod:`async_logging.buffer` (and docs/design.md §3). The
+native fast path (:mod:`.native`) and the memory of published trees (:mod:`.memory`) live
+beside it; this file holds the rules, in Python, and stays the oracle for the fast path.
 """
 
 from __future__ import annotations
@@ -39,12 +14,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final, NamedTuple, cast
 
-import msgspec
-import orjson
-
-from .encoded import EncodedRecords, native_module
-from .exceptions import InvalidEvent, UsageError
-from .model import (
+from ..exceptions import InvalidEvent, UsageError
+from ..model import (
     ATOMIC,
     BEGIN,
     END,
@@ -54,17 +25,11 @@ from .model import (
     Mapper,
     map_events,
 )
-from .wire import DEFAULT_LIMITS, WireLimits
+from ..wire import DEFAULT_LIMITS, WireLimits
+from .memory import PublishedMemory
+from .native import NativePath, Prepared, Reassembled, prepare
 
-__all__ = [
-    "BufferLimits",
-    "Fed",
-    "LogBuffer",
-    "Prepared",
-    "Reassembled",
-    "Record",
-    "wall_clock_ms",
-]
+__all__ = ["BufferLimits", "Fed", "LogBuffer", "Record", "wall_clock_ms"]
 
 Record = dict[str, Any]
 TRANSACTION: Final = "transaction"
@@ -163,103 +128,6 @@ class _Group:
         self.batch = 0  # the feed_many call that opened it (see LogBuffer.oldest_open_batch)
 
 
-class _Done:
-    """What is remembered of a published uuid once it must grow (late events, a second tree).
-
-    Most uuids are remembered as a plain tuple of tuples (untracked by the cycle collector);
-    this mutable form replaces it on the rare paths.
-    """
-
-    __slots__ = ("atomics", "begins", "ends")
-
-    def __init__(self, begins: Iterable[Any], ends: Iterable[Any], atomics: Iterable[Any]) -> None:
-        self.begins: set[Any] = set(begins)
-        self.ends: set[Any] = set(ends)
-        self.atomics: set[Any] = set(atomics)
-
-    def __iter__(self) -> Any:
-        return iter((self.begins, self.ends, self.atomics))
-
-    def update(self, begins: Iterable[Any], ends: Iterable[Any], atomics: Iterable[Any]) -> None:
-        self.begins.update(begins)
-        self.ends.update(ends)
-        self.atomics.update(atomics)
-
-
-# uuid -> (begin ids, end ids, atomic keys) of what was published; ``bytes`` when the
-# native fast path published the tree: the same three, packed (see _unpack_memory).
-_Unpacked = tuple[tuple[str, ...], tuple[str, ...], tuple[Any, ...]] | _Done
-_Memory = _Unpacked | bytes
-
-_unpack: Final = msgspec.msgpack.Decoder().decode
-
-
-def _unpack_memory(packed: bytes) -> _Unpacked:
-    """The tuple form of what ``_speedups`` packed: ``[[begins], [ends], [[e, p, ts, msg]]]``."""
-    begins, ends, atomics = _unpack(packed)
-    return (tuple(begins), tuple(ends), tuple(map(tuple, atomics)))
-
-
-#: What ``_speedups.reassemble`` returns: (seq, lines, transactions, atomic events,
-#: heartbeats, events, uuids, packed memories, the store's index rows or None).
-Reassembled = tuple[
-    int | None,
-    bytes,
-    int,
-    int,
-    int,
-    int,
-    tuple[str, ...],
-    tuple[bytes, ...],
-    list[tuple[Any, ...]] | None,
-]
-
-
-class Prepared:
-    """A MessagePack frame the native fast path reassembled, not yet taken by the engine.
-
-    Made by :meth:`LogBuffer.prepare_msgpack`; :meth:`LogBuffer.feed_prepared` takes it.
-    Between the two the caller may do what must come first (a write-ahead spool) as long
-    as the buffer is fed nothing else.
-
-    Attributes:
-        seq: the envelope's ``seq``, or None.
-        events: how many events the frame held (all taken: the fast path refuses none).
-        records: the records to publish, as JSON lines.
-    """
-
-    __slots__ = (
-        "_batch",
-        "_memories",
-        "_standalone",
-        "_transactions",
-        "_uuids",
-        "events",
-        "records",
-        "seq",
-    )
-
-    def __init__(
-        self,
-        batch: int,
-        seq: int | None,
-        records: EncodedRecords,
-        *,
-        events: int,
-        standalone: int,
-        uuids: tuple[str, ...],
-        memories: tuple[bytes, ...],
-    ) -> None:
-        self._batch = batch
-        self.seq = seq
-        self.records = records
-        self.events = events
-        self._standalone = standalone
-        self._transactions = len(uuids)
-        self._uuids = uuids
-        self._memories = memories
-
-
 def _atomic_key(e: Event, eid: str | None, parent: str) -> tuple[Any, ...]:
     """Identity of an atomic event for duplicate detection: ids, time and a string msg."""
     msg = e.get("msg")
@@ -302,12 +170,12 @@ class LogBuffer:
         self.limits = limits
         self._mapper = mapper
         self._clock = clock
-        # OrderedDicts, not dicts: both lose their oldest entries first, and a dict whose
+        # An OrderedDict, not a dict: it loses its oldest entry first, and a dict whose
         # front was deleted makes next(iter(...)) skip every dead slot (O(n) per eviction:
         # 27 us against 1 us at 100,000 uuids, measured).
         self._open: OrderedDict[str, _Group] = OrderedDict()
-        # uuid -> (begin ids, end ids, atomic keys) of trees already published.
-        self._published: OrderedDict[str, _Memory] = OrderedDict()
+        # What was published of each uuid: recognises resends and late events.
+        self._published = PublishedMemory(limits.max_published_memory)
         self._timeout_ms = int(limits.clean_duration * limits.clean_cycles * 1000)
         self._settle_ms = int(limits.settle * 1000)
         #: feed_many calls so far (numbers the batches, see :attr:`oldest_open_batch`).
@@ -322,14 +190,10 @@ class LogBuffer:
         # The native fast path: only for the default mapper and no settle time (both
         # change what a frame publishes in ways only the reference path knows).
         self._native = (
-            native_module() if native and mapper is None and not self._settle_ms else None
+            NativePath.load(max_depth=limits.max_depth, max_events_per_tx=limits.max_events_per_tx)
+            if native and mapper is None and not self._settle_ms
+            else None
         )
-        self._limits_cache: tuple[WireLimits, tuple[int, ...]] | None = None
-        #: Whether the native fast path also makes the SQLite store's index row of each
-        #: record (:attr:`EncodedRecords.rows <async_logging.encoded.EncodedRecords.rows>`).
-        #: Off by default: the rows cost the feeding thread about a tenth more; the server
-        #: turns it on when its publisher has a store (``index_rows`` on the publisher).
-        self.index_rows = False
 
     # ------------------------------------------------------------------ public API
 
@@ -430,24 +294,7 @@ class LogBuffer:
         now = self._clock()
         if type(now) is not int:  # an injected clock may return a float: the reference path
             return None
-        cached = self._limits_cache
-        if cached is None or cached[0] is not limits:
-            lim = self.limits
-            cached = self._limits_cache = (
-                limits,
-                (
-                    limits.max_message_bytes,
-                    limits.max_events_per_frame,
-                    limits.max_depth,
-                    limits.max_string_length,
-                    limits.max_keys_per_map,
-                    lim.max_depth,
-                    lim.max_events_per_tx,
-                ),
-            )
-        return native.reassemble(  # type: ignore[no-any-return]
-            payload, now, cached[1], orjson.dumps, self.index_rows
-        )
+        return native.reassemble(payload, now, limits)
 
     def prepare_reassembled(self, result: Reassembled | None) -> Prepared | None:
         """Check a :meth:`reassemble_msgpack` result against the engine's state.
@@ -459,32 +306,12 @@ class LogBuffer:
         """
         if result is None:
             return None
-        seq, lines, transactions, atomics, heartbeats, events, uuids, memories, rows = result
-        if uuids:
-            open_groups = self._open
-            # Opening the frame's trees one by one would evict once the cap is reached,
-            # even though they all close within the frame (the reference path decides).
-            if len(open_groups) + len(uuids) > self.limits.max_open:
-                return None
-            if open_groups and not open_groups.keys().isdisjoint(uuids):
-                return None
-            if not self._published.keys().isdisjoint(uuids):
-                return None
-        standalone = atomics + heartbeats
-        if standalone:
-            kinds = {TRANSACTION: transactions, ATOMIC: atomics, HEARTBEAT: heartbeats}
-            kinds = {kind: n for kind, n in kinds.items() if n}
-        else:
-            kinds = {TRANSACTION: transactions} if transactions else {}
-        records = EncodedRecords._made(lines, kinds, transactions + standalone, rows)
-        return Prepared(
-            self.batches,
-            seq,
-            records,
-            events=events,
-            standalone=standalone,
-            uuids=uuids,
-            memories=memories,
+        return prepare(
+            result,
+            batch=self.batches,
+            open_uuids=self._open.keys(),
+            published=self._published,
+            max_open=self.limits.max_open,
         )
 
     def feed_prepared(self, prepared: Prepared) -> Fed:
@@ -493,21 +320,18 @@ class LogBuffer:
         Raises:
             UsageError: the buffer was fed something else since ``prepared`` was made.
         """
-        if prepared._batch != self.batches:
+        if prepared.batch != self.batches:
             raise UsageError("feed_prepared(): the buffer was fed since prepare_msgpack()")
         self.batches += 1
         stats = self.stats
         stats["events"] += prepared.events
-        if prepared._standalone:
-            stats["standalone"] += prepared._standalone
-        published = self._published
-        cap = self.limits.max_published_memory
-        for uuid, memory in zip(prepared._uuids, prepared._memories, strict=True):
-            if len(published) >= cap:
-                published.popitem(last=False)
-            published[uuid] = memory
-        if prepared._transactions:
-            stats["published_complete"] += len(prepared.records) - prepared._standalone
+        if prepared.standalone:
+            stats["standalone"] += prepared.standalone
+        remember = self._published.remember_packed
+        for uuid, memory in zip(prepared.uuids, prepared.memories, strict=True):
+            remember(uuid, memory)
+        if prepared.uuids:
+            stats["published_complete"] += len(prepared.records) - prepared.standalone
         return Fed(prepared.records, [])
 
     def feed_msgpack(self, payload: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Fed | None:
@@ -679,7 +503,7 @@ class LogBuffer:
         Returns None when ``e`` was dealt with (a duplicate dropped, or published ``late``).
         """
         uuid: str = e["uuid"]
-        done = self._memory(uuid)
+        done = self._published.get(uuid)
         if done is not None:
             clazz, eid, parent = e["clazz"], e.get("event"), e["parent"]
             begin_ids, end_ids, atomic_keys = done
@@ -694,7 +518,7 @@ class LogBuffer:
                 return None
             if parent in begin_ids or parent in end_ids or eid in begin_ids or eid in end_ids:
                 # Remember it, so its resend is a duplicate and its children are late too.
-                self._remember(uuid, clazz, eid, key)
+                self._published.remember_late(uuid, clazz, eid, key)
                 out.append(self._flagged(e, "late"))
                 return None
         if len(self._open) >= self.limits.max_open:
@@ -704,27 +528,6 @@ class LogBuffer:
         g = self._open[uuid] = _Group(uuid, now)
         g.batch = self.batches
         return g
-
-    def _memory(self, uuid: str) -> _Unpacked | None:
-        """What is remembered of published ``uuid``, unpacked if the fast path packed it."""
-        done = self._published.get(uuid)
-        if isinstance(done, bytes):
-            unpacked = self._published[uuid] = _unpack_memory(done)
-            return unpacked
-        return done
-
-    def _remember(self, uuid: str, clazz: str, eid: str | None, key: Any) -> None:
-        """Add one late event to what is remembered of a published uuid (the rare path)."""
-        done = self._memory(uuid)
-        if type(done) is tuple:
-            done = self._published[uuid] = _Done(*done)
-        assert isinstance(done, _Done)
-        if clazz == BEGIN:
-            done.begins.add(eid)
-        elif clazz == END:
-            done.ends.add(eid)
-        else:
-            done.atomics.add(key)
 
     def _flagged(self, e: Event, flag: str) -> Record:
         """A stand-alone record for an event that cannot join its tree (late, conflict)."""
@@ -749,18 +552,7 @@ class LogBuffer:
 
     def _publish(self, g: _Group, reason: str | None) -> list[Record]:
         del self._open[g.uuid]
-        published = self._published
-        if len(published) >= self.limits.max_published_memory:
-            published.popitem(last=False)
-        # Tuples of strings are not tracked by the cycle collector: cheap to keep many.
-        memory = (tuple(g.begins), tuple(g.ends), tuple(g.seen))
-        before = self._memory(g.uuid)
-        if before is not None:  # a second tree of one uuid: remember both
-            merged = _Done(*before)
-            merged.update(*memory)
-            published[g.uuid] = merged
-        else:
-            published[g.uuid] = memory
+        self._published.remember_tree(g.uuid, g.begins, g.ends, g.seen)
         if g.roots and not g.pending:
             records = self._build_complete(g)
             reason = "cycle"  # a closed tree is incomplete only around a parent cycle
