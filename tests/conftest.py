@@ -15,17 +15,26 @@ from async_logging.testing import MemoryPublisher
 #: One factor scales every network timeout in the tests (slow CI machines: raise it).
 TIMEOUT = float(os.environ.get("ASYNC_LOGGING_TEST_TIMEOUT", "10"))
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "original-node-client"
-if not VECTORS.is_dir():  # a checkout that carries its own copy
-    VECTORS = Path(__file__).resolve().parent / "vectors" / "original-node-client"
+#: Byte-exact captures of what the 2013 Node client sends, kept in the repository (their
+#: README.md lists the records each must produce; docs/design.md §4 says how they are used).
+VECTORS = Path(__file__).resolve().parent / "vectors" / "original-node-client"
 
 
 def vector(name: str) -> bytes:
-    """The bytes of one capture of the original Node client."""
-    path = VECTORS / name
-    if not path.exists():
-        pytest.skip(f"capture {name} not found beside the repository ({VECTORS})")
-    return path.read_bytes()
+    """The bytes of one capture of the original Node client (a missing one is an error)."""
+    return (VECTORS / name).read_bytes()
+
+
+def vector_http_body(name: str) -> tuple[str, bytes]:
+    """The ``Content-Type`` and the body of a captured HTTP request (its head cut off)."""
+    raw = vector(name).replace(b"\r\n", b"\n")
+    head, _, body = raw.partition(b"\n\n")
+    ctype = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in head.split(b"\n")
+        if line.lower().startswith(b"content-type:")
+    )
+    return ctype, body
 
 
 @pytest.fixture

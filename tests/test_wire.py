@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -28,17 +27,20 @@ from async_logging.wire import (
     encode_error,
     peek_seq,
 )
-
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "original-node-client"
-needs_vectors = pytest.mark.skipif(
-    not VECTORS.is_dir(), reason=f"golden vectors not found at {VECTORS} (clone beside shared/)"
-)
+from conftest import vector, vector_http_body
 
 EVENT: dict[str, Any] = {"uuid": "r1", "clazz": "begin", "event": "1", "parent": "0", "pid": 7}
 
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
+
+
+def roundtrip(fmt: str, payload: Any, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
+    """``payload`` encoded as ``fmt`` (``msgpack`` or ``json``), then through its decoder."""
+    if fmt == "msgpack":
+        return decode_msgpack(pack(payload), limits)
+    return decode_json(orjson.dumps(payload), limits)
 
 
 def nested(depth: int) -> dict[str, Any]:
@@ -79,10 +81,9 @@ def test_exported_names() -> None:
 # --------------------------------------------------------------------------- golden vectors
 
 
-@needs_vectors
 def test_golden_ws_frame_1_is_one_standalone_event_with_float_timestamp() -> None:
     """The Node client's first frame decodes to one log whose float64 timestamp survives."""
-    frame = decode_msgpack((VECTORS / "ws-frame-1.msgpack").read_bytes())
+    frame = decode_msgpack(vector("ws-frame-1.msgpack"))
     assert frame.seq is None
     assert len(frame.logs) == 1
     (log,) = frame.logs
@@ -91,10 +92,9 @@ def test_golden_ws_frame_1_is_one_standalone_event_with_float_timestamp() -> Non
     assert type(log["timestamp"]) is float
 
 
-@needs_vectors
 def test_golden_ws_frame_2_is_a_transaction_and_a_heartbeat() -> None:
     """The Node client's second frame decodes to the 6 events of orig-ws-1 then a heartbeat."""
-    frame = decode_msgpack((VECTORS / "ws-frame-2.msgpack").read_bytes())
+    frame = decode_msgpack(vector("ws-frame-2.msgpack"))
     assert frame.seq is None
     assert len(frame.logs) == 7
     assert [log["uuid"] for log in frame.logs] == ["orig-ws-1"] * 6 + ["hb-1"]
@@ -111,25 +111,13 @@ def test_golden_ws_frame_2_is_a_transaction_and_a_heartbeat() -> None:
     assert frame.logs[5]["duration"] == 7
 
 
-def _http_post_body() -> tuple[str, bytes]:
-    raw = (VECTORS / "http-post-1.txt").read_bytes().replace(b"\r\n", b"\n")
-    head, _, body = raw.partition(b"\n\n")
-    ctype = next(
-        line.split(b":", 1)[1].strip().decode()
-        for line in head.split(b"\n")
-        if line.lower().startswith(b"content-type:")
-    )
-    return ctype, body
-
-
-@needs_vectors
 def test_golden_http_post_decodes_like_the_ws_transaction() -> None:
     """The Node HTTP form post gives the ws transaction's 6 logs, numbers coerced, ids strings."""
-    ctype, body = _http_post_body()
+    ctype, body = vector_http_body("http-post-1.txt")
     frame = decode_form(body)
     assert frame.seq is None
     assert len(frame.logs) == 6
-    ws_logs = decode_msgpack((VECTORS / "ws-frame-2.msgpack").read_bytes()).logs[:6]
+    ws_logs = decode_msgpack(vector("ws-frame-2.msgpack")).logs[:6]
     for got, ws in zip(frame.logs, ws_logs, strict=True):
         expected = {**ws, "uuid": "orig-http-1", "timestamp": int(ws["timestamp"])}
         assert got == expected  # dict equality: field order is irrelevant
@@ -161,18 +149,14 @@ def test_golden_http_post_decodes_like_the_ws_transaction() -> None:
 )
 def test_payload_shapes(fmt: str, payload: Any, expected: Frame) -> None:
     """A single map, an array and an envelope (seq optional, extra keys ignored) all decode."""
-    data = pack(payload) if fmt == "msgpack" else orjson.dumps(payload)
-    frame = decode_msgpack(data) if fmt == "msgpack" else decode_json(data)
-    assert frame == expected
+    assert roundtrip(fmt, payload) == expected
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 def test_non_map_items_pass_through(fmt: str) -> None:
     """Items that are not maps stay in logs, in place, so the engine can reject them alone."""
     payload = {"seq": 3, "logs": [EVENT, 1, "x", [1, [2]], None, EVENT]}
-    data = pack(payload) if fmt == "msgpack" else orjson.dumps(payload)
-    frame = decode_msgpack(data) if fmt == "msgpack" else decode_json(data)
-    assert frame == Frame(3, [EVENT, 1, "x", [1, [2]], None, EVENT])
+    assert roundtrip(fmt, payload) == Frame(3, [EVENT, 1, "x", [1, [2]], None, EVENT])
 
 
 def test_json_accepts_str_and_bytes() -> None:
@@ -276,9 +260,8 @@ def test_bad_key(data: bytes) -> None:
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 def test_bad_envelope(payload: Any, fmt: str) -> None:
     """An envelope whose seq is not a non-negative int or whose logs is not an array is refused."""
-    data = pack(payload) if fmt == "msgpack" else orjson.dumps(payload)
     with pytest.raises(DecodeError) as info:
-        decode_msgpack(data) if fmt == "msgpack" else decode_json(data)
+        roundtrip(fmt, payload)
     assert info.value.reason == "bad_envelope"
 
 
@@ -286,9 +269,8 @@ def test_bad_envelope(payload: Any, fmt: str) -> None:
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 def test_bad_payload(payload: Any, fmt: str) -> None:
     """A payload that is neither a map nor an array is refused as bad_payload."""
-    data = pack(payload) if fmt == "msgpack" else orjson.dumps(payload)
     with pytest.raises(DecodeError) as info:
-        decode_msgpack(data) if fmt == "msgpack" else decode_json(data)
+        roundtrip(fmt, payload)
     assert info.value.reason == "bad_payload"
 
 
@@ -320,9 +302,7 @@ def test_too_many_events(fmt: str, envelope: bool) -> None:
     limits = WireLimits(max_events_per_frame=3)
 
     def decode(logs: list[Any]) -> Frame:
-        payload: Any = {"seq": 1, "logs": logs} if envelope else logs
-        data = pack(payload) if fmt == "msgpack" else orjson.dumps(payload)
-        return decode_msgpack(data, limits) if fmt == "msgpack" else decode_json(data, limits)
+        return roundtrip(fmt, {"seq": 1, "logs": logs} if envelope else logs, limits)
 
     assert len(decode([EVENT] * 3).logs) == 3
     with pytest.raises(LimitExceeded) as info:
@@ -336,12 +316,10 @@ def test_too_many_events(fmt: str, envelope: bool) -> None:
 def test_too_deep(fmt: str, max_depth: int) -> None:
     """A log map nested deeper than max_depth is refused (400); exactly max_depth is accepted."""
     limits = WireLimits(max_depth=max_depth)
-    encode = pack if fmt == "msgpack" else orjson.dumps
-    decode = decode_msgpack if fmt == "msgpack" else decode_json
     ok = nested(max_depth)
-    assert decode(encode([EVENT, ok]), limits).logs == [EVENT, ok]
+    assert roundtrip(fmt, [EVENT, ok], limits).logs == [EVENT, ok]
     with pytest.raises(LimitExceeded) as info:
-        decode(encode([EVENT, nested(max_depth + 1)]), limits)
+        roundtrip(fmt, [EVENT, nested(max_depth + 1)], limits)
     assert info.value.reason == "too_deep"
     assert info.value.status == 400
 
@@ -372,8 +350,6 @@ def test_too_deep_beyond_the_recursion_limit() -> None:
 def test_string_too_long(fmt: str, make: Any, padding: int) -> None:
     """A key or value longer than max_string_length is refused (400); the limit itself is fine."""
     limits = WireLimits(max_string_length=10)
-    encode = pack if fmt == "msgpack" else orjson.dumps
-    decode = decode_msgpack if fmt == "msgpack" else decode_json
 
     def payload(s: str) -> Any:
         obj = make(s)
@@ -382,9 +358,9 @@ def test_string_too_long(fmt: str, make: Any, padding: int) -> None:
         return obj
 
     ok = payload("é" * 10)
-    assert decode(encode(ok), limits).logs == (ok["logs"] if isinstance(ok, dict) else ok)
+    assert roundtrip(fmt, ok, limits).logs == (ok["logs"] if isinstance(ok, dict) else ok)
     with pytest.raises(LimitExceeded) as info:
-        decode(encode(payload("é" * 11)), limits)
+        roundtrip(fmt, payload("é" * 11), limits)
     assert info.value.reason == "string_too_long"
     assert info.value.status == 400
 
@@ -394,13 +370,11 @@ def test_string_too_long(fmt: str, make: Any, padding: int) -> None:
 def test_long_log_map_key_in_a_large_frame(limit: int, fmt: str) -> None:
     """A log map key over the limit is caught whatever string header MessagePack gives it."""
     limits = WireLimits(max_string_length=limit)
-    encode = pack if fmt == "msgpack" else orjson.dumps
-    decode = decode_msgpack if fmt == "msgpack" else decode_json
     padding = [{"p": "x" * 30}] * (limit // 30 + 1)  # the frame outgrows the limit
     ok = [*padding, {"k" * limit: 1}]
-    assert decode(encode(ok), limits).logs == ok
+    assert roundtrip(fmt, ok, limits).logs == ok
     with pytest.raises(LimitExceeded) as info:
-        decode(encode([*padding, {"k" * (limit + 1): 1}]), limits)
+        roundtrip(fmt, [*padding, {"k" * (limit + 1): 1}], limits)
     assert info.value.reason == "string_too_long"
 
 
@@ -408,8 +382,6 @@ def test_long_log_map_key_in_a_large_frame(limit: int, fmt: str) -> None:
 @pytest.mark.parametrize("where", ["event", "nested", "deep"])
 def test_too_many_keys(fmt: str, where: str) -> None:
     """A map with more than max_keys_per_map keys is refused (400); exactly the limit is fine."""
-    encode = pack if fmt == "msgpack" else orjson.dumps
-    decode = decode_msgpack if fmt == "msgpack" else decode_json
 
     def payload(n: int) -> Any:
         big = {f"k{i}": i for i in range(n)}
@@ -419,9 +391,9 @@ def test_too_many_keys(fmt: str, where: str) -> None:
             return [{"data": big}]
         return [{"a": [{"b": {"c": {"d": {"e": big}}}}]}]
 
-    assert decode(encode(payload(256))).logs == payload(256)
+    assert roundtrip(fmt, payload(256)).logs == payload(256)
     with pytest.raises(LimitExceeded) as info:
-        decode(encode(payload(257)))
+        roundtrip(fmt, payload(257))
     assert info.value.reason == "too_many_keys"
     assert info.value.status == 400
 
