@@ -1,9 +1,14 @@
-"""Helpers shared by the security, fault and fuzz tests.
+"""Helpers shared by the test modules, so that no test file keeps its own copy.
+
+- a hand-driven millisecond :class:`Clock` for the reassembly engine (no sleeps);
+- posting logs to an in-process server (:func:`post_logs`) and waiting, on an event, until
+  trees are in its store (:func:`stored`);
+- reading ``/metrics`` (:class:`Metrics`), free ports, walking published records;
+- a load of clients that send over reconnecting WebSockets and remember which server acked
+  each frame (:class:`AckedLoad`), for the reliability tests.
 
 The servers and clients of ``test_server`` (in-process) and ``test_server_process`` (a real
-``async-logging serve``) are re-exported unchanged; this module adds what the reliability
-tests need on top: reading ``/metrics``, counting the events a log file holds, and a load of
-clients that send over reconnecting WebSockets and remember which server acked each frame.
+``async-logging serve``) are re-exported unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +28,7 @@ import msgpack
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from async_logging.server import LogCluster
 from conftest import TIMEOUT
 from test_server import answer, connect
 from test_server_process import T0, Served, ecv, send_acked, serve, tx
@@ -31,6 +37,7 @@ __all__ = [
     "T0",
     "TIMEOUT",
     "AckedLoad",
+    "Clock",
     "Metrics",
     "Served",
     "Stream",
@@ -40,13 +47,62 @@ __all__ = [
     "ecv",
     "fetch_metrics",
     "free_port",
+    "post_logs",
     "published_events",
     "send_acked",
     "serve",
     "split_tree",
+    "stored",
     "tx",
     "walk",
 ]
+
+
+# ---------------------------------------------------------------------- time
+
+
+class Clock:
+    """A hand-driven millisecond clock for the engine: it moves only when a test moves it."""
+
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> int:
+        """Move ``seconds`` forward; returns the new time in ms."""
+        self.now += int(seconds * 1000)
+        return self.now
+
+
+# ---------------------------------------------------------------------- in-process servers
+
+
+async def post_logs(server: LogCluster, logs: list[dict[str, Any]]) -> None:
+    """``POST /log`` a batch as JSON to an in-process server and check it was accepted whole."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.post(f"http://127.0.0.1:{server.port}/log", json={"logs": logs}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+
+
+async def stored(server: LogCluster, uuids: set[str], send: Awaitable[None]) -> None:
+    """Run ``send``, then wait until the trees of ``uuids`` are in the server's store.
+
+    The server hands each batch to its live hub after the store has committed it, so a
+    record seen on a hub subscription is searchable: an event to wait on, not a poll.
+    """
+    sub = server.live_hub.subscribe()
+    try:
+        await send
+        seen: set[str] = set()
+        while not uuids <= seen:
+            batch, _ = await asyncio.wait_for(sub.next_batch(), TIMEOUT)
+            seen.update(r.get("uuid") for r in batch)
+    finally:
+        sub.close()
 
 
 # ---------------------------------------------------------------------- /metrics

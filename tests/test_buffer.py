@@ -9,22 +9,9 @@ import pytest
 
 from async_logging import BufferLimits, EmitterBuffer, EventEmitter, InvalidEvent, LogBuffer
 from async_logging.exceptions import UsageError
+from helpers import Clock
 
 T0 = 1_795_463_406_000
-
-
-class Clock:
-    """A hand-driven millisecond clock."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> int:
-        self.now += int(seconds * 1000)
-        return self.now
 
 
 def ev(clazz: str, event: str | None, parent: str = "0", uuid: str = "u1", **kw: Any) -> dict:
@@ -65,7 +52,7 @@ def shape(node: dict) -> tuple:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
@@ -188,7 +175,7 @@ def test_children_before_their_root_begin_are_kept(buf: LogBuffer) -> None:
     events = seed_tree()
     reordered = [events[2], events[4], events[3], events[1], events[5], events[0]]
     (rec,) = buf.feed_many(reordered).records
-    (expected,) = LogBuffer(clock=Clock()).feed_many(seed_tree()).records
+    (expected,) = LogBuffer(clock=Clock(T0)).feed_many(seed_tree()).records
     assert rec == expected
 
 

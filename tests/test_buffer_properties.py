@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from async_logging import Fed, LogBuffer
+from helpers import Clock
 
 T0 = 1_700_000_000_000
 DEFAULT_TIMEOUT_MS = 60_000 * 3
@@ -39,16 +40,6 @@ TRACE_KEYS = ("x-tb", "x-te", "x-tl")
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-class FakeClock:
-    """A settable millisecond clock for the engine."""
-
-    def __init__(self, now: int = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 # --------------------------------------------------------------------------- tree model
@@ -477,7 +468,7 @@ def test_any_permutation_in_one_batch_gives_the_canonical_tree(data: st.DataObje
     """Any arrival order of a whole tree in one feed_many batch yields exactly the canonical record."""
     tree = data.draw(trees())
     order = data.draw(st.permutations(tree.events))
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     fed = feed(buf, order)
     assert fed.rejected == []
     assert fed.records == [expect(tree.root)]
@@ -487,7 +478,7 @@ def test_any_permutation_in_one_batch_gives_the_canonical_tree(data: st.DataObje
     assert buf.stats["events"] == len(tree.events)
     # Independent of arrival order: a second order gives the same record.
     other = data.draw(st.permutations(tree.events))
-    assert LogBuffer(clock=FakeClock()).feed_many(fresh(other)).records == fed.records
+    assert LogBuffer(clock=Clock(T0)).feed_many(fresh(other)).records == fed.records
 
 
 # --------------------------------------------------------------------------- 3. splits
@@ -502,7 +493,7 @@ def test_any_split_with_settle_gives_the_canonical_tree(data: st.DataObject) -> 
     order = data.draw(st.permutations(tree.events))
     batches = split(data.draw, order)
     settle_ms = data.draw(st.sampled_from([1, 250, 1000, 5000]))
-    clock = FakeClock()
+    clock = Clock(T0)
     buf = LogBuffer(clock=clock, settle=settle_ms / 1000)
     seen: list[dict[str, Any]] = []
     closed_at: int | None = None
@@ -539,7 +530,7 @@ def test_split_without_settle_publishes_then_flags_late_and_loses_nothing(
         j = k
     head, tail = order[: j + 1], order[j + 1 :]
     batches = split(data.draw, head) + split(data.draw, tail)
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     outputs: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
     published: set[str] | None = None  # tx ids of the published tree
@@ -581,7 +572,7 @@ def test_missing_end_is_published_incomplete_at_the_timeout(data: st.DataObject)
     clean_duration = data.draw(st.sampled_from([0.5, 1.0, 60.0]))
     clean_cycles = data.draw(st.integers(1, 3))
     timeout = int(clean_duration * clean_cycles * 1000)
-    clock = FakeClock()
+    clock = Clock(T0)
     buf = LogBuffer(clock=clock, clean_duration=clean_duration, clean_cycles=clean_cycles)
     # With the root's end there, a nested transaction not yet referenced by anything that has
     # arrived cannot hold the tree back: only one batch guarantees it is held.
@@ -612,7 +603,7 @@ def test_flush_all_publishes_open_trees_as_shutdown(data: st.DataObject) -> None
     tree = data.draw(trees())
     open_node = data.draw(st.sampled_from(tree.tx_nodes()))
     events = [e for e in tree.events if e is not open_node.events[1]]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert feed(buf, data.draw(st.permutations(events))).records == []
     out = buf.flush_all()
     want = expect(tree.root, open_ids=frozenset({open_node.eid}))  # type: ignore[arg-type]
@@ -633,7 +624,7 @@ def test_duplicates_are_dropped_and_counted(data: st.DataObject) -> None:
     n = len(tree.events)
     doubled = data.draw(st.permutations(tree.events + tree.events))
     settle_ms = data.draw(st.sampled_from([0, 1000]))
-    clock = FakeClock()
+    clock = Clock(T0)
     buf = LogBuffer(clock=clock, settle=settle_ms / 1000)
     out: list[dict[str, Any]] = []
     # settle=0 publishes when first closed, so the doubled stream goes in one batch; with a
@@ -712,7 +703,7 @@ def test_parent_cycles_are_cut_flagged_and_lose_nothing(
     proper, cycles, events = group
     order = data.draw(st.permutations(events))
     one_batch = data.draw(st.booleans())
-    clock = FakeClock()
+    clock = Clock(T0)
     buf = LogBuffer(clock=clock)
     out: list[dict[str, Any]] = []
     for batch in [order] if one_batch else split(data.draw, order):
@@ -774,7 +765,7 @@ def test_a_500_deep_chain_is_cut_into_fragments(max_depth: int, closed: bool, se
     if not closed:
         events = [e for e in events if e.get("x-te") != "e1"]
     random.Random(seed).shuffle(events)
-    buf = LogBuffer(clock=FakeClock(), max_depth=max_depth)
+    buf = LogBuffer(clock=Clock(T0), max_depth=max_depth)
     out = feed(buf, events).records + buf.flush_all()
     check_deep(out, events, max_depth)
     assert len(out) == math.ceil(depth / max_depth)
@@ -789,7 +780,7 @@ def test_a_5000_deep_chain_with_a_moderate_max_depth(max_depth: int, seed: int) 
     """A 5000-deep chain (10001 events) comes out cut, complete, with every event kept."""
     events = chain(5000)
     random.Random(seed).shuffle(events)
-    buf = LogBuffer(clock=FakeClock(), max_depth=max_depth, max_events_per_tx=20_000)
+    buf = LogBuffer(clock=Clock(T0), max_depth=max_depth, max_events_per_tx=20_000)
     out = feed(buf, events).records
     check_deep(out, events, max_depth)
     assert buf.open_count == 0 and len(out) == math.ceil(5000 / max_depth)
@@ -801,7 +792,7 @@ def test_a_5000_deep_chain_with_a_tight_max_depth(closed: bool) -> None:
     events = chain(5000)
     if not closed:
         events = [e for e in events if e.get("x-te") != "e1"]
-    buf = LogBuffer(clock=FakeClock(), max_depth=2, max_events_per_tx=20_000)
+    buf = LogBuffer(clock=Clock(T0), max_depth=2, max_events_per_tx=20_000)
     out = feed(buf, events).records + buf.flush_all()
     check_deep(out, events, 2)
 
@@ -818,7 +809,7 @@ def test_max_open_evicts_the_oldest_trees(
     forest = [
         data.draw(trees(uuid=f"tree-{i}", max_nodes=6), label=f"tree {i}") for i in range(n + k)
     ]
-    clock = FakeClock()
+    clock = Clock(T0)
     buf = LogBuffer(clock=clock, max_open=n)
     streams = []
     for t in forest:  # each tree left open: its root end never comes
@@ -854,7 +845,7 @@ def test_max_events_per_tx_publishes_the_tree_and_flags_later_events_late(
     # More than half the events: what is left after the cap cannot reach it again.
     cap = data.draw(st.integers(len(tree.events) // 2 + 1, len(tree.events) - 1))
     order = list(data.draw(st.permutations(tree.events)))
-    buf = LogBuffer(clock=FakeClock(), max_events_per_tx=cap)
+    buf = LogBuffer(clock=Clock(T0), max_events_per_tx=cap)
     out = feed(buf, order).records
     first, later = order[:cap], order[cap:]
     published = tx_ids(first)
@@ -940,7 +931,7 @@ def test_bad_events_never_cost_good_ones(forest: list[Tree], data: st.DataObject
         stream.insert(data.draw(st.integers(0, len(stream))), b)
     # Split batches need a settle window, or a tree closed early would see later events late.
     batches = split(data.draw, stream) if data.draw(st.booleans()) else [stream]
-    clock = FakeClock()
+    clock = Clock(T0)
     buf = LogBuffer(clock=clock, settle=0 if len(batches) == 1 else 1.0)
     out: list[dict[str, Any]] = []
     for batch in batches:
@@ -970,7 +961,7 @@ def test_a_resent_late_event_is_a_duplicate() -> None:
         {"clazz": "end", "uuid": "u", "event": "1", "parent": "0", "timestamp": 10},
     ]
     child = {"clazz": "atomicEvent", "uuid": "u", "event": "2", "parent": "1", "timestamp": 5}
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert len(feed(buf, root).records) == 1
     assert feed(buf, [child]).records[0]["late"] is True
     assert feed(buf, [child]).records == []
@@ -991,7 +982,7 @@ def test_events_under_a_late_transaction_are_late_too() -> None:
         # A direct child of the published root, after that: swallowed by the new group too.
         {"clazz": "atomicEvent", "uuid": "u", "event": "4", "parent": "1", "timestamp": 9},
     ]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert len(feed(buf, root).records) == 1
     out = feed(buf, late).records
     assert buf.open_count == 0
@@ -1007,7 +998,7 @@ def test_a_different_event_after_publication_is_not_a_duplicate() -> None:
         {"clazz": "end", "uuid": "u", "event": "1", "parent": "0", "timestamp": 10},
         {"uuid": "u", "parent": "1", "timestamp": 5, "msg": "first"},
     ]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert len(feed(buf, tree).records) == 1
     out = feed(buf, [{"uuid": "u", "parent": "1", "timestamp": 5, "msg": "second"}]).records
     assert [r["msg"] for r in out] == ["second"]
@@ -1021,7 +1012,7 @@ def test_a_node_missing_its_begin_still_has_status_and_duration() -> None:
         {"clazz": "end", "uuid": "u", "event": "1", "parent": "0", "timestamp": 10},
         {"clazz": "end", "uuid": "u", "event": "2", "parent": "1", "timestamp": 8},
     ]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert feed(buf, events).records == []
     out = buf.flush_all()
     node = out[0]["children"][0]
@@ -1036,7 +1027,7 @@ def test_a_rootless_fragment_published_by_the_timeout_is_incomplete() -> None:
         {"clazz": "begin", "uuid": "u", "event": "2", "parent": "1", "timestamp": 0},
         {"clazz": "end", "uuid": "u", "event": "2", "parent": "1", "timestamp": 10},
     ]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert feed(buf, events).records == []
     out = buf.expire(T0 + DEFAULT_TIMEOUT_MS)
     assert out[0]["orphan"] is True
@@ -1051,7 +1042,7 @@ def test_a_tree_of_exactly_max_events_per_tx_is_not_evicted() -> None:
         {"clazz": "end", "uuid": "u", "event": "1", "parent": "0", "timestamp": 10},
         {"uuid": "u", "parent": "1", "timestamp": 5},
     ]
-    buf = LogBuffer(clock=FakeClock(), max_events_per_tx=3, settle=1.0)
+    buf = LogBuffer(clock=Clock(T0), max_events_per_tx=3, settle=1.0)
     assert feed(buf, events).records == []
     assert buf.stats["evicted"] == 0
     assert len(buf.expire(T0 + 1000)) == 1
@@ -1064,7 +1055,7 @@ def test_a_resent_tree_is_not_published_twice() -> None:
         {"clazz": "begin", "uuid": "u", "event": "1", "parent": "0", "timestamp": 0},
         {"clazz": "end", "uuid": "u", "event": "1", "parent": "0", "timestamp": 10},
     ]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert len(feed(buf, root).records) == 1
     feed(buf, [{"uuid": "u", "parent": "2", "timestamp": 5}])  # parent tx never comes
     assert len(buf.flush_all()) == 1
@@ -1083,7 +1074,7 @@ def test_a_subtree_hanging_off_a_cycle_stays_under_it() -> None:
         {"clazz": "begin", "uuid": "u", "event": "C", "parent": "A", "timestamp": 1},
         {"clazz": "end", "uuid": "u", "event": "C", "parent": "A", "timestamp": 2},
     ]
-    buf = LogBuffer(clock=FakeClock())
+    buf = LogBuffer(clock=Clock(T0))
     assert feed(buf, events).records == []
     out = buf.flush_all()
     assert [n["event"] for n in iter_nodes(out) if n.get("cycle")] in (["A"], ["B"])

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -23,6 +22,7 @@ from async_logging.server import LogCluster, MonApp
 from async_logging.server.viewer import Viewer
 from async_logging.tail import SseParser, TailError, TailFilters, render, tail
 from conftest import TIMEOUT
+from helpers import free_port, post_logs
 
 T0 = int(time.time() * 1000)
 
@@ -139,14 +139,6 @@ def server_options() -> dict[str, Any]:
     return {"store": ""}
 
 
-async def post(server: LogCluster, logs: list[dict[str, Any]]) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{server.port}/log", json={"logs": logs}) as resp,
-    ):
-        assert resp.status == 200
-
-
 async def test_tail_prints_the_published_tree_that_passes_its_filters(server: LogCluster) -> None:
     """tail() streams from a running server and prints the first matching tree, indented, then stops at --count."""
     console, out = plain_console()
@@ -161,8 +153,8 @@ async def test_tail_prints_the_published_tree_that_passes_its_filters(server: Lo
         )
     )
     await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
-    await post(server, wire_tree("a", "/a", status="1") + wire_tree("b-ok", "/b"))
-    await post(server, wire_tree("b-bad", "/b", status="7"))
+    await post_logs(server, wire_tree("a", "/a", status="1") + wire_tree("b-ok", "/b"))
+    await post_logs(server, wire_tree("b-bad", "/b", status="7"))
     assert await asyncio.wait_for(task, TIMEOUT) == 1
     lines = out.getvalue().splitlines()
     assert "URL /b  10 ms  status 7" in lines[0] and "uuid b-bad" in lines[0]
@@ -185,7 +177,7 @@ async def test_tail_command_prints_json_lines_and_exits_after_count(server: LogC
     )
     try:
         await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
-        await post(server, wire_tree("c1", "/c") + wire_tree("c2", "/c", status="3"))
+        await post_logs(server, wire_tree("c1", "/c") + wire_tree("c2", "/c", status="3"))
         out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     finally:
         if proc.returncode is None:
@@ -198,11 +190,7 @@ async def test_tail_command_prints_json_lines_and_exits_after_count(server: LogC
 
 def test_tail_command_without_a_server_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     """With nothing listening at --url, tail exits 1 and says it cannot stream from that URL."""
-    import socket
-
-    with socket.socket() as s:  # a port that was free a moment ago
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.run(
         _cli("--url", f"http://127.0.0.1:{port}", "-n", "1"),
         capture_output=True,
@@ -252,7 +240,7 @@ async def flaky_sse() -> AsyncIterator[tuple[str, list[int]]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}", connections
     finally:

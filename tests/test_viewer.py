@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from async_logging.server.viewer import Viewer
 from async_logging.tail import SseParser
 from async_logging.testing import MemoryPublisher
 from conftest import TIMEOUT
+from helpers import post_logs, stored
 
 T0 = int(time.time() * 1000) - 60_000
 
@@ -44,30 +45,6 @@ def server_options(tmp_path: Path) -> dict[str, Any]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as s:
         yield s
-
-
-async def send(
-    session: aiohttp.ClientSession, server: LogCluster, logs: list[dict[str, Any]]
-) -> None:
-    async with session.post(f"http://127.0.0.1:{server.port}/log", json={"logs": logs}) as resp:
-        assert resp.status == 200, await resp.text()
-
-
-async def stored(server: LogCluster, uuids: set[str], send: Awaitable[None]) -> None:
-    """Run ``send``, then wait until the trees of ``uuids`` are in the store.
-
-    The server hands each batch to its live hub after the store has committed it, so a
-    record seen on a hub subscription is searchable: an event to wait on, not a poll.
-    """
-    sub = server.live_hub.subscribe()
-    try:
-        await send
-        seen: set[str] = set()
-        while not uuids <= seen:
-            batch, _ = await asyncio.wait_for(sub.next_batch(), TIMEOUT)
-            seen.update(r.get("uuid") for r in batch)
-    finally:
-        sub.close()
 
 
 async def get(session: aiohttp.ClientSession, server: LogCluster, path: str) -> tuple[int, Any]:
@@ -98,7 +75,7 @@ async def test_search_tree_and_summary_answer_for_what_the_server_published(
 ) -> None:
     """Trees sent to the server are found by /api/search, returned whole by /api/tree and counted by /api/summary."""
     logs = tree("ok-1", "/a") + tree("bad-1", "/b", status="5", dur=80)
-    await stored(server, {"ok-1", "bad-1"}, send(session, server, logs))
+    await stored(server, {"ok-1", "bad-1"}, post_logs(server, logs))
     status, body = await get(session, server, "/api/search?name=/b")
     assert status == 200
     (row,) = body["results"]
@@ -220,9 +197,9 @@ async def test_live_stream_sends_published_records_that_pass_its_filters(
     async with session.get(url) as resp:
         assert resp.status == 200 and resp.content_type == "text/event-stream"
         await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
-        await send(session, server, tree("a-1", "/a", status="1"))  # filtered: name
-        await send(session, server, tree("b-ok", "/b"))  # filtered: status
-        await send(session, server, tree("b-bad", "/b", status="9"))
+        await post_logs(server, tree("a-1", "/a", status="1"))  # filtered: name
+        await post_logs(server, tree("b-ok", "/b"))  # filtered: status
+        await post_logs(server, tree("b-bad", "/b", status="9"))
         ((event, record),) = await read_events(resp, 1)
     assert event == "record"
     assert (record["uuid"], record["kind"], record["status"]) == ("b-bad", "transaction", "9")
