@@ -10,15 +10,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
+from async_logging import LogBuffer
 from async_logging.server import LogCluster
 from conftest import TIMEOUT
+from helpers import Clock, post_logs, stored
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -59,9 +60,22 @@ def request_tree(uuid: str, status: str = "0") -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def server_options(tmp_path: Path) -> dict[str, Any]:
-    # A short clean cycle, so a tree whose end never comes is published incomplete quickly.
-    return {"store": str(tmp_path / "trees.sqlite"), "clean_duration": 0.2, "clean_cycles": 1}
+def clock() -> Clock:
+    """The server engine's clock: a tree times out when the test moves it, not with time."""
+    return Clock(T0)
+
+
+@pytest.fixture
+def server_options(tmp_path: Path, clock: Clock) -> dict[str, Any]:
+    return {"store": str(tmp_path / "trees.sqlite"), "buffer": LogBuffer(clock=clock)}
+
+
+async def time_out(server: LogCluster, clock: Clock) -> None:
+    """Move the engine's clock past its clean cycles and run one: open trees go out ``timeout``."""
+    assert server.pipeline is not None
+    limits = server.pipeline.buffer.limits
+    clock.advance(limits.clean_duration * limits.clean_cycles)
+    server.pipeline.expire()
 
 
 @pytest.fixture
@@ -80,38 +94,14 @@ async def page(server: LogCluster) -> AsyncIterator[Any]:
             await browser.close()
 
 
-async def post(server: LogCluster, logs: list[dict[str, Any]]) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{server.port}/log", json={"logs": logs}) as resp,
-    ):
-        assert resp.status == 200
-
-
-async def stored(server: LogCluster, uuids: set[str], send: Awaitable[None]) -> None:
-    """Run ``send``, then wait until the trees of ``uuids`` are in the store.
-
-    The server hands each batch to its live hub after the store has committed it, so a
-    record seen on a hub subscription is searchable: an event to wait on, not a poll.
-    """
-    sub = server.live_hub.subscribe()
-    try:
-        await send
-        seen: set[str] = set()
-        while not uuids <= seen:
-            batch, _ = await asyncio.wait_for(sub.next_batch(), TIMEOUT)
-            seen.update(r.get("uuid") for r in batch)
-    finally:
-        sub.close()
-
-
 async def test_a_tree_sent_to_the_server_is_found_and_drawn_as_a_waterfall(
-    server: LogCluster, page: Any
+    server: LogCluster, clock: Clock, page: Any
 ) -> None:
     """Searching by uuid lists the tree; clicking it draws one row per node, bars by start and duration coloured by status, events as markers, incomplete flagged."""
-    await stored(server, {"req-fail"}, post(server, request_tree("req-fail", status="51")))
-    # Begins only: published incomplete by the clean cycle.
-    await stored(server, {"req-open"}, post(server, request_tree("req-open")[:3]))
+    await stored(server, {"req-fail"}, post_logs(server, request_tree("req-fail", status="51")))
+    # Begins only: published incomplete once the engine's clock passes the clean cycles.
+    await post_logs(server, request_tree("req-open")[:3])
+    await stored(server, {"req-open"}, time_out(server, clock))
 
     await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/")
     await page.fill("#search-form input[name=uuid]", "req-fail")
@@ -172,7 +162,7 @@ async def test_the_live_tail_streams_new_trees_and_the_summary_counts_them(
     await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/#live")
     await page.locator("#live-state.on").wait_for()
     await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
-    await post(server, request_tree("req-live", status="7"))
+    await post_logs(server, request_tree("req-live", status="7"))
     row = page.locator("#live tbody tr", has_text="req-live")
     await row.wait_for()
     await row.click()
