@@ -9,6 +9,9 @@ Sans-I/O helpers used by the listener (the refusal is mapped to an HTTP status t
 - :class:`TokenBucket` spreads a connection's events over time: when a connection sends
   faster than ``rate_limit`` events/s, the listener stops reading it for the time the bucket
   says (TCP pushes back on the client); nothing is dropped.
+- :class:`RequestWatch` is the slow-request guard's view of one connection: the listener
+  tells it when a request's head has arrived and when its handling ends, and asks it every
+  ``request_timeout`` seconds whether the connection has earned its keep (slow-loris).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import hmac
 from collections.abc import Mapping
 from typing import NamedTuple
 
-__all__ = ["Refusal", "TokenBucket", "check_access"]
+__all__ = ["Refusal", "RequestWatch", "TokenBucket", "check_access"]
 
 
 class Refusal(NamedTuple):
@@ -95,3 +98,40 @@ class TokenBucket:
         if self.level >= 0:
             return 0.0
         return -self.level / self.rate
+
+
+class RequestWatch:
+    """Whether one HTTP connection delivers requests: the slow-request guard's decision.
+
+    A connection must deliver a whole request head within each period (``request_timeout``
+    seconds) unless a request is being handled (a body being read, a WebSocket being
+    served). One slow client could otherwise hold a socket for an hour, sending its headers
+    a byte at a time or nothing at all. Sans-I/O: the listener reports :meth:`started` and
+    :meth:`finished` and calls :meth:`expired` at the end of every period.
+    """
+
+    __slots__ = ("_seen", "events", "handling")
+
+    def __init__(self) -> None:
+        self.events = 0  # request heads arrived and requests finished
+        self.handling = 0  # requests being handled now
+        self._seen = 0  # events at the end of the last period
+
+    def started(self) -> None:
+        """A request's head arrived; its handling begins."""
+        self.events += 1
+        self.handling += 1
+
+    def finished(self) -> None:
+        """A request's handling ended (answered, failed or cancelled); the client then has a
+        whole period to send its next request."""
+        self.events += 1
+        self.handling -= 1
+
+    def expired(self) -> bool:
+        """End of a period: True when no request began or ended during it and none is being
+        handled, i.e. the connection should be closed."""
+        if self.events == self._seen and not self.handling:
+            return True
+        self._seen = self.events
+        return False

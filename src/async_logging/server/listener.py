@@ -23,6 +23,7 @@ import asyncio
 import logging
 import ssl
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -41,6 +42,8 @@ log = logging.getLogger("async_logging.server")
 
 SUBPROTOCOL = "log-protocol"
 READY = "ready"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class LogListener:
@@ -61,7 +64,9 @@ class LogListener:
         self._watchdog: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Future[bool]] = set()
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._server: asyncio.Server | None = None
+        # The slow-request guard's view of each open connection, by its transport.
+        self._watched: dict[asyncio.BaseTransport, _Watched] = {}
         self.port: int = config.port
         self.draining = False
         self.frames_seen = 0
@@ -70,32 +75,39 @@ class LogListener:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (exposed for embedding and tests)."""
-        app = web.Application(client_max_size=self.config.max_message_bytes)
+        middlewares = [self._guard_middleware] if self.config.request_timeout > 0 else []
+        app = web.Application(
+            client_max_size=self.config.max_message_bytes, middlewares=middlewares
+        )
         app.router.add_post("/log", self.handle_post)
         app.router.add_get("/ws", self.handle_discovery)
         app.router.add_get("/{tail:.*}", self.handle_websocket)
         return app
 
     async def start(self, *, reuse_port: bool = False) -> int:
-        """Listen on the configured host and port; returns the port actually bound."""
+        """Listen on the configured host and port; returns the port actually bound.
+
+        The listening socket is this listener's own ``asyncio.Server`` serving aiohttp's
+        low-level server (the documented protocol factory of an :class:`web.AppRunner`),
+        each connection seen by the slow-request guard when ``request_timeout`` is set.
+        """
+        c = self.config
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        self._site = _GuardedSite(
-            self._runner,
-            self.config.request_timeout,
-            self._on_head_timeout,
-            self.config.host,
-            self.config.port,
-            ssl_context=_ssl_context(self.config),
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._guarded(server) if c.request_timeout > 0 else server,
+            c.host,
+            c.port,
+            ssl=_ssl_context(c),
             reuse_port=reuse_port or None,
-            backlog=max(128, min(self.config.conn_threshold, 4096)),
+            backlog=max(128, min(c.conn_threshold, 4096)),
         )
-        await self._site.start()
-        server = self._site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
-        if self.config.idle_timeout > 0:
+        if self._server.sockets:
+            self.port = self._server.sockets[0].getsockname()[1]
+        if c.idle_timeout > 0:
             self._watchdog = asyncio.create_task(self._close_idle(), name="idle-watchdog")
         return self.port
 
@@ -123,10 +135,8 @@ class LogListener:
     async def stop_accepting(self) -> None:
         """Stop taking new connections (the listening socket closes; others may hold the port)."""
         self.draining = True
-        if self._site is not None:
-            server = self._site._server
-            if server is not None:
-                server.close()
+        if self._server is not None:
+            self._server.close()
 
     async def close_connections(self, timeout: float = 5.0) -> None:
         """Close every WebSocket with 1001 (going away) so clients reconnect elsewhere."""
@@ -147,6 +157,8 @@ class LogListener:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._server is not None:
+            self._server.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -300,8 +312,40 @@ class LogListener:
             return _json_error(exc.status, exc.reason, exc.detail)
         return _post_answer(frame.seq, len(frame.logs), fed)
 
-    def _on_head_timeout(self) -> None:
-        self.stats.connections_refused["request_timeout"] += 1
+    # ------------------------------------------------------------------ slow-request guard
+
+    def _guarded(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], _Watched]:
+        """``factory`` (aiohttp's server) with each connection seen by the guard."""
+        period = self.config.request_timeout
+
+        def make() -> _Watched:
+            return _Watched(factory(), self._watched, period, self._check_connection)
+
+        return make
+
+    @web.middleware  # new-style (request, handler): aiohttp 3 warns without the mark
+    async def _guard_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tells the guard that a request's head arrived and when its handling ends."""
+        transport = request.transport
+        conn = self._watched.get(transport) if transport is not None else None
+        if conn is None:  # pragma: no cover - every connection is watched
+            return await handler(request)
+        conn.watch.started()
+        try:
+            return await handler(request)
+        finally:
+            conn.watch.finished()
+
+    def _check_connection(self, conn: _Watched) -> None:
+        """End of a ``request_timeout`` period of one connection: close it when it idled."""
+        transport = conn.transport
+        if transport is None or transport.is_closing():
+            return
+        if conn.watch.expired():
+            self.stats.connections_refused["request_timeout"] += 1
+            transport.close()
+            return
+        conn.rearm()
 
     def _refuse(self, request: web.Request, *, websocket: bool) -> web.Response | None:
         """The 401/403 answer when the request may not send logs (counted and logged)."""
@@ -332,57 +376,54 @@ class LogListener:
         )
 
 
-class _GuardedSite(web.TCPSite):
-    """A TCP site whose connections must deliver a request head within ``timeout`` seconds.
+class _Watched(asyncio.BaseProtocol):
+    """aiohttp's protocol for one connection, with the slow-request guard watching it.
 
-    aiohttp bounds neither the time a client takes to send its headers nor how long a
-    connection may sit without a request, so one slow client could hold a socket for an
-    hour (slow-loris). Each connection gets a watchdog: every ``timeout`` seconds it checks
-    that a new request arrived or one is being handled (or the connection became a
-    WebSocket, which has its own idle timeout); otherwise it closes the connection.
+    The transport calls this object; data and end-of-file go straight to aiohttp's protocol
+    (bound methods taken once, no extra call per read), the rest is passed on here. While
+    the connection is open it is in ``registry`` under its transport (where the guard's
+    middleware finds it), and ``check(self)`` runs every ``period`` seconds.
     """
 
     def __init__(
-        self, runner: web.BaseRunner, timeout: float, on_timeout: Any, *args: Any, **kw: Any
+        self,
+        inner: asyncio.Protocol,
+        registry: dict[asyncio.BaseTransport, _Watched],
+        period: float,
+        check: Callable[[_Watched], None],
     ) -> None:
-        super().__init__(runner, *args, **kw)
-        self._head_timeout = timeout
-        self._on_head_timeout = on_timeout
+        self._inner = inner
+        self._registry = registry
+        self._period = period
+        self._check = check
+        self.data_received: Callable[[bytes], None] = inner.data_received
+        self.eof_received: Callable[[], bool | None] = inner.eof_received
+        self.watch = guard.RequestWatch()
+        self.transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        timeout = self._head_timeout
+    def rearm(self) -> None:
+        """Run the check again one period from now."""
+        self._timer = asyncio.get_running_loop().call_later(self._period, self._check, self)
 
-        def factory() -> Any:
-            handler = server()
-            if timeout > 0:
-                loop.call_later(timeout, self._watch, loop, handler, 0)
-            return handler
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._registry[transport] = self
+        self.rearm()
+        self._inner.connection_made(transport)
 
-        self._server = await loop.create_server(
-            factory,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self._registry.pop(self.transport, None)
+        self._inner.connection_lost(exc)
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, handler: Any, seen: int) -> None:
-        transport = getattr(handler, "transport", None)
-        if transport is None or transport.is_closing() or getattr(handler, "_upgraded", False):
-            return
-        count = getattr(handler, "_request_count", 0)
-        busy = getattr(handler, "_current_request", None) is not None
-        if count == seen and not busy:
-            self._on_head_timeout()
-            transport.close()
-            return
-        loop.call_later(self._head_timeout, self._watch, loop, handler, count)
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 def _post_answer(seq: int | None, items: int, fed: Any) -> web.Response:
