@@ -15,9 +15,10 @@ import pytest
 
 from async_logging import LogBuffer
 from async_logging.exceptions import ConfigError, UsageError
-from async_logging.publishers import sqlite as store_mod
-from async_logging.publishers.sqlite import SqliteStore, StoreError, StoreReader
 from async_logging.server import LogCluster
+from async_logging.store import SqliteStore, StoreError, StoreReader
+from async_logging.store import summary as summary_mod
+from async_logging.store.reader import SEARCH_MAX_LIMIT
 from async_logging.testing import MemoryPublisher
 from conftest import TIMEOUT
 
@@ -82,7 +83,8 @@ def reader(store: SqliteStore) -> Iterator[StoreReader]:
 
 
 def test_store_is_a_wal_file_with_the_named_indexes(store: SqliteStore, path: Path) -> None:
-    """The store creates its directory and a WAL-mode file indexed on time, uuid, type, name, status and duration."""
+    """The store creates its directory and a WAL-mode file indexed on time, uuid, type and
+    name, with partial indexes for failed and incomplete trees, and no index on spans."""
     assert path.is_file()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -93,14 +95,21 @@ def test_store_is_a_wal_file_with_the_named_indexes(store: SqliteStore, path: Pa
             )
         }
     conn.close()
+    assert indexes.keys() == {
+        "trees_ts",
+        "trees_uuid",
+        "trees_type",
+        "trees_name",
+        "trees_failed_ts",
+        "trees_incomplete_ts",
+    }
     for name, column in (
         ("trees_ts", "(ts)"),
         ("trees_uuid", "(uuid)"),
         ("trees_type", "(type, ts)"),
         ("trees_name", "(name, ts)"),
-        ("trees_failed", "(failed, ts)"),
-        ("trees_duration", "(duration)"),
-        ("spans_ts", "(ts)"),
+        ("trees_failed_ts", "(ts) WHERE failed = 1"),
+        ("trees_incomplete_ts", "(ts) WHERE complete = 0"),
     ):
         assert indexes[name].endswith(column), name
 
@@ -323,7 +332,7 @@ def test_search_filters_combine_and_return_newest_first(
 
 def test_search_limit_is_bounded(reader: StoreReader) -> None:
     """A search asks for at most SEARCH_MAX_LIMIT rows and at least one."""
-    for bad in (0, store_mod.SEARCH_MAX_LIMIT + 1):
+    for bad in (0, SEARCH_MAX_LIMIT + 1):
         with pytest.raises(UsageError, match="limit"):
             reader.search(limit=bad)
 
@@ -375,8 +384,8 @@ def test_summary_reads_a_bounded_number_of_spans(
     store: SqliteStore, reader: StoreReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past SUMMARY_MAX_SPANS in the window only the most recent are read and the answer says it was sampled."""
-    monkeypatch.setattr(store_mod, "SUMMARY_MAX_SPANS", 10)
-    monkeypatch.setattr(store_mod, "SUMMARY_MAX_GROUPS", 2)
+    monkeypatch.setattr(summary_mod, "SUMMARY_MAX_SPANS", 10)
+    monkeypatch.setattr(summary_mod, "SUMMARY_MAX_GROUPS", 2)
     store.publish_many([tx(f"u{i}", T - 100 + i, i, name=f"/n{i % 3}") for i in range(30)])
     s = reader.summary(60)
     assert (s["spans"], s["sampled"], s["truncated"]) == (10, True, True)

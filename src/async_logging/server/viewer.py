@@ -7,7 +7,7 @@ Routes (mounted on the MonApp, ``mon_port``, next to ``/ecv`` and ``/metrics``):
 - ``GET /api/search``: stored records, newest first. Query parameters: ``uuid``,
   ``type``, ``name`` (a trailing ``*`` makes it a prefix), ``kind``, ``failures``,
   ``incomplete`` (``1``/``true``), ``min_duration`` (ms), ``since``/``until`` (ms since
-  the epoch), ``limit`` (1 to :data:`~async_logging.publishers.sqlite.SEARCH_MAX_LIMIT`).
+  the epoch), ``limit`` (1 to :data:`~async_logging.store.reader.SEARCH_MAX_LIMIT`).
   Answers ``{"results": [...]}``.
 - ``GET /api/tree/{id}``: one stored record, ``{"id", "row", "record"}`` (404 when gone).
 - ``GET /api/summary``: counts, failure rates and p50/p95 durations by type and name;
@@ -21,10 +21,10 @@ Routes (mounted on the MonApp, ``mon_port``, next to ``/ecv`` and ``/metrics``):
 
 Errors are JSON ``{"error": reason, "detail": ...}``: 400 for a bad parameter, 404 for a
 missing tree, 503 when the store is off or unusable, when a query ran past
-:data:`~async_logging.publishers.sqlite.QUERY_TIMEOUT`, or when
+:data:`~async_logging.store.reader.QUERY_TIMEOUT`, or when
 :data:`~async_logging.server.live.MAX_SUBSCRIBERS` live streams are open already.
 
-The store is read by a :class:`~async_logging.publishers.sqlite.StoreReader` in one
+The store is read by a :class:`~async_logging.store.reader.StoreReader` in one
 thread of the viewer's own, so a slow query never blocks the event loop and queries never
 pile up threads. Limits: :data:`MAX_PARAM_LENGTH` characters per parameter; result and
 summary sizes as the store bounds them; live queues as the hub bounds them. The viewer
@@ -47,7 +47,7 @@ import orjson
 from aiohttp import web
 
 from ..exceptions import AsyncLoggingError, ConfigError, UsageError
-from ..publishers.sqlite import (
+from ..store.reader import (
     QUERY_TIMEOUT,
     SEARCH_DEFAULT_LIMIT,
     SEARCH_MAX_LIMIT,
