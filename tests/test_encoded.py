@@ -25,10 +25,10 @@ from async_logging import LogBuffer, wire
 from async_logging.encoded import NATIVE, EncodedRecords
 from async_logging.publishers import JsonLinesPublisher, MultiPublisher, StdoutPublisher
 from async_logging.publishers.jsonl import LineEncoder
-from async_logging.store import SqliteStore
 from async_logging.server import LogCluster
 from async_logging.server.live import LiveHub
 from async_logging.server.pipeline import _runs
+from async_logging.store import SqliteStore
 from async_logging.testing import MemoryPublisher
 from conftest import TIMEOUT, vector
 
