@@ -615,3 +615,77 @@ async def test_bad_plugin_is_a_clear_config_error() -> None:
 
     with pytest.raises(ConfigError, match="no_such_module"):
         await LogCluster(buffer="no_such_module:Buffer", mon_port=-1).start()
+
+
+# ------------------------------------------------------------------ the engine's caps
+
+
+def opened(uuid: str) -> list[dict[str, Any]]:
+    """A begin and an atomic event whose end has not come: a tree held open."""
+    return tx(uuid)[:-1]
+
+
+@pytest.mark.parametrize("server_options", [{"max_open": 2}])
+async def test_max_open_reaches_the_engine(
+    server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
+) -> None:
+    """LogCluster(max_open=2): a third open tree pushes the oldest out, published evicted and counted in /metrics."""
+    ws = await connect(session, server)
+    for seq, uuid in enumerate(["open-a", "open-b", "open-c"]):
+        await ws.send_bytes(msgpack.packb({"seq": seq, "logs": opened(uuid)}))
+        assert await answer(ws) == {"ack": seq}
+    await ws.close()
+    (tree,) = await wait_for(publisher, lambda p: p.transactions)
+    assert (tree["uuid"], tree["complete"], tree["reason"]) == ("open-a", False, "evicted")
+    assert server.snapshot()["open_transactions"] == 2
+    async with session.get(f"http://127.0.0.1:{server.mon_port}/metrics") as resp:
+        text = await resp.text()
+    assert "async_logging_evicted_total 1.0" in text
+    assert 'async_logging_incomplete_transactions_total{reason="evicted"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    "server_options",
+    [
+        {
+            "buffer": "test_server:CountingBuffer",
+            "max_open": 7,
+            "max_events_per_tx": 8,
+            "max_tree_depth": 9,
+            "max_published_memory": 10,
+        }
+    ],
+)
+async def test_a_buffer_class_taking_options_gets_the_engines_caps(server: LogCluster) -> None:
+    """A buffer class taking **options is built with every engine limit, under the engine's names."""
+    assert server.pipeline is not None and isinstance(server.pipeline.buffer, CountingBuffer)
+    built = CountingBuffer.built_with
+    assert (built["max_open"], built["max_events_per_tx"]) == (7, 8)
+    assert (built["max_depth"], built["max_published_memory"]) == (9, 10)
+    assert server.pipeline.buffer.inner.limits.max_depth == 9
+
+
+class SeedBuffer(CountingBuffer):
+    """A buffer plug-in that takes only the seed's three options."""
+
+    def __init__(self, clean_duration: float, clean_cycles: int, settle: float) -> None:
+        super().__init__(clean_duration=clean_duration, clean_cycles=clean_cycles, settle=settle)
+
+
+async def test_a_buffer_class_without_the_caps_works_unless_one_is_set(
+    publisher: MemoryPublisher,
+) -> None:
+    """A buffer class that does not take the caps is built as before; setting a cap it cannot take is a ConfigError, not a cap silently lost."""
+    from async_logging.exceptions import ConfigError
+
+    options: dict[str, Any] = {"mon_port": -1, "heartbeat_interval": 0, "store": ""}
+    cluster = LogCluster(port=0, buffer=SeedBuffer, publisher=publisher, **options)
+    await cluster.start()
+    assert cluster.pipeline is not None
+    await cluster.pipeline.accept(tx("seed"))
+    (tree,) = await wait_for(publisher, lambda p: p.transactions)
+    await cluster.stop()
+    assert tree["uuid"] == "seed"
+    assert set(SeedBuffer.built_with) == {"clean_duration", "clean_cycles", "settle"}
+    with pytest.raises(ConfigError, match="SeedBuffer does not take option max_open"):
+        await LogCluster(port=0, buffer=SeedBuffer, max_open=5, **options).start()

@@ -273,6 +273,16 @@ def test_bad_option_exits_2_with_a_clear_error(tmp_path: Path) -> None:
         [*run, "--workers", "0"], capture_output=True, text=True, timeout=TIMEOUT * 3
     )
     assert r.returncode == 2 and "workers must be at least 1" in r.stderr
+    # The engine's caps: its own rules, told under the option's name.
+    r = subprocess.run(
+        [*run, "--max-tree-depth", "101"], capture_output=True, text=True, timeout=TIMEOUT * 3
+    )
+    assert r.returncode == 2 and "option max_tree_depth must be <= 100" in r.stderr
+    cfg.write_text("max_open = 0\n")
+    r = subprocess.run(
+        [*run, "--config", str(cfg)], capture_output=True, text=True, timeout=TIMEOUT * 3
+    )
+    assert r.returncode == 2 and "max_open must be at least 1" in r.stderr
 
 
 def test_config_file_sets_options_and_flags_win(tmp_path: Path, procs: list[Served]) -> None:
@@ -284,6 +294,31 @@ def test_config_file_sets_options_and_flags_win(tmp_path: Path, procs: list[Serv
     assert s.port != 1 and s.mon_port
     assert ecv(s.mon_port)["machine"] == "from-file"
     assert s.stop() == 0
+
+
+def test_engine_caps_from_toml_and_flags_reach_the_engine(
+    tmp_path: Path, procs: list[Served]
+) -> None:
+    """`max_open` from the config file and --max-events-per-tx on the command line cap the engine of a real `serve`: trees past them are published evicted."""
+    from helpers import fetch_metrics  # helpers imports this module: not at the top
+
+    cfg = tmp_path / "caps.toml"
+    cfg.write_text("[server]\nmax_open = 1\n")
+    s = serve(tmp_path, "--config", str(cfg), "--max-events-per-tx", "4")
+    procs.append(s)
+    batches = [tx("held-1", close=False), tx("held-2", close=False), tx("big", n_atomic=5)]
+    asyncio.run(send_acked(s.port, batches))
+    assert s.mon_port
+    evicted = fetch_metrics(s.mon_port).get("async_logging_evicted_total")
+    assert s.stop() == 0
+    reasons: dict[str, list[Any]] = {}
+    for r in s.records():
+        reasons.setdefault(r["uuid"], []).append(r.get("reason"))
+    # held-2 pushed held-1 out (max_open 1), big pushed held-2 out; big had 7 events against
+    # 4: published evicted at its 5th, the rest came out late, each on its own.
+    assert reasons["held-1"] == ["evicted"] and reasons["held-2"] == ["evicted"], reasons
+    assert reasons["big"][0] == "evicted" and len(reasons["big"]) == 4, reasons
+    assert evicted == 3, evicted
 
 
 def test_help_documents_every_option() -> None:

@@ -60,6 +60,27 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--max-depth", int, "Nesting of maps and lists inside one event [default: 32]."),
     ("--max-string-length", int, "Longest string in an event [default: 65536]."),
     ("--max-keys-per-map", int, "Most keys in one map [default: 256]."),
+    (
+        "--max-open",
+        int,
+        "Open trees held; past it the oldest is published incomplete (evicted) [default: 100000].",
+    ),
+    (
+        "--max-events-per-tx",
+        int,
+        "Events held for one tree; past it the tree is published evicted [default: 10000].",
+    ),
+    (
+        "--max-tree-depth",
+        int,
+        "Nested transactions kept in one record (at most 100); deeper subtrees are published "
+        "as fragments flagged depth_cut [default: 64].",
+    ),
+    (
+        "--max-published-memory",
+        int,
+        "Published uuids remembered to drop resends; older ones come out late [default: 100000].",
+    ),
     ("--rate-limit", float, "Events/s one connection may send (0 = no limit) [default: 0]."),
     ("--request-timeout", float, "Seconds an HTTP request may take to arrive [default: 30]."),
     (

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import inspect
 import logging
 import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from ..publishers import (
     load_publisher,
 )
 from ..publishers.base import import_object
-from .config import ServerConfig, announcement
+from .config import ENGINE_OPTIONS, ServerConfig, announcement
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
 from .listener import LogListener
 from .monapp import MonApp
@@ -106,13 +108,11 @@ class LogCluster:
     # ------------------------------------------------------------------ building blocks
 
     def _make_buffer(self) -> LogBuffer:
-        c = self.config
-        spec = _plugin(c.buffer, "buffer", LogBuffer)
+        spec = _plugin(self.config.buffer, "buffer", LogBuffer)
         if isinstance(spec, type):
+            options = _buffer_options(spec, self.config)
             try:
-                spec = spec(
-                    clean_duration=c.clean_duration, clean_cycles=c.clean_cycles, settle=c.settle
-                )
+                spec = spec(**options)
             except TypeError as exc:
                 raise ConfigError(f"buffer {spec.__name__} cannot be built: {exc}") from exc
         return _require(spec, "buffer", ("feed_many", "expire", "flush_all"))  # type: ignore[no-any-return]
@@ -336,6 +336,35 @@ def _plugin(spec: Any, what: str, default: type) -> Any:
     if isinstance(spec, str):
         spec = import_object(spec, what=what)
     return default if spec is None else spec
+
+
+#: The engine's options every buffer class is built with (as in the seed), taken or not.
+_SEED_BUFFER_OPTIONS = ("clean_duration", "clean_cycles", "settle")
+
+
+def _buffer_options(cls: type, config: ServerConfig) -> dict[str, Any]:
+    """The engine's limits as keywords for a buffer class (:class:`LogBuffer`'s names).
+
+    The seed's three (``clean_duration``, ``clean_cycles``, ``settle``) always; the caps
+    (``max_open``, ...) when the class takes them: by name or as ``**options``. A class
+    that does not take a cap is built without it, unless that cap was set to another value
+    than the default, which is then a :class:`ConfigError` rather than a cap silently lost.
+    """
+    params: Mapping[str, inspect.Parameter]
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: the seed's keywords only
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    options: dict[str, Any] = {}
+    for option, name in ENGINE_OPTIONS.items():
+        value = getattr(config, option)
+        if name in _SEED_BUFFER_OPTIONS or takes_any or name in params:
+            options[name] = value
+        elif value != defaults[option]:
+            raise ConfigError(f"buffer {cls.__name__} does not take option {option}")
+    return options
 
 
 def _require(obj: Any, what: str, methods: tuple[str, ...]) -> Any:

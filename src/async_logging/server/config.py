@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import ConfigError
+from ..buffer import BufferLimits
+from ..exceptions import ConfigError, UsageError
 
-__all__ = ["ServerConfig", "announcement", "load_config_file"]
+__all__ = ["ENGINE_OPTIONS", "ServerConfig", "announcement", "load_config_file"]
 
 #: Seed defaults and the limits the server enforces (each overridable).
 DEFAULT_PORT = 3000
@@ -28,6 +29,21 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_PUBLISH_QUEUE = 50_000
+_ENGINE = BufferLimits()
+
+#: The options that are the engine's limits (:class:`~async_logging.buffer.BufferLimits`),
+#: option name → the engine's name. Only the depth differs: ``max_depth`` is the wire
+#: decoder's (maps and lists inside one event), ``max_tree_depth`` the engine's (nested
+#: transactions kept in one record).
+ENGINE_OPTIONS: dict[str, str] = {
+    "clean_duration": "clean_duration",
+    "clean_cycles": "clean_cycles",
+    "settle": "settle",
+    "max_open": "max_open",
+    "max_events_per_tx": "max_events_per_tx",
+    "max_tree_depth": "max_depth",
+    "max_published_memory": "max_published_memory",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +76,12 @@ class ServerConfig:
         ping_interval: seconds between protocol pings.
         publish_queue: records waiting for the publisher before ingest pauses (backpressure).
         max_events_per_frame, max_depth, max_string_length, max_keys_per_map: input limits
-            of the wire decoder (see :class:`async_logging.wire.WireLimits`).
+            of the wire decoder (see :class:`async_logging.wire.WireLimits`); ``max_depth``
+            is the nesting of maps and lists inside one event.
+        max_open, max_events_per_tx, max_tree_depth, max_published_memory: caps of the
+            reassembly engine (see :class:`async_logging.buffer.BufferLimits`, where
+            ``max_tree_depth`` is called ``max_depth``): open trees held, events held for
+            one tree, nesting of transactions kept in one record, published uuids remembered.
         rate_limit: events per second one connection may send (0 = no limit); past it the
             server stops reading that connection for a while (TCP backpressure), counted.
         request_timeout: seconds an HTTP request may take to arrive (slow-loris guard).
@@ -108,6 +129,10 @@ class ServerConfig:
     max_depth: int = 32
     max_string_length: int = 64 * 1024
     max_keys_per_map: int = 256
+    max_open: int = _ENGINE.max_open
+    max_events_per_tx: int = _ENGINE.max_events_per_tx
+    max_tree_depth: int = _ENGINE.max_depth
+    max_published_memory: int = _ENGINE.max_published_memory
     rate_limit: float = 0.0
     request_timeout: float = 30.0
     tokens: tuple[str, ...] = ()
@@ -154,6 +179,10 @@ class ServerConfig:
             "max_depth",
             "max_string_length",
             "max_keys_per_map",
+            "max_open",
+            "max_events_per_tx",
+            "max_tree_depth",
+            "max_published_memory",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -184,6 +213,28 @@ class ServerConfig:
             raise ConfigError("option publish_queue must be at least 100")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("options tls_cert and tls_key go together")
+        self.buffer_limits()  # the engine's own rules (e.g. max_tree_depth at most 100)
+
+    def buffer_limits(self) -> BufferLimits:
+        """The engine's limits these options set (see :data:`ENGINE_OPTIONS`).
+
+        Raises:
+            ConfigError: the engine refuses a value; the message names the option.
+        """
+        try:
+            return BufferLimits(**self.engine_options())
+        except UsageError as exc:
+            message = str(exc)
+            for option, name in ENGINE_OPTIONS.items():
+                if message.startswith(name + " "):
+                    message = option + message[len(name) :]
+                    break
+            raise ConfigError(f"option {message}") from exc
+
+    def engine_options(self) -> dict[str, Any]:
+        """The engine's limits as keywords of :class:`~async_logging.buffer.LogBuffer`
+        (its names: ``max_depth`` for :attr:`max_tree_depth`)."""
+        return {name: getattr(self, option) for option, name in ENGINE_OPTIONS.items()}
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, source: str = "config") -> ServerConfig:
