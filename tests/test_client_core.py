@@ -11,7 +11,9 @@ import msgspec
 import pytest
 
 from async_logging import wire
-from async_logging.client.core import ClientCore, CoreLimits, Release, plain
+from async_logging.client.context import Scope
+from async_logging.client.core import ClientCore, CoreLimits, plain
+from async_logging.client.items import RAW, Item, Release, make_item
 from async_logging.client.transports import (
     ConnectionLost,
     ServerRefused,
@@ -21,31 +23,30 @@ from async_logging.client.transports import (
     ws_url,
 )
 from async_logging.exceptions import UsageError
-from async_logging.model import map_events
+from async_logging.model import ATOMIC, BEGIN, END, map_events
 
 T0 = 1_700_000_000.0
 
 
-def tree(uuid: str, children: int = 2, ts: float = T0) -> list[tuple[Any, ...]]:
-    """The event tuples of one root transaction with ``children`` atomic events."""
-    ids = itertools.count(1)
-    root = next(ids)
-    out: list[tuple[Any, ...]] = [
-        ("begin", uuid, root, 0, "URL", "/x", None, None, None, None, ts, None)
-    ]
-    for _ in range(children):
-        out.append(
-            ("atomicEvent", uuid, next(ids), root, "DB", "q", "INFO", "m", None, None, ts, None)
-        )
-    out.append(("end", uuid, root, 0, "URL", "/x", None, None, "0", 5, ts, None))
-    return out
-
-
-def standalone(n: int = 1) -> list[tuple[Any, ...]]:
+def tree(
+    uuid: str, children: int = 2, ts: float = T0, data: dict[str, Any] | None = None
+) -> list[Item]:
+    """The items of one root transaction (id 1) with ``children`` atomic events."""
+    tx = Scope(uuid, 1, itertools.count(2))
     return [
-        ("atomicEvent", None, None, 0, "LOG", "x", "INFO", f"m{i}", None, None, T0, None)
-        for i in range(n)
+        make_item(BEGIN, tx, "URL", "/x", None, None, None, ts, 0),
+        *(make_item(ATOMIC, tx, "DB", "q", "INFO", "m", data, ts) for _ in range(children)),
+        make_item(END, tx, "URL", "/x", None, None, None, ts, 0, "0", 5),
     ]
+
+
+def lone(msg: str) -> Item:
+    """A stand-alone atomic event."""
+    return make_item(ATOMIC, None, "LOG", "x", None, msg, None, T0)
+
+
+def standalone(n: int = 1) -> list[Item]:
+    return [make_item(ATOMIC, None, "LOG", "x", "INFO", f"m{i}", None, T0) for i in range(n)]
 
 
 def core(**limits: Any) -> ClientCore:
@@ -80,7 +81,7 @@ def test_standalone_events_go_out_on_the_next_tick() -> None:
     c = core()
     items = [
         *standalone(2),
-        ("atomicEvent", "u9", 1, 0, "LOG", "top", None, None, None, None, T0, None),
+        make_item(ATOMIC, Scope("u9", 0, itertools.count(1)), "LOG", "top", None, None, None, T0),
     ]
     c.feed(items, now=0.0)
     c.tick(now=0.0)
@@ -107,7 +108,8 @@ def test_hold_limits_release_partial_trees() -> None:
 def test_release_marker_sends_what_is_held_for_a_foreign_uuid() -> None:
     """A Release(uuid) marker (a bound scope ended) sends that uuid's events at once."""
     c = core()
-    c.feed([("atomicEvent", "f", "t.1", "7", "DB", "q", None, None, None, None, T0, None)], now=0.0)
+    foreign = Scope("f", "7", iter(["t.1"]))
+    c.feed([make_item(ATOMIC, foreign, "DB", "q", None, None, None, T0)], now=0.0)
     c.tick(now=0.0)
     assert c.next_to_send() is None
     c.feed([Release("f")], now=0.0)
@@ -221,7 +223,7 @@ def test_room_shrinks_with_pending_events_and_bytes() -> None:
     drain(c)
     assert c.room() == 100
     small = core(max_queue_bytes=10_000)
-    big = ("atomicEvent", None, None, 0, "LOG", "x", None, "y" * 2000, None, None, T0, None)
+    big = lone("y" * 2000)
     small.feed([big] * 4, now=0.0)
     small.tick(now=0.0)
     assert 8000 < small.pending_bytes < 10_000
@@ -234,19 +236,13 @@ def test_room_shrinks_with_pending_events_and_bytes() -> None:
 def test_frames_over_the_byte_limit_are_split_and_a_huge_event_is_refused() -> None:
     """max_frame_bytes splits big envelopes; a lone event bigger than it is counted rejected."""
     c = core(max_frame_bytes=3000)
-    c.feed(
-        [("atomicEvent", None, None, 0, "LOG", "x", None, "y" * 1000, None, None, T0, None)] * 4,
-        now=0.0,
-    )
+    c.feed([lone("y" * 1000)] * 4, now=0.0)
     c.tick(now=0.0)
     envs = drain(c)
     assert sum(len(e["logs"]) for e in envs) == 4
     assert all(len(msgspec.msgpack.encode(e)) <= 3000 for e in envs)
     huge = core(max_frame_bytes=3000, max_string_length=10_000)
-    huge.feed(
-        [("atomicEvent", None, None, 0, "LOG", "x", None, "y" * 5000, None, None, T0, None)],
-        now=0.0,
-    )
+    huge.feed([lone("y" * 5000)], now=0.0)
     huge.tick(now=0.0)
     assert drain(huge) == [] and huge.rejected == 1
 
@@ -254,9 +250,7 @@ def test_frames_over_the_byte_limit_are_split_and_a_huge_event_is_refused() -> N
 def test_long_messages_are_cut_to_the_string_limit() -> None:
     """A message longer than max_string_length is cut (the proxy would refuse the frame)."""
     c = core(max_string_length=10)
-    c.feed(
-        [("atomicEvent", None, None, 0, "LOG", "x", None, "z" * 50, None, None, T0, None)], now=0.0
-    )
+    c.feed([lone("z" * 50)], now=0.0)
     c.tick(now=0.0)
     [env] = drain(c)
     assert env["logs"][0]["msg"] == "z" * 10
@@ -265,9 +259,8 @@ def test_long_messages_are_cut_to_the_string_limit() -> None:
 def test_wire_events_follow_the_design_keys_and_pass_the_server_decoder() -> None:
     """Envelopes decode with the proxy's own decoder and map to DESIGN §2 events (ids as strings)."""
     c = core()
-    items = tree("w", children=1)
     extra = {"rows": 3, "when": datetime.datetime(2024, 1, 2), "tags": (1, 2), "ids": {7}}
-    items[1] = (*items[1][:-1], extra)
+    items = tree("w", children=1, data=extra)
     c.feed(items, now=0.0)
     c.tick(now=0.0)
     env = c.next_to_send()
@@ -291,7 +284,8 @@ def test_wire_events_follow_the_design_keys_and_pass_the_server_decoder() -> Non
 def test_raw_maps_keep_their_keys_and_get_pid_and_machine() -> None:
     """A raw log map (client.log) is sent as it is, plus pid/machine, made msgpack-safe."""
     c = core()
-    c.feed([{"clazz": "atomicEvent", "msg": "hi", "custom": {"a": b"x"}, 5: "five"}], now=0.0)
+    raw = {"clazz": "atomicEvent", "msg": "hi", "custom": {"a": b"x"}, 5: "five", "timestamp": 7}
+    c.feed([make_item(RAW, None, None, None, None, None, raw)], now=0.0)
     c.tick(now=0.0)
     [env] = drain(c)
     [e] = env["logs"]
@@ -300,6 +294,7 @@ def test_raw_maps_keep_their_keys_and_get_pid_and_machine() -> None:
         "msg": "hi",
         "custom": {"a": "b'x'"},
         "5": "five",
+        "timestamp": 7,
         "pid": 42,
         "machine": "box",
     }

@@ -1,7 +1,7 @@
 """The client API: :class:`LogClient`, transactions, events, heartbeats (DESIGN §6).
 
-Everything here runs on the application's threads and only ever appends a tuple to the
-client's deque: no I/O, no lock, no formatting (DESIGN §7). The sender thread
+Everything here runs on the application's threads and only ever appends an
+:class:`~async_logging.client.items.Item` to the client's deque: no I/O, no lock, no formatting (DESIGN §7). The sender thread
 (:mod:`async_logging.client.sender`) does the rest.
 
 Module-level functions work like ``logging.info`` does with the root logger: they use the
@@ -47,7 +47,8 @@ from typing import Any, Final, ParamSpec, TypeVar, cast
 from ..exceptions import UsageError
 from ..model import ATOMIC, BEGIN, END, HEARTBEAT
 from .context import Scope, _scope, foreign_ids, new_uuid
-from .core import ClientCore, CoreLimits, Release
+from .core import ClientCore, CoreLimits
+from .items import RAW, Item, Release, make_item, placement
 from .sender import Sender
 from .spool import DEFAULT_SPOOL_MAX_BYTES
 from .transports import Transport, backoff, http_url, is_retryable, resolve_transport
@@ -77,7 +78,6 @@ DEFAULT_URL: Final = "ws://127.0.0.1:3000/"
 DEFAULT_DRAIN_INTERVAL: Final = 0.05
 DEFAULT_EXIT_TIMEOUT: Final = 5.0
 
-_time = time.time
 _perf = time.perf_counter
 _get_scope = _scope.get
 
@@ -123,7 +123,7 @@ class ClientStats:
 class LogClient:
     """Ships log events to the proxy without ever blocking the application.
 
-    ``log()``, ``event()``, ``heartbeat()`` and transactions append a tuple to a bounded
+    ``log()``, ``event()``, ``heartbeat()`` and transactions append an item to a bounded
     deque and return; a background thread (its own event loop) holds the events of each
     transaction tree until the root ends, batches them into envelopes, writes them over the
     transport and resends what is not acknowledged after a reconnection. When the queue is
@@ -301,17 +301,7 @@ class LogClient:
         ``timestamp`` is added when it has none, ``pid`` and ``machine`` when it lacks them.
         Events with a ``uuid`` are held until their root transaction's ``end``.
         """
-        e = dict(event)
-        if "timestamp" not in e:
-            e["timestamp"] = int(_time() * 1000)
-        q = self._q
-        n = len(q)
-        if n < self._room:
-            q.append(e)
-            if n == self._wake_at:
-                self._sender.wake()
-        else:
-            self._drop()
+        self._put(make_item(RAW, None, None, None, None, None, dict(event)))
 
     def event(
         self,
@@ -338,47 +328,10 @@ class LogClient:
             **data: extra keys sent with the event (``status=``, ``duration=`` too).
         """
         if uuid is None and parent is None:
-            s = _get_scope()
-            if s is None:
-                item: tuple[Any, ...] = (
-                    ATOMIC,
-                    None,
-                    None,
-                    0,
-                    type,
-                    name,
-                    level,
-                    msg,
-                    None,
-                    None,
-                    _time(),
-                    data or None,
-                )
-            else:
-                item = (
-                    ATOMIC,
-                    s.uuid,
-                    next(s.ids),
-                    s.event,
-                    type,
-                    name,
-                    level,
-                    msg,
-                    None,
-                    None,
-                    _time(),
-                    data or None,
-                )
+            item = make_item(ATOMIC, _get_scope(), type, name, level, msg, data)
         else:
-            item = _explicit(ATOMIC, type, name, msg, level, uuid, parent, data)
-        q = self._q
-        n = len(q)
-        if n < self._room:
-            q.append(item)
-            if n == self._wake_at:
-                self._sender.wake()
-        else:
-            self._drop()
+            item = make_item(ATOMIC, placement(uuid), type, name, level, msg, data, None, parent)
+        self._put(item)
 
     def heartbeat(
         self,
@@ -397,20 +350,7 @@ class LogClient:
             level: a log level name.
             **data: the measures (``cpu_percent=``, ``rss_bytes=``, …).
         """
-        item = (
-            HEARTBEAT,
-            None,
-            None,
-            0,
-            type,
-            name or f"python:{os.getpid()}",
-            level,
-            msg,
-            None,
-            None,
-            _time(),
-            data or None,
-        )
+        item = make_item(HEARTBEAT, None, type, name or f"python:{os.getpid()}", level, msg, data)
         self._put(item)
 
     def _put(self, item: Any) -> None:
@@ -511,9 +451,7 @@ class LogClient:
 
     def _pending_events(self) -> int:
         q = self._q
-        return sum(1 for it in list(q) if it.__class__ is tuple or it.__class__ is dict) + (
-            self._sender.core.pending_events
-        )
+        return sum(1 for it in list(q) if it.__class__ is Item) + (self._sender.core.pending_events)
 
     @property
     def stats(self) -> ClientStats:
@@ -554,34 +492,6 @@ class LogClient:
 def _norm_parent(parent: int | str | None) -> int | str | None:
     """``0`` for every spelling of the top level, so the core can test ``parent == 0``."""
     return 0 if parent == "0" else parent
-
-
-def _explicit(  # noqa: PLR0917 (the hot path's positional call)
-    clazz: str,
-    type: str | None,
-    name: str | None,
-    msg: Any,
-    level: str | None,
-    uuid: str | None,
-    parent: int | str | None,
-    data: dict[str, Any] | None,
-) -> tuple[Any, ...]:
-    """An event tuple placed with an explicit uuid and/or parent."""
-    s = _get_scope()
-    parent = _norm_parent(parent)
-    if uuid is None:
-        uuid = s.uuid if s is not None else None
-    if uuid is None:
-        return (clazz, None, None, parent or 0, type, name, level, msg, None, None, _time(), data)
-    if s is not None and s.uuid == uuid:
-        eid = next(s.ids)
-        if parent is None:
-            parent = s.event
-    else:
-        eid = next(foreign_ids())
-        if parent is None:
-            parent = 0
-    return (clazz, uuid, eid, parent, type, name, level, msg, None, None, _time(), data or None)
 
 
 # --------------------------------------------------------------------------- transactions
@@ -692,19 +602,16 @@ class Transaction(Scope):
         self._client = client
         if client is not None:
             client._put(
-                (
+                make_item(
                     BEGIN,
-                    self.uuid,
-                    self.event,
-                    self.parent,
+                    self,
                     self.type,
                     self.name,
                     self.level,
                     None,
-                    None,
-                    None,
-                    _time(),
                     self.begin_data,
+                    None,
+                    self.parent,
                 )
             )
         self._token = _scope.set(self)
@@ -746,19 +653,18 @@ class Transaction(Scope):
         client = self._client
         if client is not None:
             client._put(
-                (
+                make_item(
                     END,
-                    self.uuid,
-                    self.event,
-                    self.parent,
+                    self,
                     self.type,
                     self.name,
                     self.level,
                     self.msg,
+                    self.data,
+                    None,
+                    self.parent,
                     self.status,
                     int(duration + 0.5),
-                    _time(),
-                    self.data,
                 )
             )
             if self._foreign and self.parent != 0:
@@ -792,22 +698,7 @@ class Transaction(Scope):
         client = self._client or _default[0]
         if client is None or not self.uuid:
             return
-        client._put(
-            (
-                ATOMIC,
-                self.uuid,
-                next(self.ids),
-                self.event,
-                type,
-                name,
-                level,
-                msg,
-                None,
-                None,
-                _time(),
-                data or None,
-            )
-        )
+        client._put(make_item(ATOMIC, self, type, name, level, msg, data))
 
     # ------------------------------------------------------------------ decorator
 
@@ -957,39 +848,9 @@ def event(
     if c is None:
         return
     if uuid is None and parent is None:
-        s = _get_scope()
-        if s is None:
-            item: tuple[Any, ...] = (
-                ATOMIC,
-                None,
-                None,
-                0,
-                type,
-                name,
-                level,
-                msg,
-                None,
-                None,
-                _time(),
-                data or None,
-            )
-        else:
-            item = (
-                ATOMIC,
-                s.uuid,
-                next(s.ids),
-                s.event,
-                type,
-                name,
-                level,
-                msg,
-                None,
-                None,
-                _time(),
-                data or None,
-            )
+        item = make_item(ATOMIC, _get_scope(), type, name, level, msg, data)
     else:
-        item = _explicit(ATOMIC, type, name, msg, level, uuid, parent, data)
+        item = make_item(ATOMIC, placement(uuid), type, name, level, msg, data, None, parent)
     q = c._q
     n = len(q)
     if n < c._room:

@@ -5,12 +5,10 @@ the application enqueued, passes the time in, writes the envelopes it hands out 
 it which were acknowledged. Everything that decides *what* is sent lives here, so it is
 tested without a network (like ``h11`` or the ``websockets`` protocol objects).
 
-What the application enqueues (the *items*) is kept as cheap as possible, because building
-them is the only logging cost the application thread pays (DESIGN §7):
-
-- an *event tuple* of :data:`ITEM_FIELDS` (built by ``event()`` and transactions);
-- a plain ``dict``, the seed's raw log map (``client.log(map)``);
-- a :class:`Release` marker (the scope of a foreign uuid ended: send what is held for it).
+What the application enqueues is an :class:`~async_logging.client.items.Item` (an event,
+or the seed's raw log map, ``client.log(map)``, as a :data:`~async_logging.client.items.RAW`
+item) or a :class:`~async_logging.client.items.Release` marker (the scope of a foreign uuid
+ended: send what is held for it); :mod:`async_logging.client.items` makes them.
 
 The core turns them into wire maps (DESIGN §2 keys), holds the events of a uuid until its
 root transaction ends (or a hold limit: ``ready_threshold`` events, ``hold_timeout``
@@ -37,6 +35,7 @@ from typing import Any, Final
 import msgspec
 
 from ..model import ATOMIC, END, HEARTBEAT
+from .items import RAW, Item, Release
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -47,29 +46,12 @@ __all__ = [
     "DEFAULT_MAX_QUEUE_EVENTS",
     "DEFAULT_MAX_STRING_LENGTH",
     "DEFAULT_READY_THRESHOLD",
-    "ITEM_FIELDS",
     "ClientCore",
     "CoreLimits",
     "Envelope",
     "Release",
     "plain",
 ]
-
-#: Positions in an event tuple, the application thread's unit of work.
-ITEM_FIELDS: Final = (
-    "clazz",
-    "uuid",
-    "event",
-    "parent",
-    "type",
-    "name",
-    "level",
-    "msg",
-    "status",
-    "duration",
-    "timestamp",  # seconds since the epoch (time.time()); the core converts to ms
-    "data",  # extra keys (dict) or None
-)
 
 DEFAULT_BATCH_SIZE: Final = 2000
 #: Seed ``readyThreshold``: events held for one uuid before they are sent anyway.
@@ -135,15 +117,6 @@ class CoreLimits:
                 raise UsageError(f"{name} must be a positive number, not {value!r}")
         if self.batch_size > SERVER_MAX_EVENTS_PER_FRAME:
             raise UsageError(f"batch_size must be <= {SERVER_MAX_EVENTS_PER_FRAME}")
-
-
-class Release:
-    """Queue marker: send now whatever is held for ``uuid`` (a foreign-root scope ended)."""
-
-    __slots__ = ("uuid",)
-
-    def __init__(self, uuid: str) -> None:
-        self.uuid = uuid
 
 
 @dataclass(slots=True)
@@ -219,13 +192,12 @@ def _cut_text(msg: Any, max_len: int) -> str:
     return text if len(text) <= max_len else text[:max_len]
 
 
-def _wire_dict(it: tuple[Any, ...], msg: Any, pid: int, machine: str) -> dict[str, Any]:
-    """The wire map of an event tuple that carries extra data."""
-    clazz, uuid, eid, parent, typ, name, level, _, status, duration, ts, data = it
+def _wire_dict(it: Item, msg: Any, data: dict[str, Any], pid: int, machine: str) -> dict[str, Any]:
+    """The wire map of an item that carries extra data."""
     e: dict[str, Any] = {
-        "clazz": clazz,
-        "parent": parent,
-        "timestamp": int(ts * 1000),
+        "clazz": it.clazz,
+        "parent": it.parent,
+        "timestamp": int(it.timestamp * 1000),
         "pid": pid,
         "machine": machine,
     }
@@ -235,18 +207,18 @@ def _wire_dict(it: tuple[Any, ...], msg: Any, pid: int, machine: str) -> dict[st
     # Explicit arguments win over extra data of the same name, except where only the
     # data says it (an event's ``status=`` or ``duration=``).
     for k, v in (
-        ("type", typ),
-        ("name", name),
-        ("level", level),
+        ("type", it.type),
+        ("name", it.name),
+        ("level", it.level),
         ("msg", msg),
-        ("status", status),
-        ("duration", duration),
+        ("status", it.status),
+        ("duration", it.duration),
     ):
         if v is not None:
             e[k] = v
-    if uuid is not None:
-        e["uuid"] = uuid
-        e["event"] = eid
+    if it.uuid is not None:
+        e["uuid"] = it.uuid
+        e["event"] = it.event
     return e
 
 
@@ -326,7 +298,7 @@ class ClientCore:
         """Take what the application enqueued.
 
         Args:
-            items: event tuples, raw log maps and :class:`Release` markers, in order.
+            items: :class:`~async_logging.client.items.Item` and :class:`Release`, in order.
             now: the current monotonic time in seconds (starts the hold clock).
 
         Returns:
@@ -342,53 +314,59 @@ class ClientCore:
         other: list[Any] = []
         fed = 0
         added = 0
-        # One flat loop: this is the sender's per-event hot path (DESIGN §7). Event tuples
-        # (from this package) use exact int 0 for the root parent and the model's string
-        # constants, so identity tests are enough for them.
+        # One flat loop: this is the sender's per-event hot path (DESIGN §7). Items use
+        # exact int 0 for the root parent and the model's string constants, so identity
+        # tests are enough for them.
         for it in items:
             cls = it.__class__
             e: Any
-            if cls is tuple:
-                clazz, uuid, eid, parent, typ, name, level, msg, status, duration, ts, data = it
-                if msg is not None and (msg.__class__ is not str or len(msg) > max_str):
-                    msg = _cut_text(msg, max_str)
-                if data is None:
-                    e = wire(
-                        clazz,
-                        parent,
-                        int(ts * 1000),
-                        pid,
-                        machine,
-                        typ,
-                        name,
-                        level,
-                        msg,
-                        status,
-                        duration,
-                        uuid,
-                        eid,
-                    )
+            if cls is Item:
+                clazz = it.clazz
+                data = it.data
+                if clazz is RAW:
+                    assert data is not None  # make_item gives every RAW item its map
+                    e = {k if k.__class__ is str else str(k): plain(v) for k, v in data.items()}
+                    e.setdefault("pid", pid)
+                    e.setdefault("machine", machine)
+                    clazz = e.get("clazz", ATOMIC)
+                    uuid = e.get("uuid")
+                    if uuid is not None and uuid.__class__ is not str:
+                        uuid = str(uuid)
+                    parent = e.get("parent")
+                    fed += 1
+                    if not uuid or (clazz in (ATOMIC, HEARTBEAT) and _is_root(parent)):
+                        standalone.append(e)
+                        continue
+                    root_end = clazz == END and _is_root(parent)
                 else:
-                    e = _wire_dict(it, msg, pid, machine)
-                fed += 1
-                if uuid is None or (parent == 0 and (clazz is ATOMIC or clazz is HEARTBEAT)):
-                    standalone.append(e)
-                    continue
-                root_end = clazz is END and parent == 0
-            elif cls is dict:
-                e = {k if k.__class__ is str else str(k): plain(v) for k, v in it.items()}
-                e.setdefault("pid", pid)
-                e.setdefault("machine", machine)
-                clazz = e.get("clazz", ATOMIC)
-                uuid = e.get("uuid")
-                if uuid is not None and uuid.__class__ is not str:
-                    uuid = str(uuid)
-                parent = e.get("parent")
-                fed += 1
-                if not uuid or (clazz in (ATOMIC, HEARTBEAT) and _is_root(parent)):
-                    standalone.append(e)
-                    continue
-                root_end = clazz == END and _is_root(parent)
+                    uuid = it.uuid
+                    parent = it.parent
+                    msg = it.msg
+                    if msg is not None and (msg.__class__ is not str or len(msg) > max_str):
+                        msg = _cut_text(msg, max_str)
+                    if data is None:
+                        e = wire(
+                            clazz,
+                            parent,
+                            int(it.timestamp * 1000),
+                            pid,
+                            machine,
+                            it.type,
+                            it.name,
+                            it.level,
+                            msg,
+                            it.status,
+                            it.duration,
+                            uuid,
+                            it.event,
+                        )
+                    else:
+                        e = _wire_dict(it, msg, data, pid, machine)
+                    fed += 1
+                    if uuid is None or (parent == 0 and (clazz is ATOMIC or clazz is HEARTBEAT)):
+                        standalone.append(e)
+                        continue
+                    root_end = clazz is END and parent == 0
             elif cls is Release:
                 g = held.pop(it.uuid, None)
                 if g is not None:

@@ -40,8 +40,9 @@ from collections.abc import MutableMapping
 from typing import Any, Final
 
 from ..model import ATOMIC
-from .api import LogClient, _default, _time
+from .api import LogClient, _default
 from .context import _scope
+from .items import make_item
 
 __all__ = ["LogHandler", "loguru_sink", "structlog_processor"]
 
@@ -51,37 +52,6 @@ LOG_TYPE: Final = "LOG"
 _OWN: Final = "async_logging"
 _OWN_PREFIX: Final = "async_logging."
 _STRUCTLOG_KEYS: Final = frozenset({"event", "level", "logger", "timestamp", "exc_info"})
-
-
-def _emit(  # noqa: PLR0917 (internal, positional on purpose)
-    client: LogClient,
-    type: str,
-    name: str,
-    msg: Any,
-    level: str,
-    created: float,
-    data: dict[str, Any],
-) -> None:
-    s = _get_scope()
-    item: tuple[Any, ...]
-    if s is None:
-        item = (ATOMIC, None, None, 0, type, name, level, msg, None, None, created, data)
-    else:
-        item = (
-            ATOMIC,
-            s.uuid,
-            next(s.ids),
-            s.event,
-            type,
-            name,
-            level,
-            msg,
-            None,
-            None,
-            created,
-            data,
-        )
-    client._put(item)
 
 
 def _own(name: str) -> bool:
@@ -135,7 +105,18 @@ class LogHandler(logging.Handler):
                 data["exception"] = record.exc_text
             if record.stack_info:
                 data["stack"] = record.stack_info
-            _emit(client, self.type, name, msg, record.levelname, record.created, data)
+            client._put(
+                make_item(
+                    ATOMIC,
+                    _get_scope(),
+                    self.type,
+                    name,
+                    record.levelname,
+                    msg,
+                    data,
+                    record.created,
+                )
+            )
         except Exception:
             self.handleError(record)
 
@@ -157,14 +138,16 @@ def structlog_processor(
         return event_dict
     level = event_dict.get("level") or method_name
     data = {k: v for k, v in event_dict.items() if k not in _STRUCTLOG_KEYS}
-    _emit(
-        client,
-        LOG_TYPE,
-        name if isinstance(name, str) else "structlog",
-        event_dict.get("event"),
-        str(level).upper(),
-        _time(),
-        data,
+    client._put(
+        make_item(
+            ATOMIC,
+            _get_scope(),
+            LOG_TYPE,
+            name if isinstance(name, str) else "structlog",
+            str(level).upper(),
+            event_dict.get("event"),
+            data,
+        )
     )
     return event_dict
 
@@ -192,14 +175,17 @@ def loguru_sink(message: Any, client: LogClient | None = None) -> None:
             traceback.format_exception(exc.type, exc.value, exc.traceback)
         ).rstrip()
     when = record.get("time")
-    created = when.timestamp() if hasattr(when, "timestamp") else _time()
+    created = when.timestamp() if hasattr(when, "timestamp") else None
     level = record.get("level")
-    _emit(
-        client,
-        LOG_TYPE,
-        name,
-        record.get("message"),
-        str(getattr(level, "name", level)),
-        created,
-        data,
+    client._put(
+        make_item(
+            ATOMIC,
+            _get_scope(),
+            LOG_TYPE,
+            name,
+            str(getattr(level, "name", level)),
+            record.get("message"),
+            data,
+            created,
+        )
     )
