@@ -41,6 +41,7 @@ __all__ = [
     "Metrics",
     "Served",
     "Stream",
+    "all_nodes",
     "answer",
     "atomic_keys",
     "connect",
@@ -154,6 +155,12 @@ def walk(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         n = stack.pop()
         yield n
         stack.extend(n.get("children", ()))
+
+
+def all_nodes(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every node of every record (each record, then the nodes below it)."""
+    for record in records:
+        yield from walk(record)
 
 
 def published_events(

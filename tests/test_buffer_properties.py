@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from async_logging import Fed, LogBuffer
-from helpers import Clock
+from helpers import Clock, all_nodes
 
 T0 = 1_700_000_000_000
 DEFAULT_TIMEOUT_MS = 60_000 * 3
@@ -388,17 +388,9 @@ def check_late(
     return shadowed
 
 
-def iter_nodes(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    stack = list(records)
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(n.get("children", ()))
-
-
 def traces(records: Iterable[dict[str, Any]]) -> Counter[str]:
     c: Counter[str] = Counter()
-    for n in iter_nodes(records):
+    for n in all_nodes(records):
         for k in TRACE_KEYS:
             if k in n:
                 c[n[k]] += 1
@@ -407,7 +399,7 @@ def traces(records: Iterable[dict[str, Any]]) -> Counter[str]:
 
 def check_shape(records: Iterable[dict[str, Any]]) -> None:
     """Published record shape (DESIGN §3): kind instead of clazz, transaction fields present."""
-    for n in iter_nodes(records):
+    for n in all_nodes(records):
         assert "clazz" not in n, n
         assert n["kind"] in ("transaction", "atomicEvent", "heartbeat"), n
         if n["kind"] == "transaction":
@@ -590,7 +582,7 @@ def test_missing_end_is_published_incomplete_at_the_timeout(data: st.DataObject)
     check_shape(out)
     assert traces(out) == Counter(tracer(e) for e in events)
     assert out[0]["complete"] is False
-    flagged = [n["event"] for n in iter_nodes(out) if n.get("missing_end")]
+    flagged = [n["event"] for n in all_nodes(out) if n.get("missing_end")]
     assert flagged == [open_node.eid]
     assert buf.open_count == 0 and buf.incomplete["timeout"] == 1
     assert buf.expire(last + 10 * timeout) == []
@@ -718,7 +710,7 @@ def test_parent_cycles_are_cut_flagged_and_lose_nothing(
     check_shape(out)
     assert traces(out) == Counter(tracer(e) for e in events)
     members = {eid: i for i, ids in enumerate(cycles) for eid in ids}
-    heads = [n["event"] for n in iter_nodes(out) if n.get("cycle")]
+    heads = [n["event"] for n in all_nodes(out) if n.get("cycle")]
     assert sorted(members[h] for h in heads if h in members) == list(range(len(cycles)))
     assert all(h in members for h in heads), f"non-member flagged cycle: {heads}"
     if proper is not None and one_batch:
@@ -770,7 +762,7 @@ def test_a_500_deep_chain_is_cut_into_fragments(max_depth: int, closed: bool, se
     check_deep(out, events, max_depth)
     assert len(out) == math.ceil(depth / max_depth)
     assert all(r.get("depth_cut") for r in out[1:])
-    assert all(any(n.get("depth_cut") for n in iter_nodes([r])) for r in out[:-1])
+    assert all(any(n.get("depth_cut") for n in all_nodes([r])) for r in out[:-1])
     assert out[0]["event"] == "1" and out[0]["complete"] is closed
 
 
@@ -1077,6 +1069,6 @@ def test_a_subtree_hanging_off_a_cycle_stays_under_it() -> None:
     buf = LogBuffer(clock=Clock(T0))
     assert feed(buf, events).records == []
     out = buf.flush_all()
-    assert [n["event"] for n in iter_nodes(out) if n.get("cycle")] in (["A"], ["B"])
-    parent_of = {c["event"]: n["event"] for n in iter_nodes(out) for c in n.get("children", ())}
+    assert [n["event"] for n in all_nodes(out) if n.get("cycle")] in (["A"], ["B"])
+    parent_of = {c["event"]: n["event"] for n in all_nodes(out) for c in n.get("children", ())}
     assert parent_of["C"] == "A"

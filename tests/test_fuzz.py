@@ -36,7 +36,7 @@ from async_logging.exceptions import BadInput
 from async_logging.publishers.jsonl import encode_line
 from async_logging.server import LogCluster
 from async_logging.testing import MemoryPublisher
-from helpers import TIMEOUT, Metrics, tx, walk
+from helpers import TIMEOUT, Metrics, all_nodes, tx
 
 NETWORK_EXAMPLES = int(os.environ.get("ASYNC_LOGGING_FUZZ_EXAMPLES", "1500"))
 DIRECT_EXAMPLES = NETWORK_EXAMPLES * 2
@@ -305,7 +305,7 @@ def test_any_parent_graph_is_published_without_losing_an_event(
     records = buffer.feed_many(events[:cut]).records
     records += buffer.feed_many(events[cut:]).records
     records += buffer.flush_all()
-    published = Counter((n["uuid"], n["event"]) for r in records for n in walk(r))
+    published = Counter((n["uuid"], n["event"]) for n in all_nodes(records))
     assert set(published) == fed_ids
 
 
