@@ -1,4 +1,4 @@
-"""The reassembly engine on the seed's cases and on each rule of DESIGN §3."""
+"""The reassembly engine on the seed's cases and on each rule of docs/design.md §3."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_transaction_with_children(buf: LogBuffer) -> None:
 
 
 def test_nested_transactions_match_the_original_capture(buf: LogBuffer) -> None:
-    """The capture's tree comes out as DESIGN §4 lists it: URL /orig > (API svc > DB q, INFO note)."""
+    """The capture's tree comes out as the captures' README lists it: URL /orig > (API svc > DB q, INFO note)."""
     (rec,) = buf.feed_many(seed_tree()).records
     assert shape(rec) == (
         "transaction",

@@ -1,9 +1,9 @@
-"""Property tests of the reassembly engine (:class:`async_logging.LogBuffer`, DESIGN §3).
+"""Property tests of the reassembly engine (:class:`async_logging.LogBuffer`, docs/design.md §3).
 
 Random valid transaction trees are generated as plain Python objects (:class:`Node`), turned
 into the wire events a client would send, fed to the engine in random orders and splits, and
 the records that come out are compared with an expectation built *here*, from the generated
-tree and the rules of DESIGN §2–§3, never by asking the engine.
+tree and the rules of docs/design.md §2–§3, never by asking the engine.
 
 Every wire event carries a tracer key (``x-tb`` on begins, ``x-te`` on ends, ``x-tl`` on
 atomic events and heartbeats) with a value unique in the test, so "every event appears
@@ -266,7 +266,7 @@ def split(draw: st.DrawFn, items: list[Any], max_cuts: int = 5) -> list[list[Any
 
 
 def mapped(wire: dict[str, Any]) -> dict[str, Any]:
-    """What DESIGN §2 says the mapper makes of a wire event (written independently)."""
+    """What docs/design.md §2 says the mapper makes of a wire event (written independently)."""
     e = copy.deepcopy(wire)
     e.setdefault("clazz", "atomicEvent")
     e["uuid"] = str(e["uuid"])
@@ -289,7 +289,7 @@ def mapped(wire: dict[str, Any]) -> dict[str, Any]:
 
 
 def expect(node: Node, open_ids: frozenset[str] = frozenset(), keep: set[str] | None = None) -> Any:
-    """The record DESIGN §3 promises for ``node``.
+    """The record docs/design.md §3 promises for ``node``.
 
     ``open_ids``: transactions whose end never came (``missing_end``, duration up to the last
     thing known inside it). ``keep``: tracers of the events that arrived (None: all).
@@ -332,7 +332,7 @@ def wire_facts(e: dict[str, Any]) -> tuple[str, str | None, str]:
 
 
 def is_closed(events: Iterable[dict[str, Any]]) -> bool:
-    """Whether a group holding these events is publishable (DESIGN §3), computed here."""
+    """Whether a group holding these events is publishable (docs/design.md §3), computed here."""
     begins: set[str] = set()
     ends: set[str] = set()
     referenced: set[str] = set()
@@ -398,7 +398,7 @@ def traces(records: Iterable[dict[str, Any]]) -> Counter[str]:
 
 
 def check_shape(records: Iterable[dict[str, Any]]) -> None:
-    """Published record shape (DESIGN §3): kind instead of clazz, transaction fields present."""
+    """Published record shape (docs/design.md §3): kind instead of clazz, transaction fields present."""
     for n in all_nodes(records):
         assert "clazz" not in n, n
         assert n["kind"] in ("transaction", "atomicEvent", "heartbeat"), n
@@ -1014,7 +1014,7 @@ def test_a_node_missing_its_begin_still_has_status_and_duration() -> None:
 
 def test_a_rootless_fragment_published_by_the_timeout_is_incomplete() -> None:
     """A closed transaction whose parent never came, published at the timeout, is flagged
-    complete False with reason timeout (DESIGN §3: incomplete trees carry a reason)."""
+    complete False with reason timeout (docs/design.md §3: incomplete trees carry a reason)."""
     events = [
         {"clazz": "begin", "uuid": "u", "event": "2", "parent": "1", "timestamp": 0},
         {"clazz": "end", "uuid": "u", "event": "2", "parent": "1", "timestamp": 10},

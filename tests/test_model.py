@@ -1,4 +1,4 @@
-"""The default mapper: the seed's defaults and id normalisation (DESIGN §2)."""
+"""The default mapper: the seed's defaults and id normalisation (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the sans-I/O wire decoding (DESIGN §4): shapes, limits, errors, golden vectors."""
+"""Tests for the sans-I/O wire decoding (docs/design.md §4): shapes, limits, errors, golden vectors."""
 
 from __future__ import annotations
 
@@ -568,7 +568,7 @@ def test_http_body_unsupported_media_type(ctype: str) -> None:
 
 
 def test_encode_ack_and_error() -> None:
-    """Acks and error answers are the JSON maps of DESIGN §4."""
+    """Acks and error answers are the JSON maps of docs/design.md §4."""
     assert orjson.loads(encode_ack(7)) == {"ack": 7}
     err = LimitExceeded("too_deep", "too deep here", status=400)
     assert orjson.loads(encode_error(err, 7)) == {
