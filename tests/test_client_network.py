@@ -443,7 +443,7 @@ async def test_the_room_shrinks_before_the_queue_is_emptied() -> None:
 
     def watching(items: list[Any], now: float) -> Any:
         # the queue was just emptied into `items`; the core does not hold them yet
-        worst.append(client._room + core.pending_events + len(items) + len(client._q))
+        worst.append(client.inbox.room + core.pending_events + len(items) + len(client.inbox))
         drained.set()
         return feed(items, now)
 

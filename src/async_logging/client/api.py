@@ -35,10 +35,8 @@ import itertools
 import logging
 import os
 import socket
-import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,7 +46,8 @@ from ..exceptions import UsageError
 from ..model import ATOMIC, BEGIN, END, HEARTBEAT
 from .context import Scope, _scope, foreign_ids, new_uuid
 from .core import ClientCore, CoreLimits
-from .items import RAW, Item, Release, make_item, placement
+from .inbox import Inbox
+from .items import RAW, Release, make_item, placement
 from .sender import Sender
 from .spool import DEFAULT_SPOOL_MAX_BYTES
 from .transports import Transport, backoff, http_url, is_retryable, resolve_transport
@@ -227,13 +226,9 @@ class LogClient:
         self._connect_timeout = connect_timeout
         token = token or os.environ.get("ASYNC_LOGGING_TOKEN")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # The hot path reads these four attributes and nothing else.
-        self._q: deque[Any] = deque()
-        self._room = base.max_queue_events
-        self._wake_at = base.batch_size
+        #: The queue the application's threads put items in and the sender takes them from.
+        self.inbox = Inbox(base.max_queue_events, base.batch_size)
         self._closed = False
-        self._dropped = 0
-        self._drop_lock = threading.Lock()
         self._started = False
         self._sender = self._make_sender()
         _clients.add(self)
@@ -244,8 +239,6 @@ class LogClient:
             try:
                 self.start()
             except UsageError:
-                self._closed = True
-                self._room = 0
                 _clients.discard(self)
                 if _default[0] is self:
                     _default[0] = previous
@@ -254,7 +247,7 @@ class LogClient:
     def _make_sender(self) -> Sender:
         core = ClientCore(pid=os.getpid(), machine=self.machine, limits=self.limits)
         return Sender(
-            self,
+            self.inbox,
             core,
             self.transport,
             self.url,
@@ -280,7 +273,7 @@ class LogClient:
             self._sender.start()
         except UsageError:
             self._closed = True
-            self._room = 0
+            self.inbox.close()
             raise
 
     def __repr__(self) -> str:
@@ -289,11 +282,6 @@ class LogClient:
 
     # ------------------------------------------------------------------ hot path
 
-    def _drop(self) -> None:
-        # Rare path: a lock makes the count exact across threads; nothing else waits on it.
-        with self._drop_lock:
-            self._dropped += 1
-
     def log(self, event: Mapping[str, Any]) -> None:
         """Enqueue one raw log map (the seed's ``client.log(map)``); never blocks.
 
@@ -301,7 +289,7 @@ class LogClient:
         ``timestamp`` is added when it has none, ``pid`` and ``machine`` when it lacks them.
         Events with a ``uuid`` are held until their root transaction's ``end``.
         """
-        self._put(make_item(RAW, None, None, None, None, None, dict(event)))
+        self.inbox.put(make_item(RAW, None, None, None, None, None, dict(event)))
 
     def event(
         self,
@@ -331,7 +319,7 @@ class LogClient:
             item = make_item(ATOMIC, _get_scope(), type, name, level, msg, data)
         else:
             item = make_item(ATOMIC, placement(uuid), type, name, level, msg, data, None, parent)
-        self._put(item)
+        self.inbox.put(item)
 
     def heartbeat(
         self,
@@ -351,17 +339,7 @@ class LogClient:
             **data: the measures (``cpu_percent=``, ``rss_bytes=``, …).
         """
         item = make_item(HEARTBEAT, None, type, name or f"python:{os.getpid()}", level, msg, data)
-        self._put(item)
-
-    def _put(self, item: Any) -> None:
-        q = self._q
-        n = len(q)
-        if n < self._room:
-            q.append(item)
-            if n == self._wake_at:
-                self._sender.wake()
-        else:
-            self._drop()
+        self.inbox.put(item)
 
     # ------------------------------------------------------------------ API
 
@@ -420,10 +398,9 @@ class LogClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         ok = self.flush(timeout) if self._started else False
         self._closed = True
-        self._room = 0
+        self.inbox.close()
         remaining = None if deadline is None else max(0.5, deadline - time.monotonic())
         self._sender.stop(remaining)
-        self._room = 0
         _clients.discard(self)
         return ok
 
@@ -450,8 +427,7 @@ class LogClient:
         return self._sender.error
 
     def _pending_events(self) -> int:
-        q = self._q
-        return sum(1 for it in list(q) if it.__class__ is Item) + (self._sender.core.pending_events)
+        return self._sender.pending_events()
 
     @property
     def stats(self) -> ClientStats:
@@ -461,8 +437,8 @@ class LogClient:
         return ClientStats(
             sent=core.sent,
             acked=core.acked,
-            dropped=self._dropped,
-            queued=len(self._q) + core.pending_events,
+            dropped=self.inbox.dropped,
+            queued=len(self.inbox) + core.pending_events,
             reconnects=s.reconnects,
             resent=core.resent,
             rejected=core.rejected,
@@ -480,11 +456,8 @@ class LogClient:
         # (the parent still sends what it had). The parent's spool stays the parent's: the
         # child closes its copies of the descriptors and gets a directory of its own.
         self._sender.forget_after_fork()
-        self._q = deque()
-        self._dropped = 0
-        self._drop_lock = threading.Lock()
+        self.inbox = Inbox(self.limits.max_queue_events, self.limits.batch_size)
         self._sender = self._make_sender()
-        self._room = self.limits.max_queue_events
         if self._started and not self._closed:
             self._sender.start()
 
@@ -601,7 +574,7 @@ class Transaction(Scope):
         client = self._client or _default[0]
         self._client = client
         if client is not None:
-            client._put(
+            client.inbox.put(
                 make_item(
                     BEGIN,
                     self,
@@ -652,7 +625,7 @@ class Transaction(Scope):
             self.status = "0" if exc_type is None else exc_type.__name__
         client = self._client
         if client is not None:
-            client._put(
+            client.inbox.put(
                 make_item(
                     END,
                     self,
@@ -669,7 +642,7 @@ class Transaction(Scope):
             )
             if self._foreign and self.parent != 0:
                 # No root end will come through this process: send what is held now.
-                client._put(Release(self.uuid))
+                client.inbox.put(Release(self.uuid))
 
     # ------------------------------------------------------------------ handle
 
@@ -698,7 +671,7 @@ class Transaction(Scope):
         client = self._client or _default[0]
         if client is None or not self.uuid:
             return
-        client._put(make_item(ATOMIC, self, type, name, level, msg, data))
+        client.inbox.put(make_item(ATOMIC, self, type, name, level, msg, data))
 
     # ------------------------------------------------------------------ decorator
 
@@ -757,7 +730,7 @@ class Bound:
             self._token = None
         client = self._client or _default[0]
         if client is not None:
-            client._put(Release(self._scope.uuid))
+            client.inbox.put(Release(self._scope.uuid))
 
     async def __aenter__(self) -> Scope:
         return self.__enter__()
@@ -851,14 +824,7 @@ def event(
         item = make_item(ATOMIC, _get_scope(), type, name, level, msg, data)
     else:
         item = make_item(ATOMIC, placement(uuid), type, name, level, msg, data, None, parent)
-    q = c._q
-    n = len(q)
-    if n < c._room:
-        q.append(item)
-        if n == c._wake_at:
-            c._sender.wake()
-    else:
-        c._drop()
+    c.inbox.put(item)
 
 
 def heartbeat(

@@ -105,7 +105,7 @@ class LogHandler(logging.Handler):
                 data["exception"] = record.exc_text
             if record.stack_info:
                 data["stack"] = record.stack_info
-            client._put(
+            client.inbox.put(
                 make_item(
                     ATOMIC,
                     _get_scope(),
@@ -138,7 +138,7 @@ def structlog_processor(
         return event_dict
     level = event_dict.get("level") or method_name
     data = {k: v for k, v in event_dict.items() if k not in _STRUCTLOG_KEYS}
-    client._put(
+    client.inbox.put(
         make_item(
             ATOMIC,
             _get_scope(),
@@ -177,7 +177,7 @@ def loguru_sink(message: Any, client: LogClient | None = None) -> None:
     when = record.get("time")
     created = when.timestamp() if hasattr(when, "timestamp") else None
     level = record.get("level")
-    client._put(
+    client.inbox.put(
         make_item(
             ATOMIC,
             _get_scope(),

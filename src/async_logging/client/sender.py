@@ -1,19 +1,19 @@
 """The sender: a background thread with its own event loop that does all of the client's I/O.
 
-The application thread only appends to the client's deque (DESIGN §6). This thread drains
-it on every wake-up (the deque reached a batch, a flush was asked for, or the drain interval
-passed), feeds the sans-I/O :class:`~async_logging.client.core.ClientCore`, and a *pump*
-task writes the envelopes the core hands out over the transport, reconnecting with backoff
-when the connection is lost, while acks come back through the :class:`Listener` callbacks.
+The application thread only puts items in the client's
+:class:`~async_logging.client.inbox.Inbox` (DESIGN §6). This thread takes them on every
+wake-up (the inbox reached a batch, a flush was asked for, or the drain interval passed),
+feeds the sans-I/O :class:`~async_logging.client.core.ClientCore`, and a *pump* task writes
+the envelopes the core hands out over the transport, reconnecting with backoff when the
+connection is lost, while acks come back through the :class:`Listener` callbacks.
 
-It also tells the application how much room is left (``client._room``: the app thread
-compares its deque's length with it, no lock) and logs one warning per burst of drops on
-the ``async_logging.client`` logger.
+It also tells the inbox how much room is left (what the core can still accept) and logs
+one warning per burst of drops on the ``async_logging.client`` logger.
 
 With a ``spool_dir`` it owns the client's :class:`~async_logging.client.spool.ClientSpool`
 too: it opens it when the thread starts, adopts what earlier clients left there, appends
 every envelope the core cuts before the pump can send it, advances the ack watermark as
-acks come, and at the stop writes what is still unacknowledged (the deque and the held
+acks come, and at the stop writes what is still unacknowledged (the inbox and the held
 trees included) to it instead of losing it. No other thread touches the spool's files.
 """
 
@@ -25,12 +25,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import aiohttp
 
 from ..exceptions import UsageError
 from .core import ClientCore, Envelope
+from .inbox import Inbox
 from .spool import DEFAULT_SPOOL_MAX_BYTES, ClientSpool
 from .transports import (
     TRANSIENT_REFUSALS,
@@ -39,9 +39,6 @@ from .transports import (
     ServerRefused,
     Transport,
 )
-
-if TYPE_CHECKING:
-    from .api import LogClient
 
 __all__ = ["FlushRequest", "Sender"]
 
@@ -75,7 +72,7 @@ class Sender:
     """Runs the client's I/O in a daemon thread (one event loop, one aiohttp session).
 
     Args:
-        client: the client whose deque it drains and whose room it sets.
+        inbox: the client's inbox, which it drains and whose room it sets.
         core: the sans-I/O core (owned by this thread from now on).
         transport: how to reach the proxy.
         url: where the proxy is.
@@ -91,7 +88,7 @@ class Sender:
 
     def __init__(
         self,
-        client: LogClient,
+        inbox: Inbox,
         core: ClientCore,
         transport: Transport,
         url: str,
@@ -105,7 +102,7 @@ class Sender:
         spool_dir: str | None = None,
         spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
     ) -> None:
-        self.client = client
+        self.inbox = inbox
         self.core = core
         self.transport = transport
         self.url = url
@@ -148,6 +145,7 @@ class Sender:
         self._spool_burst_from: int | None = None
         self._checkpoint_at = 0.0
         self._start_error: BaseException | None = None
+        inbox.attach(self.wake)
 
     # ------------------------------------------------------------------ any thread
 
@@ -202,11 +200,10 @@ class Sender:
         if threading.get_ident() == self._thread.ident:
             raise UsageError("flush() cannot be called from the sender thread")
         if not self.alive:
-            return self.client._pending_events() == 0
+            return self.pending_events() == 0
         req = FlushRequest(spooled)
-        self.client._q.append(req)  # past the room limit on purpose: markers are tiny
-        self._wake_scheduled = False
-        self.wake()
+        self._wake_scheduled = False  # this wake-up must happen even if one seems scheduled
+        self.inbox.put_marker(req)
         return req.done.wait(timeout) and req.ok
 
     def stop(self, timeout: float | None) -> None:
@@ -216,6 +213,10 @@ class Sender:
         self.wake()
         if self._thread.is_alive() and threading.get_ident() != self._thread.ident:
             self._thread.join(timeout)
+
+    def pending_events(self) -> int:
+        """Events queued in the inbox or in the core, not yet acknowledged."""
+        return self.inbox.events() + self.core.pending_events
 
     def forget_after_fork(self) -> None:
         """In a forked child: let go of the parent's spool without releasing its lock."""
@@ -261,8 +262,8 @@ class Sender:
                 self._adopt(self.spool)
             except Exception:
                 log.exception("async-logging client: replaying the spool failed")
-        q = self.client._q
-        wake_at = self.client._wake_at
+        inbox = self.inbox
+        wake_at = inbox.wake_at
         session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout),
             headers=self.headers,
@@ -270,7 +271,7 @@ class Sender:
         pump = asyncio.create_task(self._pump(session), name="async-logging-pump")
         try:
             while not self._stopping:
-                if len(q) < wake_at:
+                if len(inbox) < wake_at:
                     try:
                         async with asyncio.timeout(self.drain_interval):
                             await self._wake_ev.wait()
@@ -290,17 +291,9 @@ class Sender:
             self._abandon()
 
     def _drain(self) -> None:
-        client = self.client
         core = self.core
-        q = client._q
-        n = len(q)
-        if n:
-            # The app's threads admit an event while len(q) < _room. Lower the room by what
-            # moves to the core first: q empties before the core's count grows, and with
-            # the old room they could admit another max_queue_events meanwhile.
-            client._room = max(0, client._room - n)
-            popleft = q.popleft
-            items = [popleft() for _ in range(n)]
+        items = self.inbox.take()
+        if items:
             if self.error is not None:
                 self.lost += sum(1 for it in items if not isinstance(it, FlushRequest))
                 for it in items:
@@ -323,12 +316,10 @@ class Sender:
             self._checkpoint(self.spool)
 
     def _set_room(self) -> None:
-        client = self.client
-        client._room = 0 if (client._closed or self.error is not None) else self.core.room()
+        self.inbox.set_room(0 if self.error is not None else self.core.room())
 
     def _watch_drops(self) -> None:
-        client = self.client
-        dropped = client._dropped
+        dropped = self.inbox.dropped
         now = self.clock()
         if dropped != self._seen_drops:
             self._last_drop_at = now
@@ -337,7 +328,7 @@ class Sender:
                 log.warning(
                     "async-logging client: queue full (%d events, ~%d bytes pending; %s), "
                     "dropping new events until it drains",
-                    self.core.pending_events + len(client._q),
+                    self.core.pending_events + len(self.inbox),
                     self.core.pending_bytes,
                     "connected" if self.connected else f"not connected: {self.last_error!r}",
                 )
@@ -366,10 +357,10 @@ class Sender:
             req.finish(True)
 
     def _abandon(self) -> None:
-        q = self.client._q
-        items = []
-        while q:
-            items.append(q.popleft())
+        # Nobody takes from the inbox after this: close it, so later items are counted
+        # as dropped instead of waiting forever.
+        self.inbox.close()
+        items = self.inbox.take()
         lost = 0
         for it in items:
             if isinstance(it, FlushRequest):
@@ -391,7 +382,6 @@ class Sender:
         lost_core, kept = self._drop_core()
         lost += lost_core
         self.lost += lost
-        self.client._room = 0
         if spool is not None:
             self.spool = None
             try:
