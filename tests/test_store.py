@@ -463,7 +463,8 @@ def test_options_out_of_range_are_refused(path: Path) -> None:
 
 
 async def test_the_server_keeps_its_trees_in_the_store_by_config(tmp_path: Path) -> None:
-    """A server with the store option writes every published tree to that file, and the store off writes none."""
+    """A server with the store option stores every published tree in that file (its
+    follower catches up at shutdown), and the store off runs no follower."""
     db = tmp_path / "s" / "trees.sqlite"
     publisher = MemoryPublisher()
     cluster = LogCluster(
@@ -478,8 +479,9 @@ async def test_the_server_keeps_its_trees_in_the_store_by_config(tmp_path: Path)
     )
     await cluster.start()
     try:
-        assert cluster.store is not None
-        assert (cluster.store.max_age, cluster.store.max_bytes) == (3600.0, 10_000_000)
+        assert cluster.followers is not None and cluster.followers.follower is not None
+        follower = cluster.followers.follower
+        assert (follower.max_age, follower.max_bytes) == (3600.0, 10_000_000)
         logs = [
             {"clazz": "begin", "uuid": f"s{i}", "event": "1", "parent": "0", "name": "/s"}
             for i in range(3)
@@ -500,4 +502,4 @@ async def test_the_server_keeps_its_trees_in_the_store_by_config(tmp_path: Path)
     off = LogCluster(host="127.0.0.1", port=0, mon_port=-1, publisher=MemoryPublisher(), store="")
     await off.start()
     await off.stop()
-    assert off.store is None
+    assert off.followers is not None and off.followers.follower is None

@@ -135,8 +135,9 @@ def test_filters_build_the_live_query_and_refuse_bad_values() -> None:
 
 
 @pytest.fixture
-def server_options() -> dict[str, Any]:
-    return {"store": ""}
+def server_options(tmp_path: Path) -> dict[str, Any]:
+    """The live tail follows the store: a store (and its file) in the test's directory."""
+    return {"store": str(tmp_path / "trees.sqlite"), "log_file": str(tmp_path / "all.log")}
 
 
 async def test_tail_prints_the_published_tree_that_passes_its_filters(server: LogCluster) -> None:
@@ -202,14 +203,14 @@ def test_tail_command_without_a_server_exits_1_with_a_clear_message(tmp_path: Pa
     assert f"cannot stream from http://127.0.0.1:{port}/api/live" in proc.stderr
 
 
-async def test_tail_against_server_workers_reports_live_off(tmp_path: Path) -> None:
-    """A viewer without a live hub (server workers) makes tail fail with status 1 and the server's reason."""
+async def test_tail_against_a_server_without_store_reports_live_off(tmp_path: Path) -> None:
+    """A viewer without a live hub (the store is off) makes tail fail with status 1 and the server's reason."""
     viewer = Viewer(None, None)
     mon = MonApp(lambda: {}, lambda: {"available": True}, viewer=viewer)
     port = await mon.start("127.0.0.1", 0)
     try:
         console, _ = plain_console()
-        with pytest.raises(TailError, match="single-process") as info:
+        with pytest.raises(TailError, match="follows the store, which is off") as info:
             await tail(f"http://127.0.0.1:{port}", TailFilters(), console, count=1, err=console)
         assert info.value.status == 1
     finally:

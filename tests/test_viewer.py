@@ -134,15 +134,43 @@ async def test_bad_parameters_are_400_naming_the_problem(
 
 
 @pytest.mark.parametrize("server_options", [{"store": ""}])
-async def test_store_off_answers_503_and_keeps_live(
+async def test_store_off_answers_503_for_queries_and_the_live_tail(
     server: LogCluster, session: aiohttp.ClientSession
 ) -> None:
-    """With the store off the query API answers 503 store_off while /api/status and the live tail still work."""
+    """With the store off the query API answers 503 store_off, the live tail (which
+    follows the store) 503 live_off, and /api/status still answers."""
     for path in ("/api/search", "/api/tree/1", "/api/summary"):
         status, body = await get(session, server, path)
         assert (status, body["error"]) == (503, "store_off"), path
+    status, body = await get(session, server, "/api/live")
+    assert (status, body["error"]) == (503, "live_off")
     status, body = await get(session, server, "/api/status")
-    assert status == 200 and body["store"] is None and body["live"]["enabled"] is True
+    assert status == 200 and body["store"] is None and body["live"]["enabled"] is False
+    assert body["follower"] is None
+
+
+async def test_status_and_ecv_report_the_stores_follower_and_its_lag(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """/api/status (the page's header), /ecv and /metrics say whether the store's follower
+    runs and how far behind it is, once the trees sent are stored."""
+    await stored(server, {"lag-1"}, post_logs(server, tree("lag-1", "/a")))
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the follower is another process: its report follows its commit
+        status, body = await get(session, server, "/api/status")
+        follower = body["follower"]
+        if follower["stored"] >= 1 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    assert status == 200 and follower["running"] is True and follower["stored"] >= 1
+    assert follower["lag_records"] >= 0 and follower["lag_seconds"] >= 0
+    async with session.get(f"http://127.0.0.1:{server.mon_port}/ecv") as resp:
+        ecv = await resp.json()
+    assert ecv["store"]["running"] is True and "lag_seconds" in ecv["store"]
+    async with session.get(f"http://127.0.0.1:{server.mon_port}/metrics") as resp:
+        text = await resp.text()
+    for name in ("store_up", "store_lag_records", "store_lag_seconds", "store_records_total"):
+        assert f"async_logging_{name}" in text, name
 
 
 async def test_monitoring_endpoints_still_answer_beside_the_viewer(
@@ -222,7 +250,8 @@ async def test_stopping_the_server_ends_live_streams_promptly(tmp_path: Path) ->
     """Shutdown ends every open live stream (the client sees the end), so it never waits on them."""
     cluster = LogCluster(
         host="127.0.0.1", port=0, mon_port=0, heartbeat_interval=0,
-        publisher=MemoryPublisher(), store="",
+        publisher=MemoryPublisher(), store=str(tmp_path / "trees.sqlite"),
+        log_file=str(tmp_path / "all.log"),
     )  # fmt: skip
     await cluster.start()
     async with aiohttp.ClientSession() as session:

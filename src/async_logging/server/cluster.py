@@ -39,12 +39,15 @@ from ..publishers import (
 )
 from ..publishers.base import import_object
 from .config import ENGINE_OPTIONS, ServerConfig, announcement
+from .followers import Followers
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
 from .listener import LogListener
+from .live import LiveHub
 from .monapp import MonApp
 from .pipeline import Pipeline, Stats, process_rss
 from .spool import Spool
 from .supervisor import Supervisor
+from .viewer import Viewer
 
 __all__ = ["GC_FULL_EVERY", "LogCluster", "Supervisor", "tune_gc"]
 
@@ -104,6 +107,10 @@ class LogCluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._shared_output = False
         self._started_at = time.monotonic()
+        #: The store's follower and the live hub (one process only; a supervisor runs
+        #: them for its workers): set by :meth:`start`.
+        self.followers: Followers | None = None
+        self.viewer: Viewer | None = None
 
     # ------------------------------------------------------------------ building blocks
 
@@ -121,7 +128,9 @@ class LogCluster:
         c = self.config
         specs = c.publisher
         publishers: list[Publisher] = []
-        if specs is None:
+        # The default sink; with the store on it is written whatever plug-ins are given:
+        # the store follows it.
+        if specs is None or c.store:
             publishers.append(
                 JsonLinesPublisher(
                     c.log_file,
@@ -130,24 +139,13 @@ class LogCluster:
                     shared=self._shared_output,
                 )
             )
-        else:
+        if specs is not None:
             for spec in specs if isinstance(specs, list | tuple) else [specs]:
                 publishers.append(load_publisher(spec))
         if c.stdout:
             publishers.append(StdoutPublisher())
         if self.emitter is not None:
             publishers.append(EmitterPublisher(self.emitter))
-        # The viewer's store and live hub (issue 6) come after the configured sinks, the hub
-        # last: a record seen live is already in the store.
-        from ..publishers.sqlite import SqliteStore
-        from .live import LiveHub
-
-        self.store: SqliteStore | None = None
-        if c.store:
-            self.store = SqliteStore(c.store, max_age=c.store_max_age, max_bytes=c.store_max_bytes)
-            publishers.append(self.store)
-        self.live_hub = LiveHub()
-        publishers.append(self.live_hub)
         return publishers[0] if len(publishers) == 1 else MultiPublisher(publishers)
 
     def _make_listener(self, pipeline: Pipeline) -> LogListener:
@@ -158,13 +156,25 @@ class LogCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, *, reuse_port: bool = False, monitor: bool = True) -> None:
-        """Build the pipeline, listen, start the clean cycle, heartbeats and the MonApp."""
-        from .viewer import Viewer
+    async def start(
+        self, *, reuse_port: bool = False, monitor: bool = True, follow: bool = True
+    ) -> None:
+        """Build the pipeline, listen, start the clean cycle, heartbeats and the MonApp.
 
+        Args:
+            reuse_port: a worker sharing the port (and the output files) with others.
+            monitor: serve the MonApp (and the viewer) on ``mon_port``.
+            follow: run the store's follower (a supervisor runs it for its workers).
+
+        Raises:
+            ConfigError: an option is unusable (a plug-in, the store, the spool, a port).
+        """
         c = self.config
         self._shared_output = reuse_port  # workers append to one file
-        self.viewer: Viewer | None = None
+        if follow:
+            # Before anything is published: the store starts where the file is now.
+            self.followers = Followers(c)
+            self.followers.start()
         buffer = self._make_buffer()
         publisher = self._make_publisher()
         spool = None
@@ -201,8 +211,7 @@ class LogCluster:
         try:
             self.port = await self.listener.start(reuse_port=reuse_port)
             if monitor and c.mon_port >= 0:
-                store = self.store
-                self.viewer = Viewer(store.path if store else None, self.live_hub)
+                self.viewer = Viewer.for_followers(self.followers)
                 self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
                 self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         except OSError as exc:
@@ -236,14 +245,22 @@ class LogCluster:
             await listener.cleanup()
         if self.monapp is not None:
             await self.monapp.cleanup()
-        viewer = getattr(self, "viewer", None)
-        if viewer is not None:
-            await viewer.close()
+        if self.viewer is not None:
+            await self.viewer.close()
+        if self.followers is not None and not await self.followers.stop():
+            log.warning(
+                "the store had not caught up after %g s; it goes on from there at the next start",
+                self.config.wait_for_publisher,
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for ``/metrics`` (and the supervisor)."""
         p = self.pipeline
-        return self.stats.snapshot(p.buffer if p else None, p.queued if p else 0)
+        snap = self.stats.snapshot(p.buffer if p else None, p.queued if p else 0)
+        store = self.followers.snapshot() if self.followers is not None else None
+        if store is not None:
+            snap["store"] = store
+        return snap
 
     def health(self) -> dict[str, Any]:
         """What ``/ecv`` reports."""
@@ -255,7 +272,16 @@ class LogCluster:
             "connections": self.stats.connections,
             "open_transactions": p.buffer.open_count if p else 0,
             "publish_queue": p.queued if p else 0,
+            **({"store": store} if (store := self._store_health()) else {}),
         }
+
+    @property
+    def live_hub(self) -> LiveHub | None:
+        """The live tail's hub (fed from the store by the viewer), or None without a store."""
+        return self.followers.hub if self.followers is not None else None
+
+    def _store_health(self) -> dict[str, Any] | None:
+        return self.followers.health() if self.followers is not None else None
 
     # ------------------------------------------------------------------ background tasks
 
@@ -267,6 +293,8 @@ class LogCluster:
         while True:
             await asyncio.sleep(tick)
             self.pipeline.expire()
+            if self.followers is not None:
+                self.followers.check()
             ticks += 1
             collect_on_tick(ticks)  # when serve runs the collector itself (tune_gc)
 

@@ -1,11 +1,12 @@
-"""LiveHub: a publisher that fans published records out to live subscribers (issue 6).
+"""LiveHub: fans records out to live subscribers (issue 6).
 
-The server calls publishers from its publisher thread; subscribers (the viewer's
-``/api/live`` streams, hence ``async-logging tail`` and the page's live tail) live on the
-event loop. The hub hands each batch to the loop with one ``call_soon_threadsafe`` and
-returns at once, so a live viewer never slows ingest, and costs nothing while nobody
-subscribes. Filters run on the loop, once per record and subscriber, which is why the
-subscribers are few.
+In the server the hub is fed from the store (the viewer hands it the rows stored since
+the last look, see :class:`~async_logging.server.viewer.Viewer`), so it costs ingest
+nothing and shows every worker's trees; it can also be used as a publisher, from any
+thread. Subscribers (the viewer's ``/api/live`` streams, hence ``async-logging tail`` and
+the page's live tail) live on the event loop; each batch reaches the loop with one
+``call_soon_threadsafe``. Filters run on the loop, once per record and subscriber, which
+is why the subscribers are few.
 
 Bounds, each named here:
 
@@ -17,8 +18,8 @@ Bounds, each named here:
 - at most :data:`MAX_PENDING` records may be on their way from the publisher thread to
   the loop; past that (the loop is stalled) batches are dropped and counted.
 
-With several server workers each worker publishes its own records and the supervisor has
-none: the live tail is single-process only (see :mod:`async_logging.server.viewer`).
+The source that feeds the hub registers with :meth:`LiveHub.when_watched` and is told
+when a subscription starts, so it can run only while someone watches.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ class LiveHub(BasePublisher):
         self._lock = threading.Lock()
         self._closed = False
         self._changed: asyncio.Event | None = None
+        self._on_watch: Callable[[], None] | None = None
+
+    def when_watched(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the loop) whenever a subscription starts."""
+        self._on_watch = callback
 
     @property
     def subscribers(self) -> int:
@@ -171,6 +177,8 @@ class LiveHub(BasePublisher):
         # Copy-on-write: the loop callback iterates the list while subscriptions change.
         self._subscribers = [*self._subscribers, sub]
         self._notify()
+        if self._on_watch is not None:
+            self._on_watch()
         return sub
 
     def _remove(self, sub: Subscription) -> None:

@@ -163,6 +163,43 @@ class SnapshotCollector(Collector):
                 "Workers recycled (max_life, max_messages).",
                 s.get("worker_recycles", 0),
             )
+        store = s.get("store")
+        if store:  # the store's follower (async_logging.store.follower)
+            yield _gauge("store_up", "1 while the store's follower runs.", int(store["running"]))
+            yield _gauge(
+                "store_lag_records",
+                "Records written to the JSON-lines file and not yet in the store.",
+                store["lag_records"],
+            )
+            yield _gauge(
+                "store_lag_seconds",
+                "How long ago the oldest record not yet in the store was written (0: caught up).",
+                store["lag_seconds"],
+            )
+            yield _gauge(
+                "store_status_age_seconds",
+                "Seconds since the store's follower last reported (a stuck one grows old).",
+                store["status_age"],
+            )
+            yield _counter("store_records", "Records the store took.", store["stored"])
+            yield _counter("store_batches", "Transactions the store wrote.", store["batches"])
+            yield _counter(
+                "store_errors", "Store batches SQLite refused (retried).", store["errors"]
+            )
+            yield _counter(
+                "store_rotated_away",
+                "Times the file the store was reading was rotated away before it was read "
+                "(records between were lost to the store, not to the file).",
+                store["rotated_away"],
+            )
+            yield _counter(
+                "store_unreadable", "Lines that were not a JSON object.", store["unreadable"]
+            )
+            yield _counter(
+                "store_restarts",
+                "Times the store's follower died and was started again.",
+                store["restarts"],
+            )
 
 
 def _counter(name: str, help_: str, value: float) -> Metric:

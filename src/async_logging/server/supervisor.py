@@ -25,6 +25,7 @@ from typing import Any
 
 from ..exceptions import ConfigError
 from .config import ServerConfig, announcement
+from .followers import Followers
 from .gctune import tune_gc
 from .monapp import MonApp
 from .pipeline import Stats, merge_snapshots
@@ -64,7 +65,7 @@ async def _worker(config: ServerConfig, wid: int, reports: Any) -> None:
         loop.add_signal_handler(sig, stop.set)
     cluster = LogCluster(config)
     tune_gc()
-    await cluster.start(reuse_port=True, monitor=False)
+    await cluster.start(reuse_port=True, monitor=False, follow=False)
     reports.put(("ready", wid, os.getpid(), cluster.port))
 
     async def report() -> None:
@@ -122,6 +123,8 @@ class Supervisor:
         self._reserve: socket.socket | None = None
         self.monapp: MonApp | None = None
         self.viewer: Any = None
+        #: The store's follower and the live hub, one for every worker's trees.
+        self.followers = Followers(config)
 
     def run(self) -> int:
         """Run until SIGTERM / SIGINT; drain every worker; return the exit status."""
@@ -152,6 +155,8 @@ class Supervisor:
         self._loop = asyncio.get_running_loop()
         self._reader = threading.Thread(target=self._read_reports, daemon=True)
         self._reader.start()
+        # Before any worker publishes: the store starts where the file is now.
+        self.followers.start()
         for _ in range(c.workers):
             self._spawn()
         deadline = time.monotonic() + REPLACEMENT_TIMEOUT
@@ -162,8 +167,9 @@ class Supervisor:
         if c.mon_port >= 0:
             from .viewer import Viewer
 
-            # Workers write one SQLite store; the viewer reads it (no live tail here).
-            self.viewer = Viewer(_absolute(c.store) if c.store else None, None)
+            # Workers write one JSON-lines file; one follower stores it, the viewer reads
+            # the store and its live tail follows it: every worker's trees are seen.
+            self.viewer = Viewer.for_followers(self.followers)
             self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
             self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         self._watch = asyncio.create_task(self._watch_loop())
@@ -190,6 +196,8 @@ class Supervisor:
             await self.monapp.cleanup()
         if self.viewer is not None:
             await self.viewer.close()
+        if not await self.followers.stop():
+            log.warning("the store had not caught up; it goes on from there at the next start")
         if self._reserve is not None:
             self._reserve.close()
 
@@ -252,6 +260,7 @@ class Supervisor:
         last_restart: dict[int, float] = {}
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            self.followers.check()
             for wid, slot in list(self.slots.items()):
                 if slot.retiring_for is not None and not slot.draining:
                     new = self.slots.get(slot.retiring_for)
@@ -281,6 +290,9 @@ class Supervisor:
         snap["workers"] = sum(1 for s in self.slots.values() if s.process.is_alive())
         snap["worker_restarts"] = self.restarts
         snap["worker_recycles"] = self.recycles
+        store = self.followers.snapshot()
+        if store is not None:
+            snap["store"] = store
         return snap
 
     def health(self) -> dict[str, Any]:
@@ -295,6 +307,7 @@ class Supervisor:
             ],
             "restarts": self.restarts,
             "recycles": self.recycles,
+            **({"store": store} if (store := self.followers.health()) else {}),
         }
 
 

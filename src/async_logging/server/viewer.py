@@ -13,11 +13,14 @@ Routes (mounted on the MonApp, ``mon_port``, next to ``/ecv`` and ``/metrics``):
 - ``GET /api/summary``: counts, failure rates and p50/p95 durations by type and name;
   ``window`` (seconds, default 3600), ``until`` (ms), ``type``, ``roots``.
 - ``GET /api/live``: server-sent events (``text/event-stream``): a ``record`` event per
-  published record that passes the filters (``kind``, ``type``, ``name``, ``failures``,
+  stored record that passes the filters (``kind``, ``type``, ``name``, ``failures``,
   ``min_duration``), a ``dropped`` event when this subscriber fell behind and lost some,
-  a comment every :data:`LIVE_KEEPALIVE` seconds. With server workers the supervisor has
-  no records to stream: it answers 503 (the live tail is single-process only).
-- ``GET /api/status``: what the store holds and the live hub's counters.
+  a comment every :data:`LIVE_KEEPALIVE` seconds. The live tail follows the store (new
+  rows, every :data:`LIVE_STORE_POLL` seconds while someone watches), so it shows every
+  worker's trees, a record seen live is in the store already, and it is off (503) when
+  the store is.
+- ``GET /api/status``: what the store holds, its follower (``running``, ``lag_records``,
+  ``lag_seconds``, ...: the page's header shows the lag) and the live hub's counters.
 
 Errors are JSON ``{"error": reason, "detail": ...}``: 400 for a bad parameter, 404 for a
 missing tree, 503 when the store is off or unusable, when a query ran past
@@ -35,13 +38,16 @@ has no authentication of its own: the monitoring port listens on 127.0.0.1 unles
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import json
 import math
 import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
@@ -51,14 +57,19 @@ from ..store.reader import (
     QUERY_TIMEOUT,
     SEARCH_DEFAULT_LIMIT,
     SEARCH_MAX_LIMIT,
+    SINCE_MAX_ROWS,
     StoreError,
     StoreReader,
 )
 from .live import HubFull, LiveHub, Subscription, record_filter
 
+if TYPE_CHECKING:
+    from .followers import Followers
+
 __all__ = [
     "LIVE_KEEPALIVE",
     "LIVE_POLL",
+    "LIVE_STORE_POLL",
     "MAX_PARAM_LENGTH",
     "UI_DIR",
     "Viewer",
@@ -74,6 +85,8 @@ LIVE_KEEPALIVE: Final = 15.0
 LIVE_POLL: Final = 1.0
 #: A live client reconnects after this many ms (the SSE ``retry`` field).
 LIVE_RETRY_MS: Final = 2000
+#: Seconds between two looks for new rows in the store while the live tail is watched.
+LIVE_STORE_POLL: Final = 0.25
 
 _UI_FILE = re.compile(r"^[A-Za-z0-9_-]+\.(html|js|css|svg|png|ico)$")
 _CONTENT_TYPES: Final = {
@@ -111,9 +124,11 @@ class Viewer:
 
     Args:
         store_path: the SQLite store to read, or None when the store is off.
-        hub: the live hub to stream from, or None (server workers: no live tail).
+        hub: the live hub to stream from (fed from the store), or None: no live tail.
         live_keepalive: seconds between keep-alive comments on idle live streams.
         query_timeout: seconds a store query may run.
+        follower_status: returns the store's follower status (for ``/api/status``).
+        live_store_poll: seconds between looks for new rows while the live tail runs.
 
     Nothing is opened until the first request; :meth:`close` releases it all.
     """
@@ -125,15 +140,29 @@ class Viewer:
         *,
         live_keepalive: float = LIVE_KEEPALIVE,
         query_timeout: float = QUERY_TIMEOUT,
+        follower_status: Callable[[], dict[str, Any] | None] | None = None,
+        live_store_poll: float = LIVE_STORE_POLL,
     ) -> None:
         self.store_path = store_path
         self.hub = hub
         self.live_keepalive = live_keepalive
         self.query_timeout = query_timeout
+        self.follower_status = follower_status
+        self.live_store_poll = live_store_poll
         self._executor: ThreadPoolExecutor | None = None
         self._reader: StoreReader | None = None
         self._streams: set[Subscription] = set()
         self._closed = False
+        self._tail_task: asyncio.Task[None] | None = None
+        if hub is not None and store_path:
+            hub.when_watched(self._watch_store)
+
+    @classmethod
+    def for_followers(cls, followers: Followers | None) -> Viewer:
+        """The viewer of a server whose store and live hub ``followers`` runs (or none)."""
+        if followers is None:
+            return cls(None, None)
+        return cls(followers.store_path, followers.hub, follower_status=followers.snapshot)
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the page and the API on ``app``."""
@@ -151,6 +180,11 @@ class Viewer:
         """End the live streams, close the store reader and its thread. Idempotent."""
         self._closed = True
         self._end_streams()
+        task, self._tail_task = self._tail_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.get_running_loop().run_in_executor(executor, self._close_reader)
@@ -248,7 +282,8 @@ class Viewer:
         if self.store_path:
             result = await self._query(lambda r: r.status())
             store = result if not isinstance(result, web.Response) else None
-        return _json({"store": store, "live": live})
+        follower = self.follower_status() if self.follower_status is not None else None
+        return _json({"store": store, "follower": follower, "live": live})
 
     async def handle_live(self, request: web.Request) -> web.StreamResponse:
         hub = self.hub
@@ -256,8 +291,7 @@ class Viewer:
             return _error(
                 503,
                 "live_off",
-                "the live tail runs in single-process servers only (workers > 1 publish "
-                "in their own processes)",
+                "the live tail follows the store, which is off (the server's store option is '')",
             )
         q = request.query
         try:
@@ -320,6 +354,33 @@ class Viewer:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _watch_store(self) -> None:
+        """Someone subscribed to the hub: follow the store, unless that runs already."""
+        hub = self.hub
+        if hub is None or self._closed:
+            return
+        if self._tail_task is None or self._tail_task.done():
+            self._tail_task = asyncio.get_running_loop().create_task(
+                self._tail_store(hub), name="viewer-live"
+            )
+
+    async def _tail_store(self, hub: LiveHub) -> None:
+        """Hand the rows stored from now on to the hub, while anyone subscribes."""
+        last = await self._query(lambda r: r.last_id())
+        while isinstance(last, web.Response):  # the store is not there yet, or busy
+            await asyncio.sleep(self.live_store_poll)
+            if not hub.subscribers or self._closed:
+                return
+            last = await self._query(lambda r: r.last_id())
+        while hub.subscribers and not self._closed:
+            rows = await self._query(functools.partial(StoreReader.since, after_id=last))
+            if not isinstance(rows, web.Response) and rows:
+                last = rows[-1][0]
+                hub.publish_many([_loads(body) for _, body in rows])
+                if len(rows) == SINCE_MAX_ROWS:
+                    continue  # more are there: no pause
+            await asyncio.sleep(self.live_store_poll)
+
     async def _query(self, fn: Callable[[StoreReader], T]) -> T | web.Response:
         """Run ``fn(reader)`` in the viewer's thread; errors become JSON responses."""
         if not self.store_path:
@@ -368,6 +429,13 @@ def _error(status: int, reason: str, detail: str) -> web.Response:
         body=orjson.dumps({"error": reason, "detail": detail}),
         content_type="application/json",
     )
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:  # an integer past 64 bits, written by the fallback
+        return json.loads(body)
 
 
 def _dumps(record: Any) -> bytes:

@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -308,6 +309,8 @@ class FollowerStatus(NamedTuple):
         errors: batches SQLite refused (retried).
         rotated_away: files rotated away before the store read them.
         unreadable: lines that were not a JSON object (skipped).
+        updated: when this status was made (seconds since the epoch): a follower that
+            stopped reporting (stopped, or stuck) shows as an old one.
     """
 
     running: bool
@@ -319,6 +322,7 @@ class FollowerStatus(NamedTuple):
     errors: int
     rotated_away: int
     unreadable: int
+    updated: float
 
 
 _FIELDS: Final = len(FollowerStatus._fields) - 1  # every field but ``running``
@@ -369,6 +373,7 @@ def follow(
     drain: Callable[[], bool] = lambda: False,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    report_interval: float = STATUS_INTERVAL,
 ) -> FollowerStatus:
     """Follow ``log_file`` into ``store`` until ``should_stop()``, or until caught up once
     ``drain()`` is true. Returns the last status.
@@ -378,43 +383,58 @@ def follow(
             :func:`start_position`).
         log_file: the JSON-lines file the server writes.
         backups: its rotation's backup count.
-        report: called with the status every :data:`STATUS_INTERVAL` seconds and at the end.
+        report: called with the status every ``report_interval`` seconds from a thread of
+            its own (so a store blocked on a lock or a slow disk still reports its lag),
+            when caught up, and at the end.
         should_stop: polled between batches: stop now (what was stored is committed).
         drain: polled when caught up: stop then.
         clock, sleep: injected by tests.
+        report_interval: seconds between two reports.
     """
     position = start_position(store, log_file, backups)
     tail = FileTail(log_file, backups, position)
     lag = _Lag(log_file, backups, position)
     first = position.lines
-    batches = errors = 0
-    next_report = 0.0
+    committed = first  # lines whose rows (and position) are committed
+    batches = errors = reported = 0
+    lock = threading.Lock()
 
     def status() -> FollowerStatus:
-        now = clock()
-        lag.count(now)
-        stored = tail.lines  # lines read are stored: the position commits with them
-        return FollowerStatus(
-            True,
-            stored - first - int(store.stats["unreadable"]),
-            lag.seen,
-            max(0, lag.seen - stored),
-            lag.seconds(stored, now),
-            batches,
-            errors,
-            tail.rotated_away,
-            int(store.stats["unreadable"]),
-        )
+        with lock:
+            now = clock()
+            lag.count(now)
+            unreadable = int(store.stats["unreadable"])
+            return FollowerStatus(
+                True,
+                committed - first - unreadable,
+                lag.seen,
+                max(0, lag.seen - committed),
+                lag.seconds(committed, now),
+                batches,
+                errors,
+                tail.rotated_away,
+                unreadable,
+                time.time(),
+            )
 
+    done = threading.Event()
+    reporter = None
+    if report is not None:
+        send = report
+
+        def reporting() -> None:
+            while not done.wait(report_interval):
+                send(status())
+
+        reporter = threading.Thread(target=reporting, name="store-follower-report", daemon=True)
+        reporter.start()
     try:
         while not should_stop():
-            now = clock()
-            if report is not None and now >= next_report:
-                next_report = now + STATUS_INTERVAL
-                report(status())
-            before = tail.position
             lines = tail.read()
             if not lines:
+                if report is not None and batches != reported:
+                    reported = batches  # caught up: say so now, not at the next interval
+                    report(status())
                 if drain():
                     break
                 sleep(POLL_INTERVAL)
@@ -424,22 +444,24 @@ def follow(
                 try:
                     store.add_lines(lines, tail.position)
                     batches += 1
+                    committed = tail.lines
                     break
                 except sqlite3.OperationalError as exc:
                     errors += 1
                     log.warning("store: a batch failed (%s); retrying", exc)
                     if should_stop():
-                        # Not stored: the next follower reads these lines again.
-                        tail.close()
-                        tail = FileTail(log_file, backups, before)
-                        return status()
+                        break  # not stored: the next follower reads these lines again
                     sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                     attempt += 1
+        done.set()
+        if reporter is not None:
+            reporter.join()
         final = status()
         if report is not None:
             report(final)
         return final
     finally:
+        done.set()
         tail.close()
         lag.close()
 
@@ -574,6 +596,7 @@ class StoreFollower:
             int(values[5]),
             int(values[6]),
             int(values[7]),
+            values[8],
         )
 
     def stop(self, timeout: float) -> bool:
