@@ -48,6 +48,7 @@ from .context import Scope, _scope, foreign_ids, new_uuid
 from .core import ClientCore, CoreLimits
 from .inbox import Inbox
 from .items import RAW, Release, make_item, placement
+from .lifecycle import CLIENT_AFTER_FORK, CLIENT_MOVES, ClientState, Lifecycle
 from .sender import Sender
 from .spool import DEFAULT_SPOOL_MAX_BYTES
 from .transports import Transport, backoff, http_url, is_retryable, resolve_transport
@@ -79,6 +80,8 @@ DEFAULT_EXIT_TIMEOUT: Final = 5.0
 
 _perf = time.perf_counter
 _get_scope = _scope.get
+#: The client states in which events given to it are dropped.
+_DROPPING: Final = frozenset({ClientState.CLOSED, ClientState.FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,8 +231,7 @@ class LogClient:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: The queue the application's threads put items in and the sender takes them from.
         self.inbox = Inbox(base.max_queue_events, base.batch_size)
-        self._closed = False
-        self._started = False
+        self._life = Lifecycle("LogClient", CLIENT_MOVES, CLIENT_AFTER_FORK, ClientState.NEW)
         self._sender = self._make_sender()
         _clients.add(self)
         previous = _default[0]
@@ -266,19 +268,28 @@ class LogClient:
         Raises:
             UsageError: the ``spool_dir`` cannot be created or locked.
         """
-        if self._started or self._closed:
-            return
-        self._started = True
+        if self._life.move_if((ClientState.NEW,), ClientState.RUNNING) is not None:
+            self._start_sender()
+
+    def _start_sender(self) -> None:
         try:
             self._sender.start()
         except UsageError:
-            self._closed = True
+            self._life.to(ClientState.FAILED)
             self.inbox.close()
             raise
 
+    @property
+    def state(self) -> ClientState:
+        """Where the client is in its life (see :mod:`async_logging.client.lifecycle`)."""
+        return self._life.state
+
     def __repr__(self) -> str:
-        state = "closed" if self._closed else ("connected" if self._sender.connected else "open")
-        return f"<LogClient {self.url} via {self.transport.name}, {state}>"
+        connected = ", connected" if self._sender.connected else ""
+        return (
+            f"<LogClient {self.url} via {self.transport.name}, "
+            f"{self._life.state.name.lower()}{connected}>"
+        )
 
     # ------------------------------------------------------------------ hot path
 
@@ -377,8 +388,6 @@ class LogClient:
         Returns:
             Whether everything was acknowledged (or spooled) within ``timeout`` seconds.
         """
-        if not self._started:
-            return self._pending_events() == 0
         return self._sender.flush(timeout, spooled=spooled)
 
     async def aflush(self, timeout: float | None = 5.0, *, spooled: bool = False) -> bool:
@@ -393,15 +402,16 @@ class LogClient:
         Returns:
             Whether everything was acknowledged before the sender stopped.
         """
-        if self._closed:
-            return self._sender.lost == 0 and self._pending_events() == 0
+        was = self._life.move_if((ClientState.NEW, ClientState.RUNNING), ClientState.CLOSING)
+        if was is None:  # closed (or closing) already, or it never could start
+            return self._sender.lost == 0 and self._sender.pending_events() == 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        ok = self.flush(timeout) if self._started else False
-        self._closed = True
+        ok = self.flush(timeout) if was is ClientState.RUNNING else False
         self.inbox.close()
         remaining = None if deadline is None else max(0.5, deadline - time.monotonic())
         self._sender.stop(remaining)
         _clients.discard(self)
+        self._life.to(ClientState.CLOSED)
         return ok
 
     async def aclose(self, timeout: float | None = 5.0) -> bool:
@@ -418,16 +428,13 @@ class LogClient:
 
     @property
     def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
+        """Whether it is closed (or could not start): events given to it are dropped."""
+        return self._life.state in _DROPPING
 
     @property
     def error(self) -> BaseException | None:
         """The non-retryable error that made the client give up, if any."""
         return self._sender.error
-
-    def _pending_events(self) -> int:
-        return self._sender.pending_events()
 
     @property
     def stats(self) -> ClientStats:
@@ -458,8 +465,14 @@ class LogClient:
         self._sender.forget_after_fork()
         self.inbox = Inbox(self.limits.max_queue_events, self.limits.batch_size)
         self._sender = self._make_sender()
-        if self._started and not self._closed:
-            self._sender.start()
+        state = self._life.after_fork()
+        if state is ClientState.RUNNING:
+            try:
+                self._start_sender()
+            except UsageError as exc:  # the fork must go on: say it, drop the events
+                log_.warning("async-logging client: no sender in the forked child: %s", exc)
+        elif state in _DROPPING:
+            self.inbox.close()
 
 
 def _norm_parent(parent: int | str | None) -> int | str | None:

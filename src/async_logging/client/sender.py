@@ -31,6 +31,7 @@ import aiohttp
 from ..exceptions import UsageError
 from .core import ClientCore, Envelope
 from .inbox import Inbox
+from .lifecycle import SENDER_AFTER_FORK, SENDER_MOVES, Lifecycle, SenderState
 from .spool import DEFAULT_SPOOL_MAX_BYTES, ClientSpool
 from .transports import (
     TRANSIENT_REFUSALS,
@@ -48,6 +49,8 @@ log = logging.getLogger("async_logging.client")
 BURST_QUIET = 1.0
 #: Seconds between two writes of the spool's checkpoint (the ack watermark) at most.
 CHECKPOINT_INTERVAL = 0.1
+#: The states in which the thread's loop keeps draining the inbox.
+_DRAINING = frozenset({SenderState.RUNNING, SenderState.FAILED})
 
 
 class FlushRequest:
@@ -120,10 +123,10 @@ class Sender:
         self.error: BaseException | None = None
         #: The last connection error (retryable ones included), for diagnostics.
         self.last_error: BaseException | None = None
+        self._life = Lifecycle("Sender", SENDER_MOVES, SENDER_AFTER_FORK, SenderState.NEW)
         self._thread = threading.Thread(target=self._run, name="async-logging-sender", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
-        self._stopping = False
         self._wake_scheduled = False
         self._wake_ev: asyncio.Event | None = None
         self._kick: asyncio.Event | None = None
@@ -154,7 +157,9 @@ class Sender:
 
         Raises:
             UsageError: the spool directory cannot be created or locked.
+            LifecycleError: it was started before.
         """
+        self._life.to(SenderState.STARTING)
         self._thread.start()
         self._ready.wait()
         if self._start_error is not None:
@@ -162,6 +167,11 @@ class Sender:
             raise UsageError(
                 f"cannot spool into {self.spool_dir!r}: {self._start_error}"
             ) from self._start_error
+
+    @property
+    def state(self) -> SenderState:
+        """Where it is in its life (see :mod:`async_logging.client.lifecycle`)."""
+        return self._life.state
 
     @property
     def alive(self) -> bool:
@@ -208,7 +218,11 @@ class Sender:
 
     def stop(self, timeout: float | None) -> None:
         """Stop the thread (what is still queued is abandoned and counted in ``lost``)."""
-        self._stopping = True
+        if self._life.move_if((SenderState.NEW,), SenderState.STOPPED) is not None:
+            return  # never started: no thread to stop
+        self._life.move_if(
+            (SenderState.STARTING, SenderState.RUNNING, SenderState.FAILED), SenderState.STOPPING
+        )
         self._wake_scheduled = False
         self.wake()
         if self._thread.is_alive() and threading.get_ident() != self._thread.ident:
@@ -220,6 +234,7 @@ class Sender:
 
     def forget_after_fork(self) -> None:
         """In a forked child: let go of the parent's spool without releasing its lock."""
+        self._life.after_fork()
         if self.spool is not None:
             self.spool.forget_after_fork()
             self.spool = None
@@ -241,7 +256,10 @@ class Sender:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
-            self._ready.set()  # in case _main failed before setting it
+            try:
+                self._life.to(SenderState.STOPPED)
+            finally:
+                self._ready.set()  # in case _main failed before setting it
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake_ev = asyncio.Event()
@@ -256,6 +274,8 @@ class Sender:
                 return
             self.core.on_cut = self._spool_cut
             self.core.on_done = self._spool_done
+        # Not if stop() came first: then the loop below never runs.
+        self._life.move_if((SenderState.STARTING,), SenderState.RUNNING)
         self._ready.set()
         if self.spool is not None:
             try:
@@ -270,7 +290,7 @@ class Sender:
         )
         pump = asyncio.create_task(self._pump(session), name="async-logging-pump")
         try:
-            while not self._stopping:
+            while self._life.state in _DRAINING:
                 if len(inbox) < wake_at:
                     try:
                         async with asyncio.timeout(self.drain_interval):
@@ -294,7 +314,7 @@ class Sender:
         core = self.core
         items = self.inbox.take()
         if items:
-            if self.error is not None:
+            if self.error is not None:  # it gave up (and may be stopping since)
                 self.lost += sum(1 for it in items if not isinstance(it, FlushRequest))
                 for it in items:
                     if isinstance(it, FlushRequest):
@@ -509,6 +529,7 @@ class Sender:
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
+        self._life.move_if((SenderState.RUNNING,), SenderState.FAILED)
         log.error(
             "async-logging client: giving up on %s after a non-retryable error: %r; "
             "events are dropped from now on",
