@@ -26,11 +26,12 @@ from async_logging.client import (
     get_client,
     heartbeat,
     loguru_sink,
+    registry,
+    scopes,
     structlog_processor,
     transaction,
     wrap,
 )
-from async_logging.client import api as client_api
 from async_logging.client.testing import CaptureTransport
 from async_logging.exceptions import UsageError
 from conftest import TIMEOUT
@@ -44,13 +45,13 @@ def capture() -> CaptureTransport:
 @pytest.fixture
 def client(capture: CaptureTransport) -> Iterator[LogClient]:
     """A default client over the capture transport; the previous default is restored after."""
-    previous = client_api._default[0]
+    previous = registry.default.client
     c = LogClient(transport=capture, default=True, drain_interval=0.01, exit_timeout=0)
     try:
         yield c
     finally:
         c.close(TIMEOUT)
-        client_api._default[0] = previous
+        registry.default.client = previous
 
 
 def sent(client: LogClient, capture: CaptureTransport) -> list[dict[str, Any]]:
@@ -77,7 +78,7 @@ def test_transaction_logs_begin_and_end_with_duration_and_success(
     client: LogClient, capture: CaptureTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A `with transaction()` logs a begin and an end sharing one id, status "0" and the measured ms."""
-    monkeypatch.setattr(client_api, "_perf", FakeClock(10.0, 10.25))
+    monkeypatch.setattr(scopes, "_perf", FakeClock(10.0, 10.25))
     with transaction("URL", "/home", page=1) as tx:
         pass
     begin, end = sent(client, capture)
@@ -276,8 +277,8 @@ def test_the_first_client_is_the_default_until_configure_names_another(
     capture: CaptureTransport,
 ) -> None:
     """The module-level API uses the first client created, or the one given to configure()."""
-    previous = client_api._default[0]
-    client_api._default[0] = None
+    previous = registry.default.client
+    registry.default.client = None
     other_capture = CaptureTransport()
     first = LogClient(transport=capture, exit_timeout=0)
     second = LogClient(transport=other_capture, exit_timeout=0)
@@ -294,7 +295,7 @@ def test_the_first_client_is_the_default_until_configure_names_another(
     finally:
         first.close(TIMEOUT)
         second.close(TIMEOUT)
-        client_api._default[0] = previous
+        registry.default.client = previous
 
 
 def test_logging_handler_makes_children_inside_and_stand_alone_events_outside(

@@ -40,9 +40,9 @@ from async_logging.client import (
     aiohttp_middleware,
     backoff,
     event,
+    registry,
     transaction,
 )
-from async_logging.client import api as client_api
 from async_logging.server import LogCluster
 from async_logging.testing import MemoryPublisher
 from conftest import TIMEOUT
@@ -56,7 +56,7 @@ def fast_backoff() -> Iterator[float]:
 @pytest.fixture
 async def make_client() -> AsyncIterator[Callable[..., LogClient]]:
     """Builds clients that become the default one; closes them and restores the default after."""
-    previous = client_api._default[0]
+    previous = registry.default.client
     made: list[LogClient] = []
 
     def make(url: str, **options: Any) -> LogClient:
@@ -71,7 +71,7 @@ async def make_client() -> AsyncIterator[Callable[..., LogClient]]:
     finally:
         for client in made:
             await client.aclose(1.0)
-        client_api._default[0] = previous
+        registry.default.client = previous
 
 
 async def wait_for(publisher: MemoryPublisher, predicate: Callable[[MemoryPublisher], Any]) -> Any:

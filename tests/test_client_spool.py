@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 
-from async_logging.client import LogClient
-from async_logging.client import api as client_api
+from async_logging.client import LogClient, registry
 from async_logging.exceptions import UsageError
 from async_logging.server import LogCluster
 from async_logging.testing import MemoryPublisher
@@ -49,7 +48,7 @@ def tree(i):
 @pytest.fixture
 async def clients() -> AsyncIterator[Callable[..., LogClient]]:
     """Builds spooling clients that become the default one; closes them and restores the default after."""
-    previous = client_api._default[0]
+    previous = registry.default.client
     made: list[LogClient] = []
 
     def make(url: str, spool_dir: Path, **options: Any) -> LogClient:
@@ -66,7 +65,7 @@ async def clients() -> AsyncIterator[Callable[..., LogClient]]:
     finally:
         for client in made:
             await client.aclose(1.0)
-        client_api._default[0] = previous
+        registry.default.client = previous
 
 
 @asynccontextmanager
@@ -329,10 +328,10 @@ async def test_an_unusable_spool_dir_is_a_usage_error_at_construction(tmp_path: 
     """A spool_dir that cannot be created (a file is in the way) raises UsageError and leaves no default client behind."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    previous = client_api._default[0]
+    previous = registry.default.client
     with pytest.raises(UsageError, match="cannot spool"):
         LogClient(url=f"ws://127.0.0.1:{free_port()}/", spool_dir=blocker / "spool")
-    assert client_api._default[0] is previous
+    assert registry.default.client is previous
     with pytest.raises(UsageError, match="spool_max_bytes"):
         LogClient(spool_dir=tmp_path, spool_max_bytes=0, start=False)
 

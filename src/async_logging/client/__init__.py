@@ -9,19 +9,20 @@
     with transaction("URL", "/checkout"):
         event("DB", "select cart", msg="3 rows", level="INFO")
 
-Pieces: :class:`LogClient` (queue, sender thread, transports), :func:`transaction` /
-:func:`event` / :func:`heartbeat` (the module-level API on the default client),
-:func:`wrap` (carry the context into threads), :class:`LogHandler` (stdlib ``logging``),
-:class:`AsyncLoggingMiddleware` and :func:`aiohttp_middleware` (one ``URL`` transaction per
-request), :class:`HeartbeatMonitor` (CPU, memory and GC heartbeats).
+Pieces: :class:`LogClient` (``client.py``: its inbox, ``inbox.py``, its sender thread,
+``sender.py``, around the sans-I/O ``core.py``, and ``transports.py``), the items it queues
+(``items.py``), :class:`Transaction` and bound scopes (``scopes.py``), :func:`transaction` /
+:func:`event` / :func:`heartbeat` (``api.py``, the module-level API on the default client of
+``registry.py``), :func:`wrap` (``context.py``: carry the context into threads),
+:class:`LogHandler` (stdlib ``logging``, structlog, loguru), :class:`AsyncLoggingMiddleware`
+and :func:`aiohttp_middleware` (one ``URL`` transaction per request),
+:class:`HeartbeatMonitor` (CPU, memory and GC heartbeats). The states of a client and its
+sender are in ``lifecycle.py``.
 """
 
 from __future__ import annotations
 
 from .api import (
-    ClientStats,
-    LogClient,
-    Transaction,
     bind,
     close,
     configure,
@@ -32,11 +33,13 @@ from .api import (
     log,
     transaction,
 )
+from .client import ClientStats, LogClient
 from .context import current_scope, current_uuid, new_uuid, wrap
 from .core import CoreLimits
 from .logging_handler import LogHandler, loguru_sink, structlog_processor
 from .middleware import AsyncLoggingMiddleware, aiohttp_middleware
 from .monitor import HeartbeatMonitor
+from .scopes import Transaction
 from .transports import (
     ConnectionLost,
     HttpTransport,

@@ -4,7 +4,7 @@ A *scope* is a position in a transaction tree: the ``uuid`` of the tree, the id 
 enclosing transaction (the ``parent`` of new events, ``0`` at the top) and the iterator
 that hands out event ids for that uuid. The three change together, so they are one
 concept and one ``ContextVar`` (structlog keeps one per concept too); a
-:class:`~async_logging.client.api.Transaction` is itself a scope.
+:class:`~async_logging.client.scopes.Transaction` is itself a scope.
 
 ``contextvars`` carry the scope across ``await`` and into tasks (each task copies the
 context when it is created), so every task started inside a transaction logs into it. Threads

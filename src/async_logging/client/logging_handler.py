@@ -37,12 +37,15 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import MutableMapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..model import ATOMIC
-from .api import LogClient, _default
 from .context import _scope
 from .items import make_item
+from .registry import default as _default
+
+if TYPE_CHECKING:
+    from .client import LogClient
 
 __all__ = ["LogHandler", "loguru_sink", "structlog_processor"]
 
@@ -90,7 +93,7 @@ class LogHandler(logging.Handler):
         name = record.name
         if _own(name):
             return
-        client = self.client or _default[0]
+        client = self.client or _default.client
         if client is None:
             return
         try:
@@ -130,7 +133,7 @@ def structlog_processor(
     the name; ``exception`` (from ``format_exc_info``) and every other key go as extra data.
     The event dict is returned unchanged for the next processor.
     """
-    client = _default[0]
+    client = _default.client
     if client is None:
         return event_dict
     name = event_dict.get("logger")
@@ -158,7 +161,7 @@ def loguru_sink(message: Any, client: LogClient | None = None) -> None:
     Uses ``message.record``: level name, message, logger name, time, ``extra`` (as extra
     data) and the exception (as ``exception`` text).
     """
-    client = client or _default[0]
+    client = client or _default.client
     if client is None:
         return
     record = message.record

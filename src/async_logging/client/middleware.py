@@ -28,11 +28,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final
 
-from .api import LogClient, Transaction
+from .scopes import Transaction
 
 if TYPE_CHECKING:
     from aiohttp import web
     from aiohttp.typedefs import Middleware
+
+    from .client import LogClient
 
 __all__ = ["REQUEST_ID_HEADER", "AsyncLoggingMiddleware", "aiohttp_middleware", "http_status"]
 

@@ -25,11 +25,14 @@ import gc
 import os
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .api import LogClient, _default
+from .registry import default as _default
+
+if TYPE_CHECKING:
+    from .client import LogClient
 
 __all__ = ["HeartbeatMonitor"]
 
@@ -122,7 +125,7 @@ class HeartbeatMonitor:
 
     def beat(self) -> None:
         """Sample and log one heartbeat now."""
-        client = self.client or _default[0]
+        client = self.client or _default.client
         if client is None:
             return
         data = self.sample()

@@ -1,0 +1,311 @@
+"""Transactions and bound scopes: where new events go in a tree (DESIGN §6).
+
+A :class:`Transaction` (``with transaction(...)``, ``async with``, or a decorator) logs a
+``begin`` when entered and an ``end`` when left, and is the current scope in between:
+events and nested transactions made inside are its children. A :class:`Bound` scope
+(:func:`~async_logging.client.bind`) continues a tree that started elsewhere. Both log
+through their client, or the default client at entry
+(:data:`~async_logging.client.registry.default`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+from ..exceptions import UsageError
+from ..model import ATOMIC, BEGIN, END
+from . import registry
+from .context import Scope, _scope, foreign_ids, new_uuid
+from .items import Release, make_item
+
+if TYPE_CHECKING:
+    from .client import LogClient
+
+__all__ = ["Bound", "Transaction"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_perf = time.perf_counter
+_get_scope = _scope.get
+
+
+def _norm_parent(parent: int | str | None) -> int | str | None:
+    """``0`` for every spelling of the top level, so the core can test ``parent == 0``."""
+    return 0 if parent == "0" else parent
+
+
+class Transaction(Scope):
+    """A transaction: a context manager (``with``/``async with``) and a decorator.
+
+    Entering logs a ``begin``, leaving logs an ``end`` with the same ``event`` id, the
+    measured ``duration`` (ms) and a ``status``: ``"0"`` on success, the exception's class
+    name when the block raised, or whatever was set on :attr:`status` meanwhile. Inside,
+    the transaction is the current scope: events and nested transactions are its children,
+    in this task, in the tasks it starts and in threads given :func:`wrap`-ped callables.
+
+    Used as a decorator, each call of the function runs in a new transaction (named after
+    the function unless a name was given).
+
+    Attributes:
+        type: CAL type.
+        name: CAL name (may be changed before the end, e.g. to a route template).
+        uuid: the tree's request id (known once entered).
+        event: this transaction's event id (known once entered).
+        parent: the enclosing transaction's id, ``0`` at the top.
+        status: set it to report a status of your own.
+        msg: message of the ``end``.
+        data: extra keys sent with the ``end`` (``set()`` adds to it).
+    """
+
+    __slots__ = (
+        "_client",
+        "_foreign",
+        "_parent_arg",
+        "_t0",
+        "_token",
+        "_uuid_arg",
+        "begin_data",
+        "data",
+        "duration",
+        "level",
+        "msg",
+        "name",
+        "parent",
+        "status",
+        "type",
+    )
+
+    def __init__(
+        self,
+        type: str = "URL",
+        name: str | None = None,
+        *,
+        uuid: str | None = None,
+        parent: int | str | None = None,
+        msg: Any = None,
+        level: str | None = None,
+        client: LogClient | None = None,
+        **data: Any,
+    ) -> None:
+        self.type = type
+        self.name = name
+        self._uuid_arg = uuid
+        self._parent_arg = parent
+        self.msg = msg
+        self.level = level
+        self._client = client
+        self.begin_data = data or None
+        self.data: dict[str, Any] | None = None
+        self.status: str | None = None
+        self.duration: float | None = None
+        self._token: contextvars.Token[Scope | None] | None = None
+        self._t0 = 0.0
+        self._foreign = False
+        self.uuid = ""
+        self.event: int | str = 0
+        self.parent: int | str = 0
+        self.ids: Iterator[int | str] = iter(())
+
+    def __repr__(self) -> str:
+        return (
+            f"Transaction({self.type!r}, {self.name!r}, uuid={self.uuid!r}, "
+            f"event={self.event!r}, parent={self.parent!r}, status={self.status!r})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Transaction:
+        if self._token is not None:
+            raise UsageError("a Transaction cannot be entered twice; create one per use")
+        outer = _get_scope()
+        uuid = self._uuid_arg
+        parent = _norm_parent(self._parent_arg)
+        if uuid is not None and (outer is None or outer.uuid != uuid):
+            # A tree that started elsewhere (or will be joined by others): foreign ids.
+            self.uuid = uuid
+            self.ids = foreign_ids()
+            self.parent = parent if parent is not None else 0
+            self._foreign = True
+        elif outer is not None:
+            self.uuid = outer.uuid
+            self.ids = outer.ids
+            self.parent = parent if parent is not None else outer.event
+        else:
+            self.uuid = new_uuid()
+            self.ids = itertools.count(1)
+            self.parent = parent if parent is not None else 0
+        self.event = next(self.ids)
+        client = self._client or registry.default.client
+        self._client = client
+        if client is not None:
+            client.inbox.put(
+                make_item(
+                    BEGIN,
+                    self,
+                    self.type,
+                    self.name,
+                    self.level,
+                    None,
+                    self.begin_data,
+                    None,
+                    self.parent,
+                )
+            )
+        self._token = _scope.set(self)
+        self._t0 = _perf()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._finish(exc_type)
+
+    async def __aenter__(self) -> Transaction:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._finish(exc_type)
+
+    def _finish(self, exc_type: type[BaseException] | None) -> None:
+        token = self._token
+        if token is None:
+            raise UsageError("a Transaction must be entered before it is left")
+        self.duration = duration = (_perf() - self._t0) * 1000.0
+        try:
+            _scope.reset(token)
+        except ValueError:
+            # Left in another context than it was entered in (e.g. a generator resumed
+            # elsewhere): restore by value instead.
+            _scope.set(token.old_value if token.old_value is not token.MISSING else None)
+        if self.status is None:
+            self.status = "0" if exc_type is None else exc_type.__name__
+        client = self._client
+        if client is not None:
+            client.inbox.put(
+                make_item(
+                    END,
+                    self,
+                    self.type,
+                    self.name,
+                    self.level,
+                    self.msg,
+                    self.data,
+                    None,
+                    self.parent,
+                    self.status,
+                    int(duration + 0.5),
+                )
+            )
+            if self._foreign and self.parent != 0:
+                # No root end will come through this process: send what is held now.
+                client.inbox.put(Release(self.uuid))
+
+    # ------------------------------------------------------------------ handle
+
+    def set(self, **data: Any) -> Transaction:
+        """Add extra keys to the transaction's ``end`` (keys given at the start win)."""
+        if self.data is None:
+            self.data = data
+        else:
+            self.data.update(data)
+        return self
+
+    def set_status(self, status: str | int) -> Transaction:
+        """Report ``status`` (``"0"`` is success, anything else a failure)."""
+        self.status = str(status)
+        return self
+
+    def child(
+        self,
+        type: str,
+        name: str | None = None,
+        msg: Any = None,
+        level: str | None = None,
+        **data: Any,
+    ) -> None:
+        """Log an atomic event as a child of this transaction, from any thread or context."""
+        client = self._client or registry.default.client
+        if client is None or not self.uuid:
+            return
+        client.inbox.put(make_item(ATOMIC, self, type, name, level, msg, data))
+
+    # ------------------------------------------------------------------ decorator
+
+    def _fresh(self, fallback_name: str) -> Transaction:
+        t = Transaction(
+            self.type,
+            self.name if self.name is not None else fallback_name,
+            uuid=self._uuid_arg,
+            parent=self._parent_arg,
+            msg=self.msg,
+            level=self.level,
+            client=self._client,
+        )
+        t.begin_data = self.begin_data
+        return t
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``fn`` (sync or async): each call runs in a new transaction."""
+        name: str = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
+        if inspect.iscoroutinefunction(fn):
+            afn = cast(Callable[P, Awaitable[Any]], fn)
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with self._fresh(name):
+                    return await afn(*args, **kwargs)
+
+            return cast(Callable[P, R], async_wrapper)
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self._fresh(name):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class Bound:
+    """A scope continuing a tree that started elsewhere (see :func:`bind`)."""
+
+    __slots__ = ("_client", "_scope", "_token")
+
+    def __init__(self, uuid: str, parent: int | str | None, client: LogClient | None) -> None:
+        parent = _norm_parent(parent)
+        self._scope = Scope(uuid, parent if parent is not None else 0, foreign_ids())
+        self._client = client
+        self._token: contextvars.Token[Scope | None] | None = None
+
+    def __enter__(self) -> Scope:
+        self._token = _scope.set(self._scope)
+        return self._scope
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _scope.reset(self._token)
+            self._token = None
+        client = self._client or registry.default.client
+        if client is not None:
+            client.inbox.put(Release(self._scope.uuid))
+
+    async def __aenter__(self) -> Scope:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__()
