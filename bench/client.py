@@ -95,11 +95,19 @@ def run_sink() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = runner.addresses[0][1]
         print(f"listening on ws://127.0.0.1:{port}/", file=sys.stderr, flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(serve())
+
+
+def new_sender(before: set[threading.Thread]) -> int | None:
+    """The native id of the sender thread started since ``before`` was taken (by its name)."""
+    for t in threading.enumerate():
+        if t not in before and t.name == "async-logging-sender":
+            return t.native_id
+    return None
 
 
 def thread_cpu(native_id: int | None) -> float:
@@ -154,6 +162,7 @@ def otel_span_cost(calls: int) -> tuple[float, float] | None:
 
 def costs(port: int, calls: int) -> None:
     # A queue big enough that no call of the measure takes the drop path.
+    before = set(threading.enumerate())
     client = configure(
         LogClient(
             url=f"ws://127.0.0.1:{port}/",
@@ -165,7 +174,7 @@ def costs(port: int, calls: int) -> None:
     if not client.flush(10):
         raise SystemExit("the client could not reach the proxy")
 
-    sender = client._sender._thread.native_id
+    sender = new_sender(before)
     with transaction("URL", "/bench"):
 
         def ev() -> None:
@@ -221,10 +230,11 @@ def costs(port: int, calls: int) -> None:
 
 
 def throughput(port: int, seconds: float, label: str, peer: subprocess.Popen[str]) -> None:
+    before = set(threading.enumerate())
     client = configure(LogClient(url=f"ws://127.0.0.1:{port}/", exit_timeout=0))
     if not client.flush(10):
         raise SystemExit(f"the client could not reach {label}")
-    sender = client._sender._thread.native_id
+    sender = new_sender(before)
     s0, a0 = thread_cpu(sender), time.thread_time()
     peer_cpu = psutil.Process(peer.pid).cpu_times()
     produced = 0

@@ -88,11 +88,11 @@ class ClientStats:
 class LogClient:
     """Ships log events to the proxy without ever blocking the application.
 
-    ``log()``, ``event()``, ``heartbeat()`` and transactions append an item to a bounded
-    deque and return; a background thread (its own event loop) holds the events of each
-    transaction tree until the root ends, batches them into envelopes, writes them over the
-    transport and resends what is not acknowledged after a reconnection. When the queue is
-    full, new events are dropped and counted (``stats.dropped``), with one warning per burst
+    ``log()``, ``event()``, ``heartbeat()`` and transactions put an item in the client's
+    bounded :attr:`inbox` and return; a background thread (its own event loop) holds the
+    events of each transaction tree until the root ends, batches them into envelopes, writes
+    them over the transport and resends what is not acknowledged after a reconnection. When
+    the queue is full, new events are dropped and counted (``stats.dropped``), with one warning per burst
     on the ``async_logging.client`` logger.
 
     Args:
