@@ -92,10 +92,12 @@ async def post_logs(server: LogCluster, logs: list[dict[str, Any]]) -> None:
 async def stored(server: LogCluster, uuids: set[str], send: Awaitable[None]) -> None:
     """Run ``send``, then wait until the trees of ``uuids`` are in the server's store.
 
-    The server hands each batch to its live hub after the store has committed it, so a
-    record seen on a hub subscription is searchable: an event to wait on, not a poll.
+    The live hub is fed with the rows the store has committed, so a record seen on a hub
+    subscription is searchable: an event to wait on, not a poll of the store.
     """
-    sub = server.live_hub.subscribe()
+    hub = server.live_hub
+    assert hub is not None, "stored() needs a server with its store on"
+    sub = hub.subscribe()
     try:
         await send
         seen: set[str] = set()
