@@ -17,7 +17,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 
 from ..exceptions import UsageError
 from ..model import ATOMIC, BEGIN, END
@@ -35,6 +35,8 @@ R = TypeVar("R")
 
 _perf = time.perf_counter
 _get_scope = _scope.get
+#: The ids of a transaction not entered yet: none (one exhausted iterator for all of them).
+_NO_IDS: Final[Iterator[int | str]] = iter(())
 
 
 def _norm_parent(parent: int | str | None) -> int | str | None:
@@ -52,7 +54,27 @@ class Transaction(Scope):
     in this task, in the tasks it starts and in threads given :func:`wrap`-ped callables.
 
     Used as a decorator, each call of the function runs in a new transaction (named after
-    the function unless a name was given).
+    the function unless a name was given). :func:`~async_logging.client.transaction` is
+    this class.
+
+    Args:
+        type: CAL type (``URL``, ``API``, ``DB``, …).
+        name: CAL name (for a decorator, defaults to the function's qualified name).
+        uuid: the tree's request id; given, it starts (or joins) that tree with ids that
+            cannot collide with another process's; omitted, the current tree is continued
+            or a new one started.
+        parent: the enclosing transaction's id when it is not the current one.
+        msg: a message for the ``end``.
+        level: a log level name.
+        client: the client to log through (default: the default client, at entry).
+        **data: extra keys sent with the ``begin``.
+
+    Example::
+
+        async with transaction("DB", "select user") as tx:
+            row = await db.fetch(...)
+            if row is None:
+                tx.status = "404"
 
     Attributes:
         type: CAL type.
@@ -112,7 +134,7 @@ class Transaction(Scope):
         self.uuid = ""
         self.event: int | str = 0
         self.parent: int | str = 0
-        self.ids: Iterator[int | str] = iter(())
+        self.ids: Iterator[int | str] = _NO_IDS
 
     def __repr__(self) -> str:
         return (
@@ -127,7 +149,9 @@ class Transaction(Scope):
             raise UsageError("a Transaction cannot be entered twice; create one per use")
         outer = _get_scope()
         uuid = self._uuid_arg
-        parent = _norm_parent(self._parent_arg)
+        parent = self._parent_arg
+        if parent == "0":
+            parent = 0  # as _norm_parent(), without a call on the hot path
         if uuid is not None and (outer is None or outer.uuid != uuid):
             # A tree that started elsewhere (or will be joined by others): foreign ids.
             self.uuid = uuid
@@ -169,20 +193,6 @@ class Transaction(Scope):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._finish(exc_type)
-
-    async def __aenter__(self) -> Transaction:
-        return self.__enter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._finish(exc_type)
-
-    def _finish(self, exc_type: type[BaseException] | None) -> None:
         token = self._token
         if token is None:
             raise UsageError("a Transaction must be entered before it is left")
@@ -215,6 +225,17 @@ class Transaction(Scope):
             if self._foreign and self.parent != 0:
                 # No root end will come through this process: send what is held now.
                 client.inbox.put(Release(self.uuid))
+
+    async def __aenter__(self) -> Transaction:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     # ------------------------------------------------------------------ handle
 
