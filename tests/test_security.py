@@ -539,8 +539,10 @@ async def test_a_timestamp_past_64_bits_does_not_stop_publication(
         await asyncio.to_thread(
             publisher.wait_for,
             lambda p: any(r.get("uuid") == "after-hostile" for r in p.records),
-            0.5,  # published within milliseconds when the pipeline flows
+            TIMEOUT,
         )
+        # It flowed: no publisher call failed and was retried (with backoff) on the way.
+        assert cluster.stats.publish_errors == 0
     finally:
         await cluster.stop()
 
@@ -657,26 +659,26 @@ async def test_cyclic_parents_are_cut_and_published_not_looped_on(
 async def test_rate_limit_paces_a_fast_connection_without_losing_events(
     server: LogCluster, publisher: MemoryPublisher, session: aiohttp.ClientSession
 ) -> None:
-    """A connection sending 1,000 events at once against 500/s is paused to about that rate, counted, and loses nothing; another connection is not slowed."""
+    """A connection sending 1,000 events at once against 500/s is paused (counted) and loses nothing, and not faster than the limit; another connection is served while it is held back."""
     fast = await connect(session, server)
     other = await connect(session, server)
-    frames = 100  # 10 events each: a burst of 500 passes, the other 500 take about 1 s
+    frames = 100  # 10 events each: a burst of 500 passes, the other 500 take at least 1 s
     start = time.monotonic()
     for seq in range(frames):
         await fast.send_bytes(msgpack.packb({"seq": seq, "logs": tx(f"rl-{seq}", 8)}))
     await asyncio.wait_for(answer(fast), TIMEOUT)  # the first frames are acked at once
-    # While the fast connection is held back, another one is served at once.
-    t_other = time.monotonic()
+    # While the fast connection is held back, another one is served: its ack comes before
+    # the server has taken all of the fast one's frames.
     await other.send_bytes(msgpack.packb({"seq": 1, "logs": tx("rl-other", 8)}))
     assert await answer(other) == {"ack": 1}
-    other_latency = time.monotonic() - t_other
+    taken_meanwhile = server.stats.events - 10
     acks = [(await answer(fast))["ack"] for _ in range(frames - 1)]
     elapsed = time.monotonic() - start
     assert acks == list(range(1, frames))
+    assert server.stats.rate_limited >= 1
+    assert taken_meanwhile < frames * 10, "the other connection waited for the fast one"
     rate = (frames * 10 - 500) / elapsed
-    assert 0.85 <= elapsed <= 4.0, f"1,000 events took {elapsed:.2f} s at 500/s (burst 500)"
-    assert rate <= 500 * 1.2, f"{rate:.0f} events/s past the burst, limit 500"
-    assert other_latency < 0.5, f"another connection waited {other_latency:.2f} s"
+    assert rate <= 500 * 1.2, f"{rate:.0f} events/s past the burst of 500, limit 500"
     got = await asyncio.to_thread(
         publisher.wait_for, lambda p: len(p.transactions) == frames + 1 and p.transactions, TIMEOUT
     )
@@ -687,6 +689,19 @@ async def test_rate_limit_paces_a_fast_connection_without_losing_events(
     m = await metrics(session, server)
     assert m.get("async_logging_rate_limited_total") == server.stats.rate_limited
     assert m.get("async_logging_events_received_total") == (frames + 1) * 10
+
+
+def test_token_bucket_on_an_injected_clock() -> None:
+    """The rate limiter's arithmetic: a burst passes, then each event costs 1/rate seconds of
+    waiting, and idle time refills the bucket up to the burst, no further."""
+    from async_logging.server.guard import TokenBucket
+
+    bucket = TokenBucket(100.0, now=0.0)  # burst: one second's worth, 100 events
+    assert bucket.take(100, 0.0) == 0.0
+    assert bucket.take(50, 0.0) == pytest.approx(0.5)  # 50 over: half a second
+    assert bucket.take(10, 0.5) == pytest.approx(0.1)  # the half second paid the debt only
+    assert bucket.take(0, 10.0) == 0.0 and bucket.level == 100.0  # full, not 1,000
+    assert bucket.take(1, 10.0) == 0.0
 
 
 @pytest.mark.parametrize("server_options", [{"rate_limit": 100.0, **NO_STORE}])

@@ -45,13 +45,21 @@ class Served:
             self.proc.kill()
         self.proc.wait()
         self._reader.join(TIMEOUT)
+        # Closing the pipe under a reader still blocked in it would hang: fail loudly instead.
+        assert not self._reader.is_alive(), (
+            f"serve (pid {self.proc.pid}) exited but its standard error is still open "
+            f"{TIMEOUT} s later: a process it started outlived it"
+        )
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 
     def records(self) -> list[dict[str, Any]]:
+        """The records in the output file, but for a last line still being written."""
         if not self.out.exists():
             return []
-        return [orjson.loads(line) for line in self.out.read_bytes().splitlines() if line]
+        data = self.out.read_bytes()
+        whole = data[: data.rfind(b"\n") + 1]
+        return [orjson.loads(line) for line in whole.splitlines() if line]
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
