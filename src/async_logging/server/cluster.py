@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import inspect
 import logging
 import os
@@ -41,6 +42,7 @@ from ..publishers.base import import_object
 from .config import ENGINE_OPTIONS, ServerConfig, announcement
 from .followers import Followers
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
+from .lifecycle import Lifecycle
 from .listener import LogListener
 from .live import LiveHub
 from .monapp import MonApp
@@ -49,7 +51,7 @@ from .spool import Spool
 from .supervisor import Supervisor
 from .viewer import Viewer
 
-__all__ = ["GC_FULL_EVERY", "LogCluster", "Supervisor", "tune_gc"]
+__all__ = ["GC_FULL_EVERY", "ClusterState", "LogCluster", "Supervisor", "tune_gc"]
 
 log = logging.getLogger("async_logging.server")
 
@@ -63,6 +65,24 @@ class EmitterPublisher(BasePublisher):
     def publish_many(self, records: Sequence[dict[str, Any]]) -> None:
         for record in records:
             self.emitter.emit(record["kind"], record)
+
+
+class ClusterState(enum.Enum):
+    """Where a :class:`LogCluster` is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"  # building the pipeline, binding the ports
+    RUNNING = "running"
+    DRAINING = "draining"  # stop(): no new connections, everything held being published
+    STOPPED = "stopped"  # released (also after a failed start, or a stop before any start)
+
+
+_CLUSTER_MOVES = {
+    ClusterState.NEW: frozenset({ClusterState.STARTING, ClusterState.STOPPED}),
+    ClusterState.STARTING: frozenset({ClusterState.RUNNING, ClusterState.STOPPED}),
+    ClusterState.RUNNING: frozenset({ClusterState.DRAINING}),
+    ClusterState.DRAINING: frozenset({ClusterState.STOPPED}),
+}
 
 
 class LogCluster:
@@ -102,7 +122,7 @@ class LogCluster:
         self.monapp: MonApp | None = None
         self.port = config.port
         self.mon_port = config.mon_port
-        self.draining = False
+        self._lifecycle = Lifecycle("LogCluster", _CLUSTER_MOVES, ClusterState.NEW)
         self.recycle_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._shared_output = False
@@ -156,6 +176,16 @@ class LogCluster:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def state(self) -> ClusterState:
+        """Where the cluster is in its life (see :class:`ClusterState`)."""
+        return self._lifecycle.state
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`stop` has begun (draining or stopped)."""
+        return self._lifecycle.state in (ClusterState.DRAINING, ClusterState.STOPPED)
+
     async def start(
         self, *, reuse_port: bool = False, monitor: bool = True, follow: bool = True
     ) -> None:
@@ -167,8 +197,20 @@ class LogCluster:
             follow: run the store's follower (a supervisor runs it for its workers).
 
         Raises:
-            ConfigError: an option is unusable (a plug-in, the store, the spool, a port).
+            ConfigError: an option is unusable (a plug-in, the store, the spool, a port);
+                what was built is released and the cluster is stopped.
+            LifecycleError: it was started before.
         """
+        self._lifecycle.to(ClusterState.STARTING)
+        try:
+            await self._start(reuse_port, monitor, follow)
+        except BaseException:
+            await self._release("shutdown")
+            self._lifecycle.to(ClusterState.STOPPED)
+            raise
+        self._lifecycle.to(ClusterState.RUNNING)
+
+    async def _start(self, reuse_port: bool, monitor: bool, follow: bool) -> None:
         c = self.config
         self._shared_output = reuse_port  # workers append to one file
         if follow:
@@ -215,9 +257,6 @@ class LogCluster:
                 self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
                 self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         except OSError as exc:
-            await self.pipeline.close("shutdown")
-            if self.listener is not None:
-                await self.listener.cleanup()
             raise ConfigError(f"cannot listen: {exc}") from exc
         self._tasks = [asyncio.create_task(self._clean_loop(), name="clean-cycle")]
         if c.heartbeat_interval > 0:
@@ -226,12 +265,26 @@ class LogCluster:
             self._tasks.append(asyncio.create_task(self._recycle_watch(), name="recycle"))
 
     async def stop(self, reason: str = "shutdown") -> None:
-        """Drain: stop accepting, close connections, publish everything, stop publishers."""
-        if self.draining:
+        """Drain: stop accepting, close connections, publish everything, stop publishers.
+
+        Once only: stopping a draining or stopped cluster returns at once; a cluster never
+        started just becomes stopped.
+        """
+        state = self._lifecycle.state
+        if state in (ClusterState.DRAINING, ClusterState.STOPPED):
             return
-        self.draining = True
+        if state is ClusterState.NEW:
+            self._lifecycle.to(ClusterState.STOPPED)
+            return
+        self._lifecycle.to(ClusterState.DRAINING)
+        await self._release(reason)
+        self._lifecycle.to(ClusterState.STOPPED)
+
+    async def _release(self, reason: str) -> None:
+        """Take down what :meth:`start` built, in order (after a failed start, what it had
+        built so far): publish everything held flagged ``reason``, release the ports."""
         listener, pipeline = self.listener, self.pipeline
-        if listener is not None:
+        if listener is not None and self._lifecycle.state is ClusterState.DRAINING:
             await listener.stop_accepting()
             await listener.close_connections()
         for task in self._tasks:
@@ -266,7 +319,7 @@ class LogCluster:
         """What ``/ecv`` reports."""
         p = self.pipeline
         return {
-            "available": self.config.ecv and not self.draining and p is not None,
+            "available": self.config.ecv and self._lifecycle.state is ClusterState.RUNNING,
             "machine": self.config.machine_name,
             "pid": os.getpid(),
             "connections": self.stats.connections,

@@ -20,6 +20,7 @@ Every refusal is counted in :class:`~async_logging.server.pipeline.Stats` by rea
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import ssl
 import weakref
@@ -34,9 +35,10 @@ from .. import wire
 from ..exceptions import BadInput, ConfigError, DecodeError, LimitExceeded
 from . import guard, spool
 from .config import ServerConfig
+from .lifecycle import Lifecycle
 from .pipeline import Pipeline
 
-__all__ = ["SUBPROTOCOL", "LogListener"]
+__all__ = ["SUBPROTOCOL", "ListenerState", "LogListener"]
 
 log = logging.getLogger("async_logging.server")
 
@@ -44,6 +46,24 @@ SUBPROTOCOL = "log-protocol"
 READY = "ready"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ListenerState(enum.Enum):
+    """Where a :class:`LogListener` is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"  # building the app, binding the port
+    LISTENING = "listening"
+    DRAINING = "draining"  # no new connections; open ones being closed
+    STOPPED = "stopped"  # released (also after a failed start)
+
+
+_LISTENER_MOVES = {
+    ListenerState.NEW: frozenset({ListenerState.STARTING, ListenerState.STOPPED}),
+    ListenerState.STARTING: frozenset({ListenerState.LISTENING, ListenerState.STOPPED}),
+    ListenerState.LISTENING: frozenset({ListenerState.DRAINING, ListenerState.STOPPED}),
+    ListenerState.DRAINING: frozenset({ListenerState.STOPPED}),
+}
 
 
 class LogListener:
@@ -68,10 +88,20 @@ class LogListener:
         # The slow-request guard's view of each open connection, by its transport.
         self._watched: dict[asyncio.BaseTransport, _Watched] = {}
         self.port: int = config.port
-        self.draining = False
+        self._lifecycle = Lifecycle("LogListener", _LISTENER_MOVES, ListenerState.NEW)
         self.frames_seen = 0
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> ListenerState:
+        """Where the listener is in its life (see :class:`ListenerState`)."""
+        return self._lifecycle.state
+
+    @property
+    def draining(self) -> bool:
+        """Whether it stopped taking connections (draining or stopped)."""
+        return self._lifecycle.state in (ListenerState.DRAINING, ListenerState.STOPPED)
 
     def make_app(self) -> web.Application:
         """The aiohttp application (exposed for embedding and tests)."""
@@ -91,6 +121,7 @@ class LogListener:
         low-level server (the documented protocol factory of an :class:`web.AppRunner`),
         each connection seen by the slow-request guard when ``request_timeout`` is set.
         """
+        self._lifecycle.to(ListenerState.STARTING)
         c = self.config
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -109,6 +140,7 @@ class LogListener:
             self.port = self._server.sockets[0].getsockname()[1]
         if c.idle_timeout > 0:
             self._watchdog = asyncio.create_task(self._close_idle(), name="idle-watchdog")
+        self._lifecycle.to(ListenerState.LISTENING)
         return self.port
 
     async def _close_idle(self) -> None:
@@ -134,7 +166,9 @@ class LogListener:
 
     async def stop_accepting(self) -> None:
         """Stop taking new connections (the listening socket closes; others may hold the port)."""
-        self.draining = True
+        if self.draining:
+            return
+        self._lifecycle.to(ListenerState.DRAINING)
         if self._server is not None:
             self._server.close()
 
@@ -153,7 +187,10 @@ class LogListener:
             )
 
     async def cleanup(self) -> None:
-        """Release the HTTP machinery (after the pipeline is closed)."""
+        """Release the HTTP machinery (after the pipeline is closed, or after a failed start)."""
+        if self._lifecycle.state is ListenerState.STOPPED:
+            return
+        self._lifecycle.to(ListenerState.STOPPED)
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None

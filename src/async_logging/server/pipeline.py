@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import os
@@ -37,9 +38,10 @@ from ..buffer import Fed, LogBuffer, Record
 from ..encoded import EncodedRecords
 from ..exceptions import BadInput
 from ..publishers import Publisher
+from .lifecycle import Lifecycle
 from .spool import JSON, MSGPACK, Spool
 
-__all__ = ["LATENCY_BUCKETS", "Pipeline", "Stats"]
+__all__ = ["LATENCY_BUCKETS", "Pipeline", "PipelineState", "Stats"]
 
 log = logging.getLogger("async_logging.server")
 
@@ -144,6 +146,24 @@ def _add_into(total: dict[str, Any], snap: dict[str, Any]) -> None:
             total.setdefault(key, value)
 
 
+class PipelineState(enum.Enum):
+    """Where a :class:`Pipeline` is in its life."""
+
+    NEW = "new"
+    RUNNING = "running"  # the publisher thread takes what the buffer publishes
+    CLOSING = "closing"  # everything flushed to the queue; the thread finishes it
+    ABANDONING = "abandoning"  # past wait_for_publisher: what still fails is given up
+    CLOSED = "closed"  # the publisher flushed and closed
+
+
+_PIPELINE_MOVES = {
+    PipelineState.NEW: frozenset({PipelineState.RUNNING, PipelineState.CLOSING}),
+    PipelineState.RUNNING: frozenset({PipelineState.CLOSING}),
+    PipelineState.CLOSING: frozenset({PipelineState.ABANDONING, PipelineState.CLOSED}),
+    PipelineState.ABANDONING: frozenset({PipelineState.CLOSED}),
+}
+
+
 class Pipeline:
     """Feeds the buffer on the event loop and hands its records to the publisher thread.
 
@@ -180,21 +200,31 @@ class Pipeline:
         # (time queued, records, spool checkpoint reached once they are published)
         self._queue: deque[tuple[float, Sequence[Record], int | None]] = deque()
         self._queued = 0
+        # Guards the queue and the moves the publisher thread waits on (CLOSING, ABANDONING).
         self._cond = threading.Condition()
-        self._stopping = False
-        self._abandon = False
+        self._lifecycle = Lifecycle("Pipeline", _PIPELINE_MOVES, PipelineState.NEW)
         self._room: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self.closed = False
 
     @property
     def queued(self) -> int:
         """Records waiting for the publisher."""
         return self._queued
 
+    @property
+    def state(self) -> PipelineState:
+        """Where the pipeline is in its life (see :class:`PipelineState`)."""
+        return self._lifecycle.state
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has begun (nothing more is taken)."""
+        return self._lifecycle.state not in (PipelineState.NEW, PipelineState.RUNNING)
+
     def start(self) -> None:
         """Start the publisher thread; call from the event loop that will call accept."""
+        self._lifecycle.to(PipelineState.RUNNING)
         self._loop = asyncio.get_running_loop()
         self._room = asyncio.Event()
         self._room.set()
@@ -374,12 +404,11 @@ class Pipeline:
         records = self.buffer.flush_all(reason)
         if records or self.spool is not None:
             self.emit(records, self.spool.position if self.spool is not None else None)
-        self.closed = True
+        with self._cond:  # after the last emit: the thread ends once the queue is empty
+            self._lifecycle.to(PipelineState.CLOSING)
+            self._cond.notify()
         if self._room is not None:
             self._room.set()
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
         thread = self._thread
         if thread is not None:
             await asyncio.get_running_loop().run_in_executor(
@@ -387,8 +416,8 @@ class Pipeline:
             )
             if thread.is_alive():
                 # Past the grace period: whatever is still queued is given up, loudly.
-                self._abandon = True
                 with self._cond:
+                    self._lifecycle.to(PipelineState.ABANDONING)
                     self._cond.notify()
                 await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
         for step in (self.publisher.flush, self.publisher.close):
@@ -398,6 +427,7 @@ class Pipeline:
                 log.exception("publisher %s failed", step.__name__)
         if self.spool is not None:
             self.spool.close()
+        self._lifecycle.to(PipelineState.CLOSED)
 
     # ------------------------------------------------------------------ publisher thread
 
@@ -406,7 +436,7 @@ class Pipeline:
         queue = self._queue
         while True:
             with cond:
-                while not queue and not self._stopping:
+                while not queue and self._lifecycle.state is PipelineState.RUNNING:
                     cond.wait()
                 if not queue:
                     return
@@ -439,7 +469,7 @@ class Pipeline:
                 self.publisher.publish_many(records)
             except Exception:
                 self.stats.publish_errors += 1
-                if self._abandon:
+                if self._lifecycle.state in (PipelineState.ABANDONING, PipelineState.CLOSED):
                     self.stats.records_dropped += len(records)
                     log.error("gave up %d records: the publisher keeps failing", len(records))
                     return False
