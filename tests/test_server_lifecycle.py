@@ -98,3 +98,82 @@ async def test_a_pipeline_closed_without_a_start_publishes_what_it_holds() -> No
     assert pipeline.state is PipelineState.CLOSED and publisher.closed == 1
     with pytest.raises(LifecycleError, match="Pipeline cannot go from CLOSED to RUNNING"):
         pipeline.start()
+
+
+async def test_a_supervisor_that_cannot_have_its_port_is_stopped(tmp_path: Any) -> None:
+    """Supervisor: a port taken without SO_REUSEPORT fails the start with ConfigError and leaves it STOPPED; a stop before any start stops it too."""
+    from async_logging.server import ServerConfig, Supervisor
+    from async_logging.server.supervisor import SupervisorState
+
+    config = ServerConfig(host="127.0.0.1", port=0, mon_port=-1, workers=2, store="")
+    idle = Supervisor(config)
+    await idle.stop()
+    assert idle.state is SupervisorState.STOPPED and idle.stopping
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        supervisor = Supervisor(config.replace(port=taken.getsockname()[1]))
+        with pytest.raises(ConfigError, match="cannot bind"):
+            await supervisor.start()
+    finally:
+        taken.close()
+    assert supervisor.state is SupervisorState.STOPPED and supervisor.slots == {}
+    assert not supervisor.health()["available"]
+
+
+def test_server_objects_create_their_attributes_in_init() -> None:
+    """No attribute of the server's long-lived objects is created outside __init__: every
+    `self.x = ...` in another method assigns one that __init__ (or a class-level slot or
+    property) declared."""
+    import ast
+    import inspect
+
+    from async_logging.server import cluster, guard, listener, monapp, pipeline, supervisor
+
+    offenders = []
+    for module in (cluster, guard, listener, monapp, pipeline, supervisor):
+        tree = ast.parse(inspect.getsource(module))
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            methods = [n for n in cls.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+            declared = {
+                t.attr
+                for m in methods
+                if m.name == "__init__"
+                for n in ast.walk(m)
+                for t in _targets(n)
+            }
+            declared |= {m.name for m in methods}  # properties
+            for m in methods:
+                if m.name == "__init__":
+                    continue
+                for n in ast.walk(m):
+                    for t in _targets(n):
+                        if t.attr not in declared:
+                            offenders.append(
+                                f"{module.__name__}.{cls.name}.{m.name}: self.{t.attr}"
+                            )
+    assert not offenders, offenders
+
+
+def _targets(node: Any) -> list[Any]:
+    """The ``self.<attr>`` targets an assignment node assigns."""
+    import ast
+
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, ast.AnnAssign | ast.AugAssign):
+        targets = [node.target]
+    else:
+        return []
+    out = []
+    for t in targets:
+        for sub in ast.walk(t):
+            if (
+                isinstance(sub, ast.Attribute)
+                and isinstance(sub.value, ast.Name)
+                and sub.value.id == "self"
+                and isinstance(sub.ctx, ast.Store)
+            ):
+                out.append(sub)
+    return out

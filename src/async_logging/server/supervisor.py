@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import multiprocessing
 import os
@@ -27,10 +28,18 @@ from ..exceptions import ConfigError
 from .config import ServerConfig, announcement
 from .followers import Followers
 from .gctune import tune_gc
+from .lifecycle import Lifecycle
 from .monapp import MonApp
 from .pipeline import Stats, merge_snapshots
 
-__all__ = ["REPLACEMENT_TIMEOUT", "RESTART_BACKOFF", "STATS_INTERVAL", "Supervisor"]
+__all__ = [
+    "REPLACEMENT_TIMEOUT",
+    "RESTART_BACKOFF",
+    "STATS_INTERVAL",
+    "Supervisor",
+    "SupervisorState",
+    "WorkerState",
+]
 
 log = logging.getLogger("async_logging.server")
 
@@ -91,6 +100,20 @@ async def _worker(config: ServerConfig, wid: int, reports: Any) -> None:
 # ---------------------------------------------------------------------- the supervisor
 
 
+class WorkerState(enum.Enum):
+    """Where a worker process is, as the supervisor sees it."""
+
+    STARTING = "starting"  # spawned, not yet listening
+    READY = "ready"  # listening on the shared port
+    DRAINING = "draining"  # told to drain (SIGTERM); gone once its process ends
+
+
+_WORKER_MOVES = {
+    WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.DRAINING}),
+    WorkerState.READY: frozenset({WorkerState.DRAINING}),
+}
+
+
 class _Slot:
     """One worker process as the supervisor sees it."""
 
@@ -98,10 +121,36 @@ class _Slot:
         self.wid = wid
         self.process = process
         self.pid: int | None = None
-        self.ready = False
-        self.draining = False
+        self.lifecycle = Lifecycle(f"worker {wid}", _WORKER_MOVES, WorkerState.STARTING)
         self.retiring_for: int | None = None  # the replacement being waited for
         self.started = time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        """Listening and not draining."""
+        return self.lifecycle.state is WorkerState.READY
+
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle.state is WorkerState.DRAINING
+
+
+class SupervisorState(enum.Enum):
+    """Where a :class:`Supervisor` is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"  # reserving the port, spawning the workers
+    RUNNING = "running"
+    DRAINING = "draining"  # stop(): every worker draining
+    STOPPED = "stopped"  # released (also after a failed start, or a stop before any start)
+
+
+_SUPERVISOR_MOVES = {
+    SupervisorState.NEW: frozenset({SupervisorState.STARTING, SupervisorState.STOPPED}),
+    SupervisorState.STARTING: frozenset({SupervisorState.RUNNING, SupervisorState.STOPPED}),
+    SupervisorState.RUNNING: frozenset({SupervisorState.DRAINING}),
+    SupervisorState.DRAINING: frozenset({SupervisorState.STOPPED}),
+}
 
 
 class Supervisor:
@@ -117,14 +166,29 @@ class Supervisor:
         self.retired: dict[str, Any] = {}
         self.restarts = 0
         self.recycles = 0
-        self.stopping = False
+        self._lifecycle = Lifecycle("Supervisor", _SUPERVISOR_MOVES, SupervisorState.NEW)
         self.port = config.port
         self.mon_port = config.mon_port
+        #: What each worker runs: the config on the reserved port, without a MonApp.
+        self.worker_config = config
         self._reserve: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader: threading.Thread | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.monapp: MonApp | None = None
         self.viewer: Any = None
         #: The store's follower and the live hub, one for every worker's trees.
         self.followers = Followers(config)
+
+    @property
+    def state(self) -> SupervisorState:
+        """Where the supervisor is in its life (see :class:`SupervisorState`)."""
+        return self._lifecycle.state
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has begun (draining or stopped)."""
+        return self._lifecycle.state in (SupervisorState.DRAINING, SupervisorState.STOPPED)
 
     def run(self) -> int:
         """Run until SIGTERM / SIGINT; drain every worker; return the exit status."""
@@ -147,7 +211,23 @@ class Supervisor:
         return 0
 
     async def start(self) -> None:
-        """Reserve the port, spawn the workers, wait until they all listen."""
+        """Reserve the port, spawn the workers, wait until they all listen.
+
+        Raises:
+            ConfigError: the port cannot be had, or the workers did not listen in time;
+                what was started is drained and released, and the supervisor is stopped.
+            LifecycleError: it was started before.
+        """
+        self._lifecycle.to(SupervisorState.STARTING)
+        try:
+            await self._start()
+        except BaseException:
+            await self._release()
+            self._lifecycle.to(SupervisorState.STOPPED)
+            raise
+        self._lifecycle.to(SupervisorState.RUNNING)
+
+    async def _start(self) -> None:
         c = self.config
         self._reserve = _reserve_port(c.host, c.port)
         self.port = self._reserve.getsockname()[1]
@@ -175,11 +255,24 @@ class Supervisor:
         self._watch = asyncio.create_task(self._watch_loop())
 
     async def stop(self) -> None:
-        """SIGTERM every worker, wait for their drain, then release everything."""
-        self.stopping = True
-        self._watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._watch
+        """SIGTERM every worker, wait for their drain, then release everything (once)."""
+        state = self._lifecycle.state
+        if state in (SupervisorState.DRAINING, SupervisorState.STOPPED):
+            return
+        if state is SupervisorState.NEW:
+            self._lifecycle.to(SupervisorState.STOPPED)
+            return
+        self._lifecycle.to(SupervisorState.DRAINING)
+        await self._release()
+        self._lifecycle.to(SupervisorState.STOPPED)
+
+    async def _release(self) -> None:
+        """Drain every worker, then release the MonApp, the store's follower and the port
+        (after a failed start, whatever it had started)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         for slot in list(self.slots.values()):
             self._drain(slot)
         grace = self.config.wait_for_publisher + 15.0
@@ -190,8 +283,9 @@ class Supervisor:
             if slot.process.is_alive():
                 log.error("worker %d did not drain in %.0fs; killing it", slot.wid, grace)
                 slot.process.kill()
-        await asyncio.sleep(0.2)  # let the last reports arrive
-        self.reports.put(None)
+        if self._reader is not None:
+            await asyncio.sleep(0.2)  # let the last reports arrive
+            self.reports.put(None)
         if self.monapp is not None:
             await self.monapp.cleanup()
         if self.viewer is not None:
@@ -217,7 +311,7 @@ class Supervisor:
 
     def _drain(self, slot: _Slot) -> None:
         if not slot.draining and slot.process.is_alive():
-            slot.draining = True
+            slot.lifecycle.to(WorkerState.DRAINING)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(slot.process.pid, signal.SIGTERM)
 
@@ -229,6 +323,7 @@ class Supervisor:
                 return
             if msg is None:
                 return
+            assert self._loop is not None  # set before this thread starts
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._on_report, msg)
 
@@ -236,8 +331,9 @@ class Supervisor:
         kind, wid = msg[0], msg[1]
         slot = self.slots.get(wid)
         if kind == "ready" and slot is not None:
-            slot.ready = True
             slot.pid = msg[2]
+            if slot.lifecycle.state is WorkerState.STARTING:  # not told to drain meanwhile
+                slot.lifecycle.to(WorkerState.READY)
         elif kind == "stats":
             self.live[wid] = msg[2]
         elif kind == "recycle" and slot is not None and slot.retiring_for is None:
@@ -296,9 +392,11 @@ class Supervisor:
         return snap
 
     def health(self) -> dict[str, Any]:
-        ready = [s for s in self.slots.values() if s.ready and not s.draining]
+        ready = [s for s in self.slots.values() if s.ready]
         return {
-            "available": self.config.ecv and not self.stopping and bool(ready),
+            "available": self.config.ecv
+            and self._lifecycle.state is SupervisorState.RUNNING
+            and bool(ready),
             "machine": self.config.machine_name,
             "pid": os.getpid(),
             "workers": [
