@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
+import functools
 import inspect
 import logging
 import os
@@ -42,7 +42,7 @@ from ..publishers.base import import_object
 from .config import ENGINE_OPTIONS, ServerConfig, announcement
 from .followers import Followers
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
-from .lifecycle import Lifecycle
+from .lifecycle import Service, ServiceState
 from .listener import LogListener
 from .live import LiveHub
 from .monapp import MonApp
@@ -67,22 +67,8 @@ class EmitterPublisher(BasePublisher):
             self.emitter.emit(record["kind"], record)
 
 
-class ClusterState(enum.Enum):
-    """Where a :class:`LogCluster` is in its life."""
-
-    NEW = "new"
-    STARTING = "starting"  # building the pipeline, binding the ports
-    RUNNING = "running"
-    DRAINING = "draining"  # stop(): no new connections, everything held being published
-    STOPPED = "stopped"  # released (also after a failed start, or a stop before any start)
-
-
-_CLUSTER_MOVES = {
-    ClusterState.NEW: frozenset({ClusterState.STARTING, ClusterState.STOPPED}),
-    ClusterState.STARTING: frozenset({ClusterState.RUNNING, ClusterState.STOPPED}),
-    ClusterState.RUNNING: frozenset({ClusterState.DRAINING}),
-    ClusterState.DRAINING: frozenset({ClusterState.STOPPED}),
-}
+#: Where a :class:`LogCluster` is in its life (see :class:`~.lifecycle.ServiceState`).
+ClusterState = ServiceState
 
 
 class LogCluster:
@@ -122,7 +108,7 @@ class LogCluster:
         self.monapp: MonApp | None = None
         self.port = config.port
         self.mon_port = config.mon_port
-        self._lifecycle = Lifecycle("LogCluster", _CLUSTER_MOVES, ClusterState.NEW)
+        self._lifecycle = Service("LogCluster")
         self.recycle_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._shared_output = False
@@ -184,7 +170,7 @@ class LogCluster:
     @property
     def draining(self) -> bool:
         """Whether :meth:`stop` has begun (draining or stopped)."""
-        return self._lifecycle.state in (ClusterState.DRAINING, ClusterState.STOPPED)
+        return self._lifecycle.stopping
 
     async def start(
         self, *, reuse_port: bool = False, monitor: bool = True, follow: bool = True
@@ -201,14 +187,10 @@ class LogCluster:
                 what was built is released and the cluster is stopped.
             LifecycleError: it was started before.
         """
-        self._lifecycle.to(ClusterState.STARTING)
-        try:
-            await self._start(reuse_port, monitor, follow)
-        except BaseException:
-            await self._release("shutdown")
-            self._lifecycle.to(ClusterState.STOPPED)
-            raise
-        self._lifecycle.to(ClusterState.RUNNING)
+        await self._lifecycle.start(
+            functools.partial(self._start, reuse_port, monitor, follow),
+            functools.partial(self._release, "shutdown"),
+        )
 
     async def _start(self, reuse_port: bool, monitor: bool, follow: bool) -> None:
         c = self.config
@@ -270,15 +252,7 @@ class LogCluster:
         Once only: stopping a draining or stopped cluster returns at once; a cluster never
         started just becomes stopped.
         """
-        state = self._lifecycle.state
-        if state in (ClusterState.DRAINING, ClusterState.STOPPED):
-            return
-        if state is ClusterState.NEW:
-            self._lifecycle.to(ClusterState.STOPPED)
-            return
-        self._lifecycle.to(ClusterState.DRAINING)
-        await self._release(reason)
-        self._lifecycle.to(ClusterState.STOPPED)
+        await self._lifecycle.stop(functools.partial(self._release, reason))
 
     async def _release(self, reason: str) -> None:
         """Take down what :meth:`start` built, in order (after a failed start, what it had

@@ -10,12 +10,12 @@ not list. So "may I stop now?" is answered in one place, instead of by flags suc
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 from ..exceptions import UsageError
 
-__all__ = ["Lifecycle", "LifecycleError"]
+__all__ = ["SERVICE_MOVES", "Lifecycle", "LifecycleError", "Service", "ServiceState"]
 
 S = TypeVar("S", bound=enum.Enum)
 
@@ -57,3 +57,74 @@ class Lifecycle(Generic[S]):
 
     def __repr__(self) -> str:
         return f"<{self._owner} {self._state.name}>"
+
+
+class ServiceState(enum.Enum):
+    """Where a service (a :class:`~async_logging.server.LogCluster`, a
+    :class:`~async_logging.server.Supervisor`) is in its life."""
+
+    NEW = "new"
+    STARTING = "starting"  # building, binding its ports
+    RUNNING = "running"
+    DRAINING = "draining"  # stop(): no new work, everything held being finished
+    STOPPED = "stopped"  # released (also after a failed start, or a stop before any start)
+
+
+SERVICE_MOVES = {
+    ServiceState.NEW: frozenset({ServiceState.STARTING, ServiceState.STOPPED}),
+    ServiceState.STARTING: frozenset({ServiceState.RUNNING, ServiceState.STOPPED}),
+    ServiceState.RUNNING: frozenset({ServiceState.DRAINING}),
+    ServiceState.DRAINING: frozenset({ServiceState.STOPPED}),
+}
+
+
+class Service(Lifecycle[ServiceState]):
+    """The lifecycle of a service that starts once, runs, drains once and stops.
+
+    :meth:`start` and :meth:`stop` run the service's own steps between the moves, so a
+    failed start releases what it built and a second stop does nothing.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, owner: str) -> None:
+        super().__init__(owner, SERVICE_MOVES, ServiceState.NEW)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the stop has begun (draining or stopped)."""
+        return self.state in (ServiceState.DRAINING, ServiceState.STOPPED)
+
+    async def start(
+        self, build: Callable[[], Awaitable[None]], release: Callable[[], Awaitable[None]]
+    ) -> None:
+        """NEW → STARTING, ``build()``, → RUNNING; when ``build`` raises, ``release()`` and
+        → STOPPED before the error goes on.
+
+        Raises:
+            LifecycleError: the service was started (or stopped) before.
+        """
+        self.to(ServiceState.STARTING)
+        try:
+            await build()
+        except BaseException:
+            await release()
+            self.to(ServiceState.STOPPED)
+            raise
+        self.to(ServiceState.RUNNING)
+
+    async def stop(self, release: Callable[[], Awaitable[None]]) -> None:
+        """RUNNING → DRAINING, ``release()``, → STOPPED; once only (a draining or stopped
+        service returns at once), and a service never started just becomes STOPPED.
+
+        Raises:
+            LifecycleError: the service is still starting.
+        """
+        if self.stopping:
+            return
+        if self.state is ServiceState.NEW:
+            self.to(ServiceState.STOPPED)
+            return
+        self.to(ServiceState.DRAINING)
+        await release()
+        self.to(ServiceState.STOPPED)

@@ -28,7 +28,7 @@ from ..exceptions import ConfigError
 from .config import ServerConfig, announcement
 from .followers import Followers
 from .gctune import tune_gc
-from .lifecycle import Lifecycle
+from .lifecycle import Lifecycle, Service, ServiceState
 from .monapp import MonApp
 from .pipeline import Stats, merge_snapshots
 
@@ -135,22 +135,8 @@ class _Slot:
         return self.lifecycle.state is WorkerState.DRAINING
 
 
-class SupervisorState(enum.Enum):
-    """Where a :class:`Supervisor` is in its life."""
-
-    NEW = "new"
-    STARTING = "starting"  # reserving the port, spawning the workers
-    RUNNING = "running"
-    DRAINING = "draining"  # stop(): every worker draining
-    STOPPED = "stopped"  # released (also after a failed start, or a stop before any start)
-
-
-_SUPERVISOR_MOVES = {
-    SupervisorState.NEW: frozenset({SupervisorState.STARTING, SupervisorState.STOPPED}),
-    SupervisorState.STARTING: frozenset({SupervisorState.RUNNING, SupervisorState.STOPPED}),
-    SupervisorState.RUNNING: frozenset({SupervisorState.DRAINING}),
-    SupervisorState.DRAINING: frozenset({SupervisorState.STOPPED}),
-}
+#: Where a :class:`Supervisor` is in its life (see :class:`~.lifecycle.ServiceState`).
+SupervisorState = ServiceState
 
 
 class Supervisor:
@@ -166,7 +152,7 @@ class Supervisor:
         self.retired: dict[str, Any] = {}
         self.restarts = 0
         self.recycles = 0
-        self._lifecycle = Lifecycle("Supervisor", _SUPERVISOR_MOVES, SupervisorState.NEW)
+        self._lifecycle = Service("Supervisor")
         self.port = config.port
         self.mon_port = config.mon_port
         #: What each worker runs: the config on the reserved port, without a MonApp.
@@ -188,7 +174,7 @@ class Supervisor:
     @property
     def stopping(self) -> bool:
         """Whether :meth:`stop` has begun (draining or stopped)."""
-        return self._lifecycle.state in (SupervisorState.DRAINING, SupervisorState.STOPPED)
+        return self._lifecycle.stopping
 
     def run(self) -> int:
         """Run until SIGTERM / SIGINT; drain every worker; return the exit status."""
@@ -218,14 +204,7 @@ class Supervisor:
                 what was started is drained and released, and the supervisor is stopped.
             LifecycleError: it was started before.
         """
-        self._lifecycle.to(SupervisorState.STARTING)
-        try:
-            await self._start()
-        except BaseException:
-            await self._release()
-            self._lifecycle.to(SupervisorState.STOPPED)
-            raise
-        self._lifecycle.to(SupervisorState.RUNNING)
+        await self._lifecycle.start(self._start, self._release)
 
     async def _start(self) -> None:
         c = self.config
@@ -256,15 +235,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         """SIGTERM every worker, wait for their drain, then release everything (once)."""
-        state = self._lifecycle.state
-        if state in (SupervisorState.DRAINING, SupervisorState.STOPPED):
-            return
-        if state is SupervisorState.NEW:
-            self._lifecycle.to(SupervisorState.STOPPED)
-            return
-        self._lifecycle.to(SupervisorState.DRAINING)
-        await self._release()
-        self._lifecycle.to(SupervisorState.STOPPED)
+        await self._lifecycle.stop(self._release)
 
     async def _release(self) -> None:
         """Drain every worker, then release the MonApp, the store's follower and the port
