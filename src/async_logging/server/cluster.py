@@ -19,7 +19,6 @@ import inspect
 import logging
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,7 @@ from ..publishers.base import import_object
 from .config import ENGINE_OPTIONS, ServerConfig, announcement
 from .followers import Followers
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
-from .lifecycle import Service, ServiceState
+from .lifecycle import Service, ServiceState, stop_signal
 from .listener import LogListener
 from .live import LiveHub
 from .monapp import MonApp
@@ -373,10 +372,7 @@ class LogCluster:
         return asyncio.run(self._run_single())
 
     async def _run_single(self) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_signal()
         tune_gc()
         await self.start()
         print(announcement(self.config, self.port, self.mon_port), file=sys.stderr, flush=True)

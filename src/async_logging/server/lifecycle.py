@@ -9,13 +9,22 @@ not list. So "may I stop now?" is answered in one place, instead of by flags suc
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import signal
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Generic, TypeVar
 
 from ..exceptions import UsageError
 
-__all__ = ["SERVICE_MOVES", "Lifecycle", "LifecycleError", "Service", "ServiceState"]
+__all__ = [
+    "SERVICE_MOVES",
+    "Lifecycle",
+    "LifecycleError",
+    "Service",
+    "ServiceState",
+    "stop_signal",
+]
 
 S = TypeVar("S", bound=enum.Enum)
 
@@ -128,3 +137,13 @@ class Service(Lifecycle[ServiceState]):
         self.to(ServiceState.DRAINING)
         await release()
         self.to(ServiceState.STOPPED)
+
+
+def stop_signal() -> asyncio.Event:
+    """An event the running loop sets on SIGTERM or SIGINT: how a serving process (one
+    server, the supervisor, each worker) is told to drain."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

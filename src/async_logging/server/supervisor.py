@@ -28,7 +28,7 @@ from ..exceptions import ConfigError
 from .config import ServerConfig, announcement
 from .followers import Followers
 from .gctune import tune_gc
-from .lifecycle import Lifecycle, Service, ServiceState
+from .lifecycle import Lifecycle, Service, ServiceState, stop_signal
 from .monapp import MonApp
 from .pipeline import Stats, merge_snapshots
 
@@ -68,10 +68,7 @@ async def _worker(config: ServerConfig, wid: int, reports: Any) -> None:
     # hands ``serve`` to the supervisor, so it imports this module).
     from .cluster import LogCluster
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_signal()
     cluster = LogCluster(config)
     tune_gc()
     await cluster.start(reuse_port=True, monitor=False, follow=False)
@@ -181,10 +178,7 @@ class Supervisor:
         return asyncio.run(self._main())
 
     async def _main(self) -> int:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_signal()
         await self.start()
         print(
             announcement(self.config, self.port, self.mon_port, self.config.workers),
