@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -41,17 +42,22 @@ class Served:
             self.stderr.append(line)
 
     def close(self) -> None:
+        """Kill the server and every process it started (its session), then stop reading."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        self._reader.join(TIMEOUT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # workers, the store's follower
         # Closing the pipe under a reader still blocked in it would hang: fail loudly instead.
-        assert not self._reader.is_alive(), (
-            f"serve (pid {self.proc.pid}) exited but its standard error is still open "
-            f"{TIMEOUT} s later: a process it started outlived it"
-        )
+        assert self.stderr_closed(TIMEOUT), f"serve (pid {self.proc.pid}): stderr still open"
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+    def stderr_closed(self, timeout: float) -> bool:
+        """Whether every process holding the server's standard error (the server and what it
+        started) has exited within ``timeout`` seconds."""
+        self._reader.join(timeout)
+        return not self._reader.is_alive()
 
     def records(self) -> list[dict[str, Any]]:
         """The records in the output file, but for a last line still being written."""
@@ -87,7 +93,12 @@ def serve(tmp_path: Path, *args: str) -> Served:
         *args,
     ]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        cmd,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # its own process group: close() reaps all it started
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + TIMEOUT * 3
