@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +74,13 @@ async def server(
 def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in its own directory, so default paths (./log/...) never land in the repo."""
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """`serve` subprocesses a test starts (``Served``, test_server_process); each is closed,
+    with whatever it started, when the test ends."""
+    started: list[Any] = []
+    yield started
+    for s in started:
+        s.close()

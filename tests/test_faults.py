@@ -13,7 +13,6 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,6 @@ from helpers import (
     tx,
     walk,
 )
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def streams(tag: str, clients: int, trees: int) -> list[Stream]:
@@ -181,11 +172,6 @@ def test_kill_9_with_spool_loses_nothing_that_was_acked(
     assert not (spool / f"w-{seen['first_pid']}").exists(), "the dead proxy's spool was not adopted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store's follower (async_logging.store.follower, a daemon multiprocessing "
-    "child) does not end when its server is killed -9; remove this mark once it does",
-)
 def test_kill_9_leaves_no_process_of_the_server_behind(tmp_path: Path, procs: list[Served]) -> None:
     """After kill -9 of `serve` (with its defaults: the store on) no process it started lives on: one that did would keep the store and the log file open, beside the next server's."""
     s = serve(tmp_path)

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +39,6 @@ def server_options() -> dict[str, Any]:
 async def session():
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def ws_url(server: LogCluster, query: str = "") -> str:

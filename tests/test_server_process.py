@@ -11,14 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgpack
 import orjson
-import pytest
 
 from conftest import TIMEOUT
 
@@ -115,14 +113,6 @@ def serve(tmp_path: Path, *args: str) -> Served:
     proc.wait()
     proc.stderr.close()
     raise AssertionError(f"server did not announce itself: {''.join(lines)}")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Served]]:
-    started: list[Served] = []
-    yield started
-    for s in started:
-        s.close()
 
 
 def tx(uuid: str, n_atomic: int = 2, close: bool = True) -> list[dict[str, Any]]:

@@ -300,8 +300,8 @@ class FollowerStatus(NamedTuple):
 
     Attributes:
         running: the follower process is alive.
-        stored: records stored since the store began following (lines read, less the
-            unreadable ones).
+        stored: records stored since the store began following this file (lines read
+            over every follower, less the unreadable ones this follower met).
         lines_seen: lines seen in the file (read or counted ahead).
         lag_records: lines seen and not yet stored.
         lag_seconds: how long ago the oldest of those was first seen (0: caught up).
@@ -326,6 +326,8 @@ class FollowerStatus(NamedTuple):
 
 
 _FIELDS: Final = len(FollowerStatus._fields) - 1  # every field but ``running``
+_DRAIN: Final = 0  # the follower's flags: catch up, then stop
+_STOP: Final = 1  # stop now
 
 
 class _Lag:
@@ -394,8 +396,7 @@ def follow(
     position = start_position(store, log_file, backups)
     tail = FileTail(log_file, backups, position)
     lag = _Lag(log_file, backups, position)
-    first = position.lines
-    committed = first  # lines whose rows (and position) are committed
+    committed = position.lines  # lines whose rows (and position) are committed
     batches = errors = reported = 0
     lock = threading.Lock()
 
@@ -406,7 +407,7 @@ def follow(
             unreadable = int(store.stats["unreadable"])
             return FollowerStatus(
                 True,
-                committed - first - unreadable,
+                committed - unreadable,
                 lag.seen,
                 max(0, lag.seen - committed),
                 lag.seconds(committed, now),
@@ -473,8 +474,8 @@ def _follower_main(  # noqa: PLR0917 (a process target takes its arguments by po
     max_age: float,
     max_bytes: int,
     shared: Any,
-    stop: Any,
-    drain: Any,
+    flags: Any,
+    server: Any,
 ) -> None:
     """The follower process: lower priority, SIGTERM/SIGINT stop it between batches."""
     with contextlib.suppress(OSError):
@@ -498,9 +499,11 @@ def _follower_main(  # noqa: PLR0917 (a process target takes its arguments by po
             log_file,
             backups,
             report=report,
-            should_stop=lambda: stopping or stop.is_set(),
-            drain=drain.is_set,
-            sleep=lambda s: drain.wait(s) and None,
+            # The server gone (kill -9 leaves no one to stop it): stop too, at once.
+            # ``server`` reads the end of a pipe only the server writes: EOF (poll() true)
+            # once it is gone, even by kill -9 (then no one would stop the follower).
+            should_stop=lambda: stopping or bool(flags[_STOP]) or server.poll(),
+            drain=lambda: bool(flags[_DRAIN]),
         )
     finally:
         store.close()
@@ -534,8 +537,11 @@ class StoreFollower:
         ctx = multiprocessing.get_context("spawn")
         self._ctx = ctx
         self._shared: Any = ctx.Array("d", _FIELDS, lock=False)
-        self._stop = ctx.Event()
-        self._drain = ctx.Event()
+        # Lock-free flags, not multiprocessing Events: a server killed while holding an
+        # Event's lock would leave the follower waiting on it forever.
+        self._flags: Any = ctx.Array("b", 2, lock=False)
+        self._draining = False
+        self._server_end: Any = None  # kept open while the server lives (see _follower_main)
         self._process: Any = None
         #: Times the follower process was found dead and started again.
         self.restarts = 0
@@ -550,6 +556,9 @@ class StoreFollower:
         self._spawn()
 
     def _spawn(self) -> None:
+        if self._server_end is not None:
+            self._server_end.close()
+        reader, self._server_end = self._ctx.Pipe(duplex=False)
         self._process = self._ctx.Process(
             target=_follower_main,
             args=(
@@ -559,17 +568,18 @@ class StoreFollower:
                 self.max_age,
                 self.max_bytes,
                 self._shared,
-                self._stop,
-                self._drain,
+                self._flags,
+                reader,
             ),
             name="async-logging-store",
             daemon=True,
         )
         self._process.start()
+        reader.close()
 
     def ensure_running(self) -> bool:
         """Start the follower again if it died (a crash); True when it had to."""
-        if self._process is None or self._process.is_alive() or self._drain.is_set():
+        if self._process is None or self._process.is_alive() or self._draining:
             return False
         log.error(
             "the store's follower exited (code %s); starting it again", self._process.exitcode
@@ -608,16 +618,19 @@ class StoreFollower:
         process = self._process
         if process is None:
             return True
-        self._drain.set()
+        self._draining = True
+        self._flags[_DRAIN] = 1
         process.join(max(timeout, 0.01))
         caught_up = not process.is_alive()
         if not caught_up:
-            self._stop.set()
+            self._flags[_STOP] = 1
             process.join(5.0)
             if process.is_alive():
                 process.kill()
                 process.join(5.0)
         self._process = None
+        self._server_end.close()
+        self._server_end = None
         return caught_up
 
 

@@ -217,6 +217,8 @@ def _set_up(conn: sqlite3.Connection, path: str) -> None:
     # reads again whatever was not committed.
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return  # set up already: no write lock (another process may hold it for long)
     conn.execute("BEGIN IMMEDIATE")
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]

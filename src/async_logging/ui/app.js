@@ -6,6 +6,8 @@
   const API = "../api/";
   /** Rows the live tail keeps (older ones are removed). */
   const LIVE_ROWS = 200;
+  /** How often the header's server status (the store's lag) is refreshed. */
+  const STATUS_EVERY_MS = 5000;
   const FLAG_NAMES = ["late", "orphan", "missing_end", "missing_begin", "cycle", "depth_cut", "conflict"];
 
   // ------------------------------------------------------------------ helpers
@@ -462,8 +464,20 @@
       const s = await getJSON("status");
       const parts = [];
       parts.push(s.store ? `store: ${s.store.records.toLocaleString()} records` : "store: off");
-      parts.push(s.live.enabled ? "live: on" : "live: off (workers)");
+      const f = s.follower;
+      let behind = false;
+      if (f) {
+        // The store follows the server's output: how far behind it is, now.
+        behind = f.lag_records > 0 || !f.running || f.stalled;
+        if (!f.running) parts.push("store follower: not running");
+        else if (f.stalled) parts.push(`store follower: no report for ${f.status_age.toFixed(0)} s`);
+        else if (f.lag_records > 0) {
+          parts.push(`store lag: ${f.lag_records.toLocaleString()} records, ${f.lag_seconds.toFixed(1)} s`);
+        } else parts.push("store: up to date");
+      }
+      parts.push(s.live.enabled ? "live: on" : "live: off (no store)");
       node.textContent = parts.join(" · ");
+      node.classList.toggle("behind", behind);
     } catch (e) {
       node.textContent = "server: " + e.message;
     }
@@ -489,4 +503,5 @@
   window.addEventListener("hashchange", () => route(false));
   route(true);
   serverStatus();
+  setInterval(serverStatus, STATUS_EVERY_MS);
 })();
