@@ -20,8 +20,9 @@ stores what it reads in batches of its own (:meth:`SqliteStore.add_lines
   appear (``lines_seen``) and when it first saw them. ``lag_records`` is lines seen but
   not stored; ``lag_seconds`` is how long ago the oldest of them was first seen (0 when
   caught up), to within :data:`POLL_INTERVAL`.
-- It runs at a lower CPU priority (:data:`FOLLOWER_NICE`): on a busy machine ingest wins
-  and the store catches up after the burst.
+- It runs in Linux's idle CPU and I/O scheduling classes (elsewhere at the lowest
+  priority, :data:`FOLLOWER_NICE`): on a busy machine ingest wins and the store catches up
+  after the burst.
 
 :class:`StoreFollower` is the process shell (start, status, stop); :func:`follow` is the
 loop it runs, usable in a thread of a test.
@@ -67,8 +68,8 @@ STATUS_INTERVAL: Final = 0.25
 #: First bytes of a file kept in its position (tells a file from a later one that got the
 #: same inode number).
 HEAD_BYTES: Final = 64
-#: The follower's niceness (added to the server's): the store yields the CPU to ingest.
-FOLLOWER_NICE: Final = 10
+#: The follower's niceness where the idle scheduling class is not to be had.
+FOLLOWER_NICE: Final = 19
 #: Backoff (seconds) between retries of a batch SQLite refused (locked, disk full).
 RETRY_BACKOFF: Final = (0.05, 0.2, 1.0, 5.0)
 #: (time, lines seen) samples kept for ``lag_seconds``; past it every other is dropped.
@@ -467,6 +468,20 @@ def follow(
         lag.close()
 
 
+def _yield_to_ingest() -> None:
+    """Run only on CPU and disk time ingest leaves: the idle scheduling class where Linux
+    has it (a lowest niceness elsewhere), and the idle I/O class."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(FOLLOWER_NICE)
+    with contextlib.suppress(Exception):
+        import psutil
+
+        psutil.Process().ionice(psutil.IOPRIO_CLASS_IDLE)
+
+
 def _follower_main(  # noqa: PLR0917 (a process target takes its arguments by position)
     store_path: str,
     log_file: str,
@@ -478,8 +493,7 @@ def _follower_main(  # noqa: PLR0917 (a process target takes its arguments by po
     server: Any,
 ) -> None:
     """The follower process: lower priority, SIGTERM/SIGINT stop it between batches."""
-    with contextlib.suppress(OSError):
-        os.nice(FOLLOWER_NICE)
+    _yield_to_ingest()
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
