@@ -1,4 +1,4 @@
-"""Shared load for the benchmarks: shuffled 12-event transactions (DESIGN §7).
+"""Shared load for the benchmarks: shuffled 12-event transactions (docs/design.md §7).
 
 Each transaction: root begin/end; two nested transactions with two atomic events each;
 two atomic events under the root (2 + 2×(2+2) + 2 = 12 events).

@@ -1,6 +1,6 @@
 """Benchmark: the client's cost on the application thread and its sender's throughput.
 
-Prints, in one run (DESIGN §7, issue 4):
+Prints, in one run (docs/design.md §7, issue 4):
 
 1. the median cost per call, on the application thread, of ``event()`` inside a
    transaction (the client connected to a real proxy, its sender draining meanwhile),

@@ -257,7 +257,7 @@ def test_long_messages_are_cut_to_the_string_limit() -> None:
 
 
 def test_wire_events_follow_the_design_keys_and_pass_the_server_decoder() -> None:
-    """Envelopes decode with the proxy's own decoder and map to DESIGN §2 events (ids as strings)."""
+    """Envelopes decode with the proxy's own decoder and map to docs/design.md §2 events (ids as strings)."""
     c = core()
     extra = {"rows": 3, "when": datetime.datetime(2024, 1, 2), "tags": (1, 2), "ids": {7}}
     items = tree("w", children=1, data=extra)

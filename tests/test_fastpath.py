@@ -1,4 +1,4 @@
-"""Differential tests of the engine's native fast path (``_speedups``, DESIGN §2–§4).
+"""Differential tests of the engine's native fast path (``_speedups``, docs/design.md §2–§4).
 
 :meth:`LogBuffer.prepare_msgpack` / :meth:`~LogBuffer.feed_prepared` (and
 :meth:`~LogBuffer.feed_msgpack`, both in one) either decline a MessagePack frame (None: the

@@ -1,4 +1,4 @@
-"""Tests of the publishers (DESIGN §5) and of the MemoryPublisher test helper."""
+"""Tests of the publishers (docs/design.md §5) and of the MemoryPublisher test helper."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The proxy in-process on free ports, driven by real WebSocket and HTTP clients (DESIGN §4-5)."""
+"""The proxy in-process on free ports, driven by real WebSocket and HTTP clients (docs/design.md §4-5)."""
 
 from __future__ import annotations
 

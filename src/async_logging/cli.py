@@ -1,4 +1,4 @@
-"""The ``async-logging`` command: ``serve`` runs the proxy (DESIGN §5).
+"""The ``async-logging`` command: ``serve`` runs the proxy (docs/design.md §5).
 
 Every option of :class:`~async_logging.server.ServerConfig` is a flag and a TOML key
 (``--config FILE``; flags win over the file). A bad flag, value or config file prints a

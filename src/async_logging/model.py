@@ -1,7 +1,7 @@
-"""The event model (DESIGN §2): clazz names, defaults and the default mapper.
+"""The event model (docs/design.md §2): clazz names, defaults and the default mapper.
 
 A log event is a plain ``dict`` at the wire boundary and inside the engine: building a
-dataclass per event would cost more than all the rest of the per-event work (DESIGN §7),
+dataclass per event would cost more than all the rest of the per-event work (docs/design.md §7),
 so events stay maps and this module owns the rules they must satisfy.
 
 The default mapper normalises an event **in place** (the buffer owns the maps it is fed):
@@ -112,7 +112,7 @@ def tid_for(pid: object, uuid: str) -> str:
 
 
 def default_mapper(event: Event, now_ms: int) -> Event:
-    """Normalise one ``event`` in place following DESIGN §2 and return it.
+    """Normalise one ``event`` in place following docs/design.md §2 and return it.
 
     Args:
         event: the raw log map (owned by the caller's buffer from now on).

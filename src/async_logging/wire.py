@@ -1,7 +1,7 @@
 """Sans-I/O decoding of what clients send, and encoding of what the server answers.
 
 This module turns the bytes of one WebSocket frame or one ``POST /log`` body into a
-:class:`Frame` (DESIGN §4). It imports no asyncio and no sockets: the server hands it
+:class:`Frame` (docs/design.md §4). It imports no asyncio and no sockets: the server hands it
 bytes and gets back log maps, or a :class:`~async_logging.exceptions.BadInput` naming what
 is wrong.
 
@@ -50,7 +50,7 @@ string), ``bad_envelope``, ``bad_payload``, ``bad_form`` and ``unsupported_media
 
 How the checks stay cheap
 -------------------------
-The server's target is hundreds of thousands of events per second (DESIGN §7), so a
+The server's target is hundreds of thousands of events per second (docs/design.md §7), so a
 Python walk over every value (which costs as much as the decode itself) is off the common
 path. Each payload is first decoded by a *typed* msgspec decoder whose schema encodes the
 limits: scalar values, string values bounded by ``max_string_length``, maps bounded by
@@ -116,7 +116,7 @@ DEFAULT_MAX_STRING_LENGTH: Final = 64 * 1024
 DEFAULT_MAX_KEYS_PER_MAP: Final = 256
 
 #: Keys of a bracket-encoded form event whose numeric strings become ints (the Node HTTP
-#: transport sends every value as a string; DESIGN §4 asks for ``duration``/``timestamp``).
+#: transport sends every value as a string; docs/design.md §4 asks for ``duration``/``timestamp``).
 FORM_INT_KEYS: Final = frozenset({"duration", "timestamp", "pid"})
 
 #: How many levels of nesting below a log map the typed fast path covers; deeper events go
@@ -573,7 +573,7 @@ def _decode_brackets(pairs: Iterable[tuple[str, str]], limits: WireLimits) -> Fr
         elif len(node) >= max_keys:
             raise _too_many_keys(len(node) + 1, limits)
         # Numeric strings become ints only for the known numeric keys of a log map;
-        # ids (event, parent) and status stay strings, as DESIGN §2 wants them.
+        # ids (event, parent) and status stay strings, as docs/design.md §2 wants them.
         if len(keys) == 1 and last in FORM_INT_KEYS and _INT.fullmatch(value) and len(value) < 20:
             node[last] = int(value)
         else:

@@ -770,7 +770,7 @@ def _same_in(e: Event, siblings: Iterable[Event]) -> bool:
 
 
 def _merge_end(node: Event, end: Event) -> None:
-    """Fold an end into its begin node (DESIGN §3): name, msg, status, duration from the end."""
+    """Fold an end into its begin node (docs/design.md §3): name, msg, status, duration from the end."""
     for k in ("name", "msg", "status", "duration"):
         v = end.get(k)
         if v is not None:

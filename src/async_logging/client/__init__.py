@@ -1,4 +1,4 @@
-"""The client library: ship log events to the proxy without blocking (DESIGN §6).
+"""The client library: ship log events to the proxy without blocking (docs/design.md §6).
 
 .. code-block:: python
 

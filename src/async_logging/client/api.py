@@ -1,4 +1,4 @@
-"""The module-level API: log through the default client (DESIGN §6).
+"""The module-level API: log through the default client (docs/design.md §6).
 
 These functions work like ``logging.info`` does with the root logger: they use the
 *default client*, the first :class:`LogClient` created or the one given to
@@ -79,7 +79,7 @@ def get_client() -> LogClient | None:
 #: A transaction, as a context manager (sync and async) or a decorator (sync and async):
 #: ``transaction(type="URL", name=None, *, uuid=None, parent=None, msg=None, level=None,
 #: client=None, **data)``, see :class:`Transaction`. It is the class itself, not a function
-#: that makes one: a call less for every transaction on the hot path (DESIGN §7).
+#: that makes one: a call less for every transaction on the hot path (docs/design.md §7).
 transaction = Transaction
 
 
@@ -94,7 +94,7 @@ def event(
     **data: Any,
 ) -> None:
     """Log an atomic event through the default client (see :meth:`LogClient.event`)."""
-    # The body of LogClient.event, repeated: one call less on the hot path (DESIGN §7).
+    # The body of LogClient.event, repeated: one call less on the hot path (docs/design.md §7).
     c = _default.client
     if c is None:
         return

@@ -1,8 +1,8 @@
-"""The client: :class:`LogClient`, which ships log events to the proxy (DESIGN §6).
+"""The client: :class:`LogClient`, which ships log events to the proxy (docs/design.md §6).
 
 Its logging methods run on the application's threads and only ever put an
 :class:`~async_logging.client.items.Item` in the client's
-:class:`~async_logging.client.inbox.Inbox`: no I/O, no lock, no formatting (DESIGN §7).
+:class:`~async_logging.client.inbox.Inbox`: no I/O, no lock, no formatting (docs/design.md §7).
 Its :class:`~async_logging.client.sender.Sender` thread does the rest. Every open client
 is flushed at interpreter exit and gets a sender of its own in a forked child (both
 hooks are at the end of this module).
@@ -259,7 +259,7 @@ class LogClient:
     def log(self, event: Mapping[str, Any]) -> None:
         """Enqueue one raw log map (the seed's ``client.log(map)``); never blocks.
 
-        The map is copied and sent as it is (DESIGN §2 keys, any extra keys); a
+        The map is copied and sent as it is (docs/design.md §2 keys, any extra keys); a
         ``timestamp`` is added when it has none, ``pid`` and ``machine`` when it lacks them.
         Events with a ``uuid`` are held until their root transaction's ``end``.
         """

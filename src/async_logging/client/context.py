@@ -1,4 +1,4 @@
-"""Where new events belong: the current scope, carried by a ``ContextVar`` (DESIGN §6).
+"""Where new events belong: the current scope, carried by a ``ContextVar`` (docs/design.md §6).
 
 A *scope* is a position in a transaction tree: the ``uuid`` of the tree, the id of the
 enclosing transaction (the ``parent`` of new events, ``0`` at the top) and the iterator

@@ -1,4 +1,4 @@
-"""The client's sans-I/O core: events in, envelopes out, acks in (DESIGN §6).
+"""The client's sans-I/O core: events in, envelopes out, acks in (docs/design.md §6).
 
 No asyncio, no sockets, no threads, no clock of its own: the sender thread feeds it what
 the application enqueued, passes the time in, writes the envelopes it hands out and tells
@@ -10,13 +10,13 @@ or the seed's raw log map, ``client.log(map)``, as a :data:`~async_logging.clien
 item) or a :class:`~async_logging.client.items.Release` marker (the scope of a foreign uuid
 ended: send what is held for it); :mod:`async_logging.client.items` makes them.
 
-The core turns them into wire maps (DESIGN §2 keys), holds the events of a uuid until its
+The core turns them into wire maps (docs/design.md §2 keys), holds the events of a uuid until its
 root transaction ends (or a hold limit: ``ready_threshold`` events, ``hold_timeout``
 seconds, the seed's ``readyThreshold``), so a whole tree travels in one frame and reaches
 one server, and cuts what is ready into envelopes ``{"seq": n, "logs": [...]}`` of at most
 ``batch_size`` events, never splitting a tree that fits. Envelopes stay pending until
 acknowledged; a lost connection puts the unacknowledged ones back in front, in ``seq``
-order, to be resent (at-least-once: the server drops duplicates, DESIGN §3).
+order, to be resent (at-least-once: the server drops duplicates, docs/design.md §3).
 
 Two optional hooks let the sender keep a spool without the core doing I/O: ``on_cut`` sees
 every envelope as it is cut (before it can be sent), ``on_done`` every envelope
@@ -60,7 +60,7 @@ DEFAULT_HOLD_TIMEOUT: Final = 5.0
 DEFAULT_MAX_IN_FLIGHT: Final = 32
 DEFAULT_MAX_QUEUE_EVENTS: Final = 200_000
 DEFAULT_MAX_QUEUE_BYTES: Final = 64 * 1024 * 1024
-#: A quarter of the server's 4 MiB message limit (DESIGN §4), so a frame is never refused
+#: A quarter of the server's 4 MiB message limit (docs/design.md §4), so a frame is never refused
 #: for its size; a single event larger than this is refused by the client.
 DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
 #: The server refuses frames with more events (``wire.DEFAULT_MAX_EVENTS_PER_FRAME``).
@@ -240,8 +240,8 @@ class ClientCore:
     """Holds, batches, numbers and tracks the client's events (no I/O).
 
     Args:
-        pid: stamped on every event (DESIGN §2 ``pid``).
-        machine: stamped on every event (DESIGN §2 ``machine``).
+        pid: stamped on every event (docs/design.md §2 ``pid``).
+        machine: stamped on every event (docs/design.md §2 ``machine``).
         limits: batching, holding and memory limits.
         encode: encodes an envelope map to bytes (default: MessagePack via msgspec).
         on_cut: called with every envelope as it is cut, before it can be sent (the
@@ -314,7 +314,7 @@ class ClientCore:
         other: list[Any] = []
         fed = 0
         added = 0
-        # One flat loop: this is the sender's per-event hot path (DESIGN §7). Items use
+        # One flat loop: this is the sender's per-event hot path (docs/design.md §7). Items use
         # exact int 0 for the root parent and the model's string constants, so identity
         # tests are enough for them.
         for it in items:

@@ -1,7 +1,7 @@
 """The client's inbox: the one queue between the application's threads and the sender.
 
 The application's threads only ever :meth:`Inbox.put` (never blocking, never locking on
-the way in: DESIGN §7); the sender thread :meth:`Inbox.take` s everything queued on each
+the way in: docs/design.md §7); the sender thread :meth:`Inbox.take` s everything queued on each
 drain and tells the inbox how much *room* is left (what its core can still accept, see
 :meth:`~async_logging.client.core.ClientCore.room`). A put past the room is dropped and
 counted. The inbox also wakes the sender when a batch is waiting, carries the sender's own

@@ -1,6 +1,6 @@
 """What the application's threads hand to the sender: :class:`Item`, made by :func:`make_item`.
 
-Building an item is the only logging cost the application thread pays (DESIGN §7), so an
+Building an item is the only logging cost the application thread pays (docs/design.md §7), so an
 item is a small named value that the core turns into a wire map later, on the sender
 thread. Every entry point makes its items with the one builder, :func:`make_item`:
 ``event()``, ``heartbeat()``, ``log()``, transactions (their ``begin`` and ``end``),

@@ -1,4 +1,4 @@
-"""Web framework middleware: one ``URL`` transaction per request (DESIGN §6).
+"""Web framework middleware: one ``URL`` transaction per request (docs/design.md §6).
 
 - :class:`AsyncLoggingMiddleware`: plain ASGI, so it needs no Starlette import and works
   with Starlette, FastAPI and any ASGI app::

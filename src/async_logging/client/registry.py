@@ -25,7 +25,7 @@ class DefaultClient:
     """A cell holding the default client (``None``: there is none, logging does nothing).
 
     A cell, not a function, because the module-level ``event()`` reads it on every call
-    (DESIGN §7): one attribute load.
+    (docs/design.md §7): one attribute load.
     """
 
     __slots__ = ("client",)

@@ -1,4 +1,4 @@
-"""Transactions and bound scopes: where new events go in a tree (DESIGN §6).
+"""Transactions and bound scopes: where new events go in a tree (docs/design.md §6).
 
 A :class:`Transaction` (``with transaction(...)``, ``async with``, or a decorator) logs a
 ``begin`` when entered and an ``end`` when left, and is the current scope in between:

@@ -1,7 +1,7 @@
 """The sender: a background thread with its own event loop that does all of the client's I/O.
 
 The application thread only puts items in the client's
-:class:`~async_logging.client.inbox.Inbox` (DESIGN §6). This thread takes them on every
+:class:`~async_logging.client.inbox.Inbox` (docs/design.md §6). This thread takes them on every
 wake-up (the inbox reached a batch, a flush was asked for, or the drain interval passed),
 feeds the sans-I/O :class:`~async_logging.client.core.ClientCore`, and a *pump* task writes
 the envelopes the core hands out over the transport, reconnecting with backoff when the

@@ -1,4 +1,4 @@
-"""Transports: how envelopes reach the proxy (DESIGN §4), thin aiohttp shells.
+"""Transports: how envelopes reach the proxy (docs/design.md §4), thin aiohttp shells.
 
 A :class:`Transport` is configuration; :meth:`Transport.connect` opens a
 :class:`Connection` that writes envelopes and reports the server's answers to a
@@ -65,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger("async_logging.client")
 
-#: The WebSocket subprotocol of the proxy (DESIGN §4).
+#: The WebSocket subprotocol of the proxy (docs/design.md §4).
 SUBPROTOCOL: Final = "log-protocol"
 READY: Final = "ready"
 MSGPACK: Final = "application/msgpack"

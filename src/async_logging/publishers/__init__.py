@@ -1,4 +1,4 @@
-"""Publishers: where published records go (DESIGN §5).
+"""Publishers: where published records go (docs/design.md §5).
 
 - :class:`JsonLinesPublisher`, the default: JSON lines in ``./log/all.log``, rotated by size;
 - :class:`StdoutPublisher`: JSON lines to standard output or any stream;

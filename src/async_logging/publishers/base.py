@@ -1,6 +1,6 @@
-r'''The publisher plug-in interface (DESIGN §5): what the server hands published records to.
+r'''The publisher plug-in interface (docs/design.md §5): what the server hands published records to.
 
-A publisher receives the records the reassembly engine publishes (DESIGN §3): plain
+A publisher receives the records the reassembly engine publishes (docs/design.md §3): plain
 dicts with a ``kind`` key, ``"transaction"`` (with ``children``, ``complete``,
 ``duration``, ``status`` and, when incomplete, ``reason``), ``"atomicEvent"`` or
 ``"heartbeat"``. It is the seed's ``LogPublisher`` option: the 2013 module listened to the

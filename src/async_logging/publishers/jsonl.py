@@ -1,10 +1,10 @@
-"""The default publisher: JSON lines in a size-rotated file (DESIGN §5).
+"""The default publisher: JSON lines in a size-rotated file (docs/design.md §5).
 
 One published record per line, as orjson writes it, in ``./log/all.log`` by default (the
 seed's winston default path). Built for the server's batches: :meth:`publish_many`
 serialises a batch with ``orjson.dumps`` run by ``map`` (no Python code per record) and
 hands it to the OS in one ``writev`` call, so it keeps up with the ingest rate
-(DESIGN §7).
+(docs/design.md §7).
 
 Rotation works like :class:`logging.handlers.RotatingFileHandler`: when the next line
 would take the file past ``max_bytes``, ``all.log`` becomes ``all.log.1``, ``all.log.1``

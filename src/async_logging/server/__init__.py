@@ -1,4 +1,4 @@
-"""The log proxy (DESIGN §4-5): LogCluster, LogListener, the pipeline and the MonApp."""
+"""The log proxy (docs/design.md §4-5): LogCluster, LogListener, the pipeline and the MonApp."""
 
 from __future__ import annotations
 

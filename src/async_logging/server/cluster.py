@@ -1,4 +1,4 @@
-"""LogCluster: the proxy service (DESIGN §5) in one process: listener → buffer → publishers.
+"""LogCluster: the proxy service (docs/design.md §5) in one process: listener → buffer → publishers.
 
 The listener, the buffer, the publisher thread and the MonApp share one event loop. With
 ``workers > 1`` (or ``max_life`` / ``max_messages`` set) :meth:`LogCluster.run` hands over

@@ -1,4 +1,4 @@
-"""Server options (DESIGN §5): one frozen value built from keywords, CLI flags or TOML.
+"""Server options (docs/design.md §5): one frozen value built from keywords, CLI flags or TOML.
 
 Every seed option keeps its meaning; Python names are snake_case and a config file may use
 either spelling (``connThreshold`` or ``conn_threshold``). Unknown keys and wrong types are a

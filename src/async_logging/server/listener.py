@@ -1,4 +1,4 @@
-"""LogListener: WebSocket and HTTP on the main port (DESIGN §4), a thin aiohttp shell.
+"""LogListener: WebSocket and HTTP on the main port (docs/design.md §4), a thin aiohttp shell.
 
 - WebSocket on any path, subprotocol ``log-protocol`` (or none). After the upgrade the
   server sends the text frame ``ready``. Binary frames are MessagePack, text frames JSON:

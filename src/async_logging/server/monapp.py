@@ -1,4 +1,4 @@
-"""MonApp: the monitoring port (DESIGN §5): ``GET /ecv``, ``GET /metrics``, and the viewer.
+"""MonApp: the monitoring port (docs/design.md §5): ``GET /ecv``, ``GET /metrics``, and the viewer.
 
 ``/ecv`` is the seed's health check: 200 ``{"status": "AVAILABLE", …}`` while the server
 takes traffic and its ``ecv`` switch is on, 503 ``UNAVAILABLE`` while it drains or is
