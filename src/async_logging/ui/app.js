@@ -473,7 +473,7 @@
         else if (f.stalled) parts.push(`store follower: no report for ${f.status_age.toFixed(0)} s`);
         else if (f.lag_records > 0) {
           parts.push(`store lag: ${f.lag_records.toLocaleString()} records, ${f.lag_seconds.toFixed(1)} s`);
-        } else parts.push("store: up to date");
+        } else parts.push("up to date");
       }
       parts.push(s.live.enabled ? "live: on" : "live: off (no store)");
       node.textContent = parts.join(" · ");
