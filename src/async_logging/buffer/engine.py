@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Final, NamedTuple, cast
 
+import orjson
+
 from ..exceptions import InvalidEvent, UsageError
 from ..model import (
     ATOMIC,
@@ -99,6 +101,7 @@ class _Group:
     """Everything held for one uuid."""
 
     __slots__ = (
+        "alike",
         "batch",
         "begins",
         "closed_at",
@@ -119,6 +122,10 @@ class _Group:
         self.kids: dict[str, list[Event]] = {}
         # Atomic events by (event, parent, timestamp): finds resent duplicates.
         self.seen: dict[tuple[Any, ...], Event] = {}
+        # For the keys of ``seen`` that more than one different event shares: the digests
+        # of those events (made on the first collision), so that telling a resend from a
+        # new event costs one digest, never a scan of the siblings (linear, not quadratic).
+        self.alike: dict[tuple[Any, ...], set[bytes]] | None = None
         # Transaction ids referenced here that do not yet have both their begin and end.
         self.pending: set[str] = set()
         self.roots: list[str] = []
@@ -431,7 +438,7 @@ class LogBuffer:
                 seen = g.seen
                 prev = seen.get(key)
                 if prev is not None:
-                    if prev == e or _same_in(e, g.kids.get(parent, ())):
+                    if prev == e or _seen_alike(g, key, prev, e):
                         stats["duplicates"] += 1
                         continue
                 else:
@@ -764,9 +771,32 @@ class LogBuffer:
         return head
 
 
-def _same_in(e: Event, siblings: Iterable[Event]) -> bool:
-    """Whether an event equal to ``e`` is already among ``siblings`` (atomic duplicates)."""
-    return any(s == e for s in siblings)
+def _digest(e: Event) -> bytes:
+    """The whole event's content, in a canonical form (keys sorted); never raises."""
+    try:
+        return orjson.dumps(e, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an odd value from a custom mapper, or an integer past 64 bits
+        return repr(sorted(e.items(), key=lambda kv: str(kv[0]))).encode()
+
+
+def _seen_alike(g: _Group, key: tuple[Any, ...], first: Event, e: Event) -> bool:
+    """Whether an event with the content of ``e`` was taken already among those sharing
+    ``key`` (``first`` is the first of them); remembers ``e`` when not.
+
+    One digest per event that shares its key with another: O(1) per event, whatever the
+    frame (10,000 events sharing a key used to be compared pairwise: seconds per frame).
+    """
+    alike = g.alike
+    if alike is None:
+        alike = g.alike = {}
+    digests = alike.get(key)
+    if digests is None:
+        digests = alike[key] = {_digest(first)}
+    digest = _digest(e)
+    if digest in digests:
+        return True
+    digests.add(digest)
+    return False
 
 
 def _merge_end(node: Event, end: Event) -> None:
