@@ -291,8 +291,13 @@ class LogCluster:
     def health(self) -> dict[str, Any]:
         """What ``/ecv`` reports."""
         p = self.pipeline
+        # A proxy that does not ack (publish queue full, publisher stalled, spool full) must
+        # not look AVAILABLE: the load balancer sends traffic elsewhere.
+        refusing = p.refusing() if p is not None else None
+        running = self._lifecycle.state is ClusterState.RUNNING
         return {
-            "available": self.config.ecv and self._lifecycle.state is ClusterState.RUNNING,
+            "available": self.config.ecv and running and not refusing,
+            **({"reason": refusing} if refusing else {}),
             "machine": self.config.machine_name,
             "pid": os.getpid(),
             "connections": self.stats.connections,

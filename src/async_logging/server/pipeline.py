@@ -24,6 +24,7 @@ import contextlib
 import enum
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -36,7 +37,7 @@ import msgspec
 from .. import wire
 from ..buffer import Fed, LogBuffer, Record
 from ..encoded import EncodedRecords
-from ..exceptions import BadInput
+from ..exceptions import BadInput, LimitExceeded
 from ..publishers import Publisher
 from .lifecycle import Lifecycle
 from .spool import JSON, MSGPACK, Spool
@@ -49,6 +50,11 @@ log = logging.getLogger("async_logging.server")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 #: uuids of replayed trees remembered so their later records are flagged too.
 REPLAYED_MEMORY = 100_000
+#: Seconds the publisher may hold records without publishing any before the proxy says it
+#: is stalled (``/ecv`` 503, ``publisher_stalled``).
+PUBLISHER_STALL = 10.0
+#: Seconds after the spool refused a batch during which ``/ecv`` still says ``spool_full``.
+SPOOL_FULL_HOLD = 5.0
 #: Backoff (seconds) between retries of a batch whose publisher raised.
 RETRY_BACKOFF = (0.05, 0.2, 1.0, 5.0)
 
@@ -206,6 +212,30 @@ class Pipeline:
         self._room: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        #: Seconds without progress after which queued records count as stalled.
+        self.stall_after = PUBLISHER_STALL
+        self.clock: Callable[[], float] = time.monotonic
+        # When the publisher last made progress (or records started waiting for it).
+        self._progress_at = 0.0
+        # When the spool last refused a batch (-inf: never).
+        self._spool_refused_at = -math.inf
+
+    def refusing(self) -> str | None:
+        """Why the proxy does not ack now, or None: ``publish_queue_full`` (ingest waits for
+        the publisher), ``publisher_stalled`` (records waiting and none published for
+        :attr:`stall_after` seconds) or ``spool_full`` (the spool refuses batches). What
+        ``/ecv`` answers 503 for: a load balancer's signal to send traffic elsewhere."""
+        if self._queued >= self.publish_queue:
+            return "publish_queue_full"
+        now = self.clock()
+        if self._queued and now - self._progress_at > self.stall_after:
+            return "publisher_stalled"
+        spool = self.spool
+        if spool is not None and (
+            spool.pending_bytes >= spool.max_bytes or now - self._spool_refused_at < SPOOL_FULL_HOLD
+        ):
+            return "spool_full"
+        return None
 
     @property
     def queued(self) -> int:
@@ -301,7 +331,11 @@ class Pipeline:
         spool = self.spool
         if spool is not None and raw is not None:
             before = spool.position
-            spool.append(*raw)
+            try:
+                spool.append(*raw)
+            except LimitExceeded:
+                self._spool_refused_at = self.clock()
+                raise
             fed = feed()
             self._spooled.append((getattr(self.buffer, "batches", 0), before))
             self.emit(fed.records, self._checkpoint())
@@ -392,6 +426,8 @@ class Pipeline:
                     record["replayed"] = True
         with self._cond:
             queue = self._queue
+            if not self._queued:  # records start waiting now: progress is measured from here
+                self._progress_at = self.clock()
             queue.append((time.monotonic(), records, checkpoint))
             self._queued += len(records)
             if len(queue) == 1:  # else the publisher was woken already and takes them all
@@ -477,6 +513,7 @@ class Pipeline:
                 time.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
                 attempt += 1
             else:
+                self._progress_at = self.clock()
                 kinds = self.stats.records
                 if isinstance(records, EncodedRecords):
                     kinds.update(records.kinds)

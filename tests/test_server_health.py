@@ -1,0 +1,154 @@
+"""/ecv tells the truth: a proxy that does not ack answers 503 with the reason (issue 12,
+item 6): the publish queue full, the publisher stalled, the spool full."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from async_logging.publishers import BatchPublisher
+from async_logging.server import LogCluster
+from conftest import TIMEOUT
+
+
+class Gate(BatchPublisher):
+    """A publisher that holds every batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.published = 0
+
+    def publish_many(self, records: Sequence[dict[str, Any]]) -> None:
+        self.entered.set()
+        assert self.open.wait(TIMEOUT * 3), "the test never opened the gate"
+        self.published += len(records)
+
+
+def tree(uuid: str) -> list[dict[str, Any]]:
+    return [
+        {"clazz": "begin", "uuid": uuid, "event": "1", "parent": "0"},
+        {"clazz": "end", "uuid": uuid, "event": "1", "parent": "0", "status": "0"},
+    ]
+
+
+async def ecv(session: aiohttp.ClientSession, cluster: LogCluster) -> tuple[int, Any]:
+    async with session.get(f"http://127.0.0.1:{cluster.mon_port}/ecv") as resp:
+        return resp.status, await resp.json()
+
+
+async def post(session: aiohttp.ClientSession, cluster: LogCluster, logs: Any) -> int:
+    async with session.post(f"http://127.0.0.1:{cluster.port}/log", json=logs) as resp:
+        return resp.status
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Wait, bounded, for a state of the in-process server (checked every 10 ms)."""
+    for _ in range(int(TIMEOUT / 0.01)):
+        if done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the server never got there")
+
+
+@pytest.fixture
+def gate() -> Gate:
+    return Gate()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as s:
+        yield s
+
+
+async def start(gate: Gate, **options: Any) -> LogCluster:
+    cluster = LogCluster(
+        host="127.0.0.1", port=0, mon_port=0, heartbeat_interval=0, store="",
+        publisher=gate, **options,
+    )  # fmt: skip
+    await cluster.start()
+    return cluster
+
+
+async def test_a_full_publish_queue_makes_ecv_503_until_it_drains(
+    gate: Gate, session: aiohttp.ClientSession
+) -> None:
+    """With the publisher held and its queue full, ingest waits and /ecv says 503
+    publish_queue_full; once the publisher goes on, 200 again and every tree published."""
+    cluster = await start(gate)
+    try:
+        assert cluster.pipeline is not None
+        cluster.pipeline.publish_queue = 3  # below what the option allows: a small test
+        assert (await ecv(session, cluster))[0] == 200
+        sends = [asyncio.create_task(post(session, cluster, tree(f"q{i}"))) for i in range(6)]
+        pipeline = cluster.pipeline
+        assert pipeline is not None
+        await until(lambda: pipeline.queued >= pipeline.publish_queue)  # the queue filled up
+        status, body = await ecv(session, cluster)
+        assert (status, body["status"], body["reason"]) == (
+            503,
+            "UNAVAILABLE",
+            "publish_queue_full",
+        )
+        gate.open.set()
+        assert await asyncio.wait_for(asyncio.gather(*sends), TIMEOUT) == [200] * 6
+        await until(lambda: not pipeline.queued)
+        status, body = await ecv(session, cluster)
+        assert status == 200 and "reason" not in body
+    finally:
+        gate.open.set()
+        await cluster.stop()
+    assert gate.published == 6
+
+
+async def test_a_stalled_publisher_makes_ecv_503_on_the_pipelines_clock(
+    gate: Gate, session: aiohttp.ClientSession
+) -> None:
+    """Records waiting and none published for longer than stall_after (an injected clock):
+    503 publisher_stalled; published again: 200."""
+    cluster = await start(gate)
+    now = [1000.0]
+    try:
+        pipeline = cluster.pipeline
+        assert pipeline is not None
+        pipeline.clock = lambda: now[0]
+        assert await post(session, cluster, tree("s1")) == 200
+        assert await asyncio.to_thread(gate.entered.wait, TIMEOUT)
+        assert (await ecv(session, cluster))[0] == 200  # waiting, not yet stalled
+        now[0] += pipeline.stall_after + 1
+        status, body = await ecv(session, cluster)
+        assert (status, body["reason"]) == (503, "publisher_stalled")
+        gate.open.set()
+        await until(lambda: not pipeline.queued)
+        assert (await ecv(session, cluster))[0] == 200
+    finally:
+        gate.open.set()
+        await cluster.stop()
+
+
+async def test_a_full_spool_makes_ecv_503_spool_full(
+    tmp_path: Path, gate: Gate, session: aiohttp.ClientSession
+) -> None:
+    """When the spool refuses a batch (503 spool_full to the client), /ecv says so too."""
+    gate.open.set()
+    cluster = await start(gate, spool=str(tmp_path / "spool"), spool_max_bytes=2048)
+    try:
+        # An open tree pins what the spool holds: send until it refuses.
+        statuses = []
+        for i in range(40):
+            begin = [{"clazz": "begin", "uuid": f"o{i}", "event": "1", "parent": "0"}]
+            statuses.append(await post(session, cluster, begin))
+            if statuses[-1] != 200:
+                break
+        assert statuses[-1] == 503, statuses
+        status, body = await ecv(session, cluster)
+        assert (status, body["reason"]) == (503, "spool_full")
+    finally:
+        await cluster.stop()
