@@ -20,7 +20,8 @@ import orjson
 import psutil
 import pytest
 
-from async_logging.server import LogCluster
+from async_logging.exceptions import ConfigError
+from async_logging.server import LogCluster, ServerConfig
 from async_logging.testing import MemoryPublisher
 from helpers import TIMEOUT, Metrics, Served, answer, connect, serve, tx, walk
 
@@ -195,6 +196,16 @@ def test_serve_reads_tokens_from_the_environment(
     asyncio.run(probe())
     assert s.stop() == 0
     assert [r["uuid"] for r in s.records()] == ["env-1"]
+
+
+@pytest.mark.parametrize("tokens", [" , ", "a,,b", ["a", " "]])
+def test_a_token_list_with_an_empty_item_is_a_config_error_not_no_auth(tokens: Any) -> None:
+    """A blank item in the tokens (a typo like " , ") is refused at start, never read as
+    'no tokens', which would turn authentication off."""
+    with pytest.raises(ConfigError, match="tokens has an empty item"):
+        ServerConfig(tokens=tokens)
+    assert ServerConfig(tokens=" a , b ").tokens == ("a", "b")
+    assert ServerConfig(tokens="").tokens == ()
 
 
 # ====================================================================== access: origins

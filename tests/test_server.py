@@ -227,6 +227,29 @@ async def test_bad_events_in_a_good_frame_are_listed_and_the_rest_published(
     assert server.snapshot()["bad_input"] == {"not_a_map": 1, "unknown_clazz": 1}
 
 
+async def test_an_answer_lists_the_first_100_refusals_and_counts_them_all(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """A frame of 5,000 nils (10 KB) is answered with 100 refusals and their count, not a
+    list 80 times the frame's size; POST answers the same way."""
+    ws = await connect(session, server)
+    payload = msgpack.packb({"seq": 4, "logs": [None] * 5000})
+    await ws.send_bytes(payload)
+    msg = await ws.receive(timeout=TIMEOUT)
+    ans = orjson.loads(msg.data)
+    assert (ans["ack"], ans["error"], ans["rejected_count"]) == (4, "invalid_events", 5000)
+    assert [r["index"] for r in ans["rejected"]] == list(range(100))
+    assert len(msg.data) < 10 * len(payload)
+    await ws.close()
+    async with session.post(
+        f"http://127.0.0.1:{server.port}/log",
+        data=payload,
+        headers={"Content-Type": "application/msgpack"},
+    ) as resp:
+        body = await resp.json()
+    assert resp.status == 400 and body["rejected_count"] == 5000 and len(body["rejected"]) == 100
+
+
 @pytest.mark.parametrize("server_options", [{"max_message_bytes": 2048}])
 async def test_frame_over_the_size_limit_closes_with_1009(
     server: LogCluster, session: aiohttp.ClientSession

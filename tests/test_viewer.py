@@ -119,6 +119,9 @@ async def test_missing_tree_is_404_and_status_reports_the_store(
         "/api/search?failures=maybe",
         "/api/search?kind=span",
         "/api/search?since=yesterday",
+        "/api/search?since=99999999999999999999",
+        "/api/search?until=-99999999999999999999",
+        "/api/summary?until=9223372036854775808",
         "/api/search?name=" + "x" * 1025,
         "/api/summary?window=0",
         "/api/tree/abc",
@@ -131,6 +134,14 @@ async def test_bad_parameters_are_400_naming_the_problem(
     """A malformed query parameter is refused with 400 and a JSON error, never a 500."""
     status, body = await get(session, server, path)
     assert status == 400 and body["error"] == "bad_param" and body["detail"]
+
+
+async def test_a_tree_id_past_what_the_store_holds_is_404_not_500(
+    server: LogCluster, session: aiohttp.ClientSession
+) -> None:
+    """An id larger than a 64-bit integer is no tree (404), not an error of the server."""
+    status, body = await get(session, server, "/api/tree/99999999999999999999999")
+    assert (status, body["error"]) == (404, "not_found")
 
 
 @pytest.mark.parametrize("server_options", [{"store": ""}])

@@ -62,6 +62,7 @@ def test_exported_names() -> None:
             "DEFAULT_MAX_MESSAGE_BYTES",
             "DEFAULT_MAX_STRING_LENGTH",
             "FORM_INT_KEYS",
+            "MAX_SEQ",
             "Frame",
             "WireLimits",
             "decode_form",
@@ -702,3 +703,21 @@ def test_timestamp_key_in_slow_path_is_msgpack_ext() -> None:
     with pytest.raises(DecodeError) as info:
         decode_msgpack(msgpack.packb([{key: 1}], datetime=False))
     assert info.value.reason == "msgpack_ext"
+
+
+@pytest.mark.parametrize("decode", [wire.decode_json, wire.decode_msgpack])
+def test_a_seq_past_64_bits_is_refused_before_the_batch_is_taken(decode: Any) -> None:
+    """An envelope's seq beyond 2**64 - 1 cannot be acked: the frame is refused as a bad
+    envelope (before the buffer sees it), while 2**64 - 1 itself is taken."""
+    ok = {"seq": wire.MAX_SEQ, "logs": []}
+    too_big_json = b'{"seq": 18446744073709551616, "logs": []}'
+    if decode is wire.decode_json:
+        assert decode(orjson.dumps(ok)).seq == wire.MAX_SEQ
+        payload = too_big_json
+    else:
+        assert decode(msgpack.packb(ok)).seq == wire.MAX_SEQ
+        # MessagePack cannot hold a larger integer: an out-of-range float is the closest.
+        payload = msgpack.packb({"seq": 2.0**64, "logs": []})
+    with pytest.raises(DecodeError) as info:
+        decode(payload)
+    assert info.value.reason in ("bad_envelope", "bad_payload")

@@ -91,6 +91,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_STRING_LENGTH",
     "FORM_INT_KEYS",
+    "MAX_SEQ",
     "Frame",
     "WireLimits",
     "decode_form",
@@ -123,6 +124,11 @@ FORM_INT_KEYS: Final = frozenset({"duration", "timestamp", "pid"})
 #: the slow way. The schema grows as 2**n (msgspec expands unions): 6 levels take ~6 ms
 #: to build, once per distinct limits; 10 would take ~120 ms.
 _FAST_NESTING: Final = 6
+
+
+#: The largest envelope ``seq``: an unsigned 64-bit integer (what an ack can carry; a
+#: larger one is refused before the batch is taken, never acked wrongly).
+MAX_SEQ: Final = 2**64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +344,10 @@ def _fast(
     else:
         logs = obj.logs
         seq = None if obj.seq is msgspec.UNSET else obj.seq
+        if seq is not None and seq > MAX_SEQ:  # msgspec bounds only 64-bit signed ints
+            raise DecodeError(
+                "bad_envelope", f"seq must be an integer from 0 to 2**64 - 1, not {seq!r:.40}"
+            )
     limit = limits.max_string_length
     # The schema leaves the log maps' own keys unbounded (see module doc). A string cannot
     # be longer than the payload, and in MessagePack a long one needs a long-string header,
@@ -414,9 +424,10 @@ def _frame_from(obj: Any, limits: WireLimits) -> Frame:
                 )
             if "seq" in obj:
                 seq = obj["seq"]
-                if type(seq) is not int or seq < 0:
+                if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
                     raise DecodeError(
-                        "bad_envelope", f"seq must be a non-negative integer, not {seq!r:.40}"
+                        "bad_envelope",
+                        f"seq must be an integer from 0 to 2**64 - 1, not {seq!r:.40}",
                     )
         else:
             logs = [obj]

@@ -149,9 +149,15 @@ class ServerConfig:
         for name in ("tokens", "allowed_origins"):
             value = getattr(self, name)
             if isinstance(value, str):
-                value = tuple(v.strip() for v in value.split(",") if v.strip())
+                parts = [v.strip() for v in value.split(",")]
+                if value.strip() and not all(parts):
+                    # " , " or "a,,b": a typo must not turn authentication off (or half on).
+                    raise ConfigError(f"option {name} has an empty item: {value!r}")
+                value = tuple(v for v in parts if v)
             elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-                value = tuple(value)
+                if not all(v.strip() for v in value):
+                    raise ConfigError(f"option {name} has an empty item")
+                value = tuple(v.strip() for v in value)
             else:
                 raise ConfigError(f"option {name} must be a list of strings")
             object.__setattr__(self, name, value)

@@ -463,6 +463,10 @@ class _Watched(asyncio.BaseProtocol):
         self._inner.resume_writing()
 
 
+#: Refused events an answer lists (the first ones); ``rejected_count`` gives them all, so a
+#: small frame of bad events never makes an answer many times its size.
+MAX_REJECTIONS_LISTED = 100
+
 def _post_answer(seq: int | None, items: int, fed: Any) -> web.Response:
     """The answer to a ``POST /log`` batch: 200 with the count accepted (and the refusals),
     400 when every event was refused."""
@@ -472,6 +476,7 @@ def _post_answer(seq: int | None, items: int, fed: Any) -> web.Response:
         body_out["ack"] = seq
     if fed.rejected:
         body_out["rejected"] = _rejections(fed)
+        body_out["rejected_count"] = len(fed.rejected)
         if accepted == 0:
             first = fed.rejected[0][1]
             body_out.update(error=first.reason, detail=first.detail)
@@ -502,12 +507,16 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
 
 
 def _rejections(fed: Any) -> list[dict[str, Any]]:
-    return [{"index": i, "error": e.reason, "detail": e.detail} for i, e in fed.rejected]
+    """The first :data:`MAX_REJECTIONS_LISTED` refusals (the answer also says how many)."""
+    return [
+        {"index": i, "error": e.reason, "detail": e.detail}
+        for i, e in fed.rejected[:MAX_REJECTIONS_LISTED]
+    ]
 
 
 def _rejected_answer(seq: int | None, fed: Any) -> str:
     """Answer to a frame some of whose events were refused (the rest were taken)."""
-    body: dict[str, Any] = {"rejected": _rejections(fed)}
+    body: dict[str, Any] = {"rejected": _rejections(fed), "rejected_count": len(fed.rejected)}
     if seq is not None:
         body["ack"] = seq
     body["seq"] = seq

@@ -111,6 +111,7 @@ _SECURITY_HEADERS: Final = {
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"", "0", "false", "no", "off"})
 _KINDS: Final = frozenset({"transaction", "atomicEvent", "heartbeat"})
+_I64: Final = 1 << 63
 
 T = TypeVar("T")
 
@@ -241,6 +242,8 @@ class Viewer:
             tree_id = int(request.match_info["id"])
         except ValueError:
             return _error(400, "bad_param", "a tree id is an integer")
+        if not 0 <= tree_id < _I64:
+            return _error(404, "not_found", f"no tree {str(tree_id)[:40]}")
 
         def fetch(reader: StoreReader) -> tuple[dict[str, Any] | None, bytes | None]:
             return reader.row(tree_id), reader.get_raw(tree_id)
@@ -481,6 +484,9 @@ def _int(q: Any, key: str) -> int | None:
     if value is None:
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise BadParam(f"{key} must be an integer, not {value[:40]!r}") from None
+    if not -_I64 <= number < _I64:  # what SQLite holds: a larger one is a bad request
+        raise BadParam(f"{key} is out of range")
+    return number
