@@ -50,6 +50,8 @@ log = logging.getLogger("async_logging.server")
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
 #: uuids of replayed trees remembered so their later records are flagged too.
 REPLAYED_MEMORY = 100_000
+#: Seconds replayed uuids are remembered when the buffer does not say its timeout.
+REPLAYED_KEEP = 180.0
 #: Seconds the publisher may hold records without publishing any before the proxy says it
 #: is stalled (``/ecv`` 503, ``publisher_stalled``).
 PUBLISHER_STALL = 10.0
@@ -198,7 +200,9 @@ class Pipeline:
         # known to be published, oldest first.
         self._spooled: deque[tuple[int, int]] = deque()
         # uuids of trees replayed from a spool: their records are flagged ``replayed``.
-        self._replayed: OrderedDict[str, None] = OrderedDict()
+        # uuid -> when it was replayed (the clock's seconds); forgotten once every tree
+        # opened by the replay has been published (the engine's timeout, at the latest).
+        self._replayed: OrderedDict[str, float] = OrderedDict()
         self.publisher = publisher
         self.stats = stats or Stats()
         self.publish_queue = publish_queue
@@ -393,10 +397,11 @@ class Pipeline:
                 log.error("spool record at %d no longer decodes; skipped", position)
                 continue
             replayed = self._replayed
+            now = self.clock()
             for e in frame.logs:
                 uuid = e.get("uuid") if isinstance(e, dict) else None
                 if uuid is not None:
-                    replayed[str(uuid)] = None
+                    replayed[str(uuid)] = now
             while len(replayed) > REPLAYED_MEMORY:
                 replayed.popitem(last=False)
             fed = self.buffer.feed_many(frame.logs)
@@ -414,13 +419,25 @@ class Pipeline:
         records = self.buffer.expire()
         if records:
             self.emit(records)
+        replayed = self._replayed
+        if replayed:
+            # Past the engine's timeout every tree a replay opened has been published:
+            # forget its uuids (a tree a replay left open is flagged; later ones are not).
+            limits = getattr(self.buffer, "limits", None)
+            keep = (
+                limits.clean_duration * limits.clean_cycles if limits is not None else REPLAYED_KEEP
+            )
+            cutoff = self.clock() - keep
+            while replayed and next(iter(replayed.values())) < cutoff:
+                replayed.popitem(last=False)
 
     def emit(self, records: Sequence[Record], checkpoint: int | None = None) -> None:
         """Queue records for the publisher thread (no waiting: callers check for room)."""
         replayed = self._replayed
-        if replayed:  # a tree begun in a replayed batch may complete with later traffic
-            if isinstance(records, EncodedRecords):
-                records = records.decoded()
+        # A tree begun in a replayed batch may complete with later traffic: flag it. Never
+        # in a natively reassembled batch: the fast path declines a frame whose uuid is open
+        # or published, as every replayed uuid is, so those batches stay encoded.
+        if replayed and not isinstance(records, EncodedRecords):
             for record in records:
                 if record.get("uuid") in replayed:
                     record["replayed"] = True
