@@ -467,6 +467,7 @@ class _Watched(asyncio.BaseProtocol):
 #: small frame of bad events never makes an answer many times its size.
 MAX_REJECTIONS_LISTED = 100
 
+
 def _post_answer(seq: int | None, items: int, fed: Any) -> web.Response:
     """The answer to a ``POST /log`` batch: 200 with the count accepted (and the refusals),
     400 when every event was refused."""
