@@ -230,7 +230,13 @@ def expected_answers(is_text: bool, data: bytes) -> tuple[list[dict[str, Any]], 
     fed = LogBuffer().feed_many(frame.logs)  # refusals depend on the event alone
     if fed.rejected:
         rejected = [{"index": i, "error": e.reason} for i, e in fed.rejected]
-        return [{"error": "invalid_events", "seq": frame.seq, "rejected": rejected}], len(rejected)
+        answer = {
+            "error": "invalid_events",
+            "seq": frame.seq,
+            "rejected": rejected[:100],  # the first 100 listed, all counted
+            "rejected_count": len(rejected),
+        }
+        return [answer], len(rejected)
     return ([{"ack": frame.seq}] if frame.seq is not None else []), 0
 
 
