@@ -193,7 +193,9 @@ class SnapshotCollector(Collector):
                 store["rotated_away"],
             )
             yield _counter(
-                "store_unreadable", "Lines that were not a JSON object.", store["unreadable"]
+                "store_unreadable",
+                "Lines the store skipped: not a JSON object, too long, or torn.",
+                store["unreadable"],
             )
             yield _counter(
                 "store_restarts",

@@ -102,7 +102,7 @@ class FileTail:
         rotated_away: times the file being read had been deleted by rotation when it was
             finished (files between it and the next one may be lost).
         too_long: lines past :data:`MAX_LINE_BYTES`, skipped.
-        partial: bytes of a torn last line in a rotated file, skipped.
+        torn: torn last lines of rotated files (a write cut short), skipped.
     """
 
     def __init__(self, path: str, backups: int, position: FollowPosition | None) -> None:
@@ -111,7 +111,7 @@ class FileTail:
         self.lines = position.lines if position is not None else 0
         self.rotated_away = 0
         self.too_long = 0
-        self.partial = 0
+        self.torn = 0
         self._fd: int | None = None
         self._ino = 0
         self._offset = 0
@@ -187,12 +187,6 @@ class FileTail:
         """Where this tail is (what to store with the lines it returned)."""
         return FollowPosition(self.path, self._ino, self._offset, self._head, self.lines)
 
-    def behind_bytes(self) -> int:
-        """Bytes of the current file not read yet (files after it not counted)."""
-        if self._fd is None:
-            return 0
-        return max(0, os.fstat(self._fd).st_size - self._offset)
-
     def read(self, max_bytes: int = READ_BYTES) -> list[bytes]:
         """The next whole lines (without their newlines), at most about ``max_bytes`` of
         them (one longer line is read whole); ``[]`` when there is nothing new yet."""
@@ -258,7 +252,8 @@ class FileTail:
         again = os.pread(self._fd, READ_BYTES, self._offset)
         if again.find(b"\n") >= 0:
             return self._next(max_bytes)
-        self.partial += len(rest)
+        if rest:
+            self.torn += 1
         ino = self._ino
         os.close(self._fd)
         self._fd = None
@@ -285,11 +280,13 @@ def start_position(store: SqliteStore, log_file: str, backups: int) -> FollowPos
     fd = FileTail._open(source)
     if fd is not None:
         try:
-            size = os.fstat(fd).st_size
-            last = os.pread(fd, min(size, READ_BYTES), size - min(size, READ_BYTES))
+            st = os.fstat(fd)
+            tail_start = max(0, st.st_size - READ_BYTES)
+            last = os.pread(fd, st.st_size - tail_start, tail_start)
             # After the last whole line (a write in progress is read when it is whole).
-            start = size - len(last) + last.rfind(b"\n") + 1 if b"\n" in last else size
-            position = FollowPosition(source, os.fstat(fd).st_ino, start, _head(fd), 0)
+            end = last.rfind(b"\n")
+            start = tail_start + end + 1 if end >= 0 else st.st_size
+            position = FollowPosition(source, st.st_ino, start, _head(fd), 0)
         finally:
             os.close(fd)
     store.set_position(position)
@@ -309,7 +306,8 @@ class FollowerStatus(NamedTuple):
         batches: transactions written.
         errors: batches SQLite refused (retried).
         rotated_away: files rotated away before the store read them.
-        unreadable: lines that were not a JSON object (skipped).
+        unreadable: lines the store skipped: not a JSON object, longer than
+            :data:`MAX_LINE_BYTES`, or torn at the end of a rotated file.
         updated: when this status was made (seconds since the epoch): a follower that
             stopped reporting (stopped, or stuck) shows as an old one.
     """
@@ -405,10 +403,13 @@ def follow(
         with lock:
             now = clock()
             lag.count(now)
-            unreadable = int(store.stats["unreadable"])
+            # Lines read but not JSON objects were counted in ``committed``; too long and
+            # torn ones never were.
+            not_json = int(store.stats["unreadable"])
+            unreadable = not_json + tail.too_long + tail.torn
             return FollowerStatus(
                 True,
-                committed - unreadable,
+                committed - not_json,
                 lag.seen,
                 max(0, lag.seen - committed),
                 lag.seconds(committed, now),

@@ -228,18 +228,22 @@ def _set_up(conn: sqlite3.Connection, path: str) -> None:
                 f"{SCHEMA_VERSION}: move it away or point the store elsewhere"
             )
         if version == 1:
-            for statement in _MIGRATE_1_TO_2.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            _run(conn, _MIGRATE_1_TO_2)
         if version != SCHEMA_VERSION:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            _run(conn, _SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _run(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``script``'s statements inside the open transaction (``executescript`` would
+    commit it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
 
 
 def _text(value: Any) -> str | None:

@@ -266,9 +266,7 @@ class SqliteStore(BatchPublisher):
                 )
                 .fetchone()
             )
-        return (
-            None if row is None else FollowPosition(row[0], row[1], row[2], bytes(row[3]), row[4])
-        )
+        return None if row is None else FollowPosition._make(row)
 
     def set_position(self, position: FollowPosition) -> None:
         """Record ``position`` alone (where a new follower starts)."""
