@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import math
 import re
 import time
@@ -61,6 +60,7 @@ from ..store.reader import (
     StoreError,
     StoreReader,
 )
+from ..store.schema import load_body
 from .live import HubFull, LiveHub, Subscription, record_filter
 
 if TYPE_CHECKING:
@@ -379,7 +379,7 @@ class Viewer:
             rows = await self._query(functools.partial(StoreReader.since, after_id=last))
             if not isinstance(rows, web.Response) and rows:
                 last = rows[-1][0]
-                hub.publish_many([_loads(body) for _, body in rows])
+                hub.publish_many([load_body(body) for _, body in rows])
                 if len(rows) == SINCE_MAX_ROWS:
                     continue  # more are there: no pause
             await asyncio.sleep(self.live_store_poll)
@@ -432,13 +432,6 @@ def _error(status: int, reason: str, detail: str) -> web.Response:
         body=orjson.dumps({"error": reason, "detail": detail}),
         content_type="application/json",
     )
-
-
-def _loads(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:  # an integer past 64 bits, written by the fallback
-        return json.loads(body)
 
 
 def _dumps(record: Any) -> bytes:

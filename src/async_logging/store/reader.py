@@ -7,7 +7,6 @@ query is interrupted past ``query_timeout`` (:data:`QUERY_TIMEOUT` by default).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sqlite3
@@ -15,10 +14,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-import orjson
-
 from ..exceptions import AsyncLoggingError, UsageError
-from .schema import connect
+from .schema import connect, load_body
 from .summary import summarize
 
 __all__ = [
@@ -202,10 +199,7 @@ class StoreReader:
         raw = self.get_raw(tree_id)
         if raw is None:
             return None
-        try:
-            return orjson.loads(raw)  # type: ignore[no-any-return]
-        except orjson.JSONDecodeError:  # an integer past a double, written by the fallback
-            return json.loads(raw)  # type: ignore[no-any-return]
+        return load_body(raw)  # type: ignore[no-any-return]
 
     def row(self, tree_id: int) -> dict[str, Any] | None:
         """The indexed columns of record ``tree_id`` (as :meth:`search` gives them), or None."""

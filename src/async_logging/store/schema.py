@@ -27,6 +27,7 @@ version is refused with a message saying so, never misread.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sqlite3
@@ -49,6 +50,7 @@ __all__ = [
     "SpanRow",
     "TreeRow",
     "connect",
+    "load_body",
     "rows_of",
 ]
 
@@ -236,6 +238,15 @@ def _set_up(conn: sqlite3.Connection, path: str) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def load_body(body: bytes) -> Any:
+    """A stored record's JSON back as Python values: orjson, or the standard module for
+    an integer past 64 bits (which the JSON-lines sink's fallback writes)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def _run(conn: sqlite3.Connection, script: str) -> None:

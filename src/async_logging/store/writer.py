@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from ..encoded import EncodedRecords
 from ..exceptions import ConfigError, UsageError
 from ..publishers.base import BatchPublisher
 from ..publishers.jsonl import encode_line
-from .schema import BUSY_TIMEOUT, SpanRow, TreeRow, connect, rows_of
+from .schema import BUSY_TIMEOUT, SpanRow, TreeRow, connect, load_body, rows_of
 
 if TYPE_CHECKING:
     from .reader import StoreReader
@@ -128,13 +127,6 @@ def _insert_rows(
         params: list[Any] = [base]
         params.extend(itertools.chain.from_iterable(chunk))
         conn.execute(_values_sql(head, columns, len(chunk)), params)
-
-
-def _loads(line: bytes) -> Any:
-    try:
-        return orjson.loads(line)
-    except orjson.JSONDecodeError:  # an integer past 64 bits, written by the fallback
-        return json.loads(line)
 
 
 class SqliteStore(BatchPublisher):
@@ -244,7 +236,7 @@ class SqliteStore(BatchPublisher):
         i = 0
         for line in lines:
             try:
-                record = _loads(line)
+                record = load_body(line)
             except ValueError:
                 record = None
             if type(record) is not dict:
