@@ -29,12 +29,11 @@ from ..model import (
 )
 from ..wire import DEFAULT_LIMITS, WireLimits
 from .memory import PublishedMemory
-from .native import NativePath, Prepared, Reassembled, prepare
+from .native import TRANSACTION, NativePath, Prepared, Reassembled, prepare
 
 __all__ = ["BufferLimits", "Fed", "LogBuffer", "Record", "wall_clock_ms"]
 
 Record = dict[str, Any]
-TRANSACTION: Final = "transaction"
 #: Status given to a transaction that never said one (CAL: anything but "0" is a failure).
 UNKNOWN_STATUS: Final = "-1"
 _TS = itemgetter("timestamp")

@@ -28,6 +28,7 @@ from .memory import PublishedMemory
 
 __all__ = ["NativeModule", "NativePath", "Prepared", "Reassembled", "prepare"]
 
+#: The kind of a transaction record (the engine's too).
 TRANSACTION: Final = "transaction"
 
 
