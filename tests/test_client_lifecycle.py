@@ -41,7 +41,7 @@ def test_every_move_the_table_does_not_list_raises(
     states = list(moves)
     assert set(states) == set(type(states[0])) == set(after_fork)
     for old, new in itertools.product(states, states):
-        life = Lifecycle("X", moves, after_fork, old)
+        life = Lifecycle("X", moves, old, after_fork=after_fork)
         if new in moves[old]:
             assert life.to(new) is old and life.state is new
         else:
@@ -52,7 +52,7 @@ def test_every_move_the_table_does_not_list_raises(
 
 def test_move_if_moves_only_from_the_states_named() -> None:
     """move_if() is a check-and-move: no move (None) from another state; an illegal one raises."""
-    life = Lifecycle("S", SENDER_MOVES, SENDER_AFTER_FORK, SenderState.NEW)
+    life = Lifecycle("S", SENDER_MOVES, SenderState.NEW, after_fork=SENDER_AFTER_FORK)
     assert life.move_if((SenderState.RUNNING,), SenderState.FAILED) is None
     assert life.state is SenderState.NEW
     assert life.move_if((SenderState.NEW,), SenderState.STARTING) is SenderState.NEW
@@ -67,7 +67,7 @@ def test_a_forked_child_keeps_running_clients_and_stops_the_parents_senders() ->
     assert CLIENT_AFTER_FORK[ClientState.CLOSING] is ClientState.RUNNING
     assert CLIENT_AFTER_FORK[ClientState.CLOSED] is ClientState.CLOSED
     for state in SenderState:
-        life = Lifecycle("S", SENDER_MOVES, SENDER_AFTER_FORK, state)
+        life = Lifecycle("S", SENDER_MOVES, state, after_fork=SENDER_AFTER_FORK)
         assert life.after_fork() is SenderState.STOPPED
 
 

@@ -194,7 +194,9 @@ class LogClient:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: The queue the application's threads put items in and the sender takes them from.
         self.inbox = Inbox(base.max_queue_events, base.batch_size)
-        self._life = Lifecycle("LogClient", CLIENT_MOVES, CLIENT_AFTER_FORK, ClientState.NEW)
+        self._life = Lifecycle(
+            "LogClient", CLIENT_MOVES, ClientState.NEW, after_fork=CLIENT_AFTER_FORK
+        )
         self._sender = self._make_sender()
         registry.clients.add(self)
         previous = registry.default.client

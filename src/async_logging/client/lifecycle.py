@@ -23,11 +23,10 @@ not exist in the child, so its sender is stopped there and the client gets a new
 from __future__ import annotations
 
 import enum
-import threading
-from collections.abc import Iterable, Mapping
-from typing import Final, Generic, TypeVar
+from collections.abc import Mapping
+from typing import Final
 
-from ..exceptions import UsageError
+from ..lifecycle import Lifecycle, LifecycleError
 
 __all__ = [
     "CLIENT_AFTER_FORK",
@@ -39,8 +38,6 @@ __all__ = [
     "LifecycleError",
     "SenderState",
 ]
-
-S = TypeVar("S", bound=enum.Enum)
 
 
 class ClientState(enum.Enum):
@@ -110,85 +107,3 @@ SENDER_MOVES: Final[Mapping[SenderState, frozenset[SenderState]]] = {
 
 #: What a sender's state becomes in a forked child: its thread is the parent's.
 SENDER_AFTER_FORK: Final[Mapping[SenderState, SenderState]] = dict.fromkeys(SenderState, _S.STOPPED)
-
-
-class LifecycleError(UsageError):
-    """A move its state does not allow was asked of a client or a sender."""
-
-
-class Lifecycle(Generic[S]):
-    """The state of one object and the table of its moves; safe to use from any thread.
-
-    Args:
-        owner: the object's name, for error messages.
-        moves: each state → the states it may move to.
-        after_fork: each state → the state it becomes in a forked child.
-        initial: the state it starts in.
-    """
-
-    __slots__ = ("_after_fork", "_lock", "_moves", "_owner", "_state")
-
-    def __init__(
-        self,
-        owner: str,
-        moves: Mapping[S, frozenset[S]],
-        after_fork: Mapping[S, S],
-        initial: S,
-    ) -> None:
-        self._owner = owner
-        self._moves = moves
-        self._after_fork = after_fork
-        self._state = initial
-        # Moves come from the application's threads and from the sender thread at once
-        # (a close while the sender gives up): check-and-move must be one step.
-        self._lock = threading.Lock()
-
-    @property
-    def state(self) -> S:
-        """The current state."""
-        return self._state
-
-    def __repr__(self) -> str:
-        return f"<{self._owner} {self._state.name}>"
-
-    def _move(self, new: S) -> None:
-        if new not in self._moves[self._state]:
-            raise LifecycleError(f"{self._owner} cannot go from {self._state.name} to {new.name}")
-        self._state = new
-
-    def to(self, new: S) -> S:
-        """Move to ``new``; return the state it left.
-
-        Raises:
-            LifecycleError: the table has no move from the current state to ``new``.
-        """
-        with self._lock:
-            old = self._state
-            self._move(new)
-            return old
-
-    def move_if(self, olds: Iterable[S], new: S) -> S | None:
-        """Move to ``new`` if the current state is one of ``olds``, in one step.
-
-        Returns:
-            The state it left, or ``None`` when it was in none of ``olds`` (no move).
-
-        Raises:
-            LifecycleError: the current state is one of ``olds`` but the table has no
-                move from it to ``new``.
-        """
-        with self._lock:
-            old = self._state
-            if old not in olds:
-                return None
-            self._move(new)
-            return old
-
-    def after_fork(self) -> S:
-        """In a forked child: take the state its table gives the current one; return it.
-
-        The lock is replaced: a thread of the parent may have held it at the fork.
-        """
-        self._lock = threading.Lock()
-        self._state = self._after_fork[self._state]
-        return self._state

@@ -123,7 +123,9 @@ class Sender:
         self.error: BaseException | None = None
         #: The last connection error (retryable ones included), for diagnostics.
         self.last_error: BaseException | None = None
-        self._life = Lifecycle("Sender", SENDER_MOVES, SENDER_AFTER_FORK, SenderState.NEW)
+        self._life = Lifecycle(
+            "Sender", SENDER_MOVES, SenderState.NEW, after_fork=SENDER_AFTER_FORK
+        )
         self._thread = threading.Thread(target=self._run, name="async-logging-sender", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
