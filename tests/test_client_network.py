@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -46,6 +45,7 @@ from async_logging.client import (
 from async_logging.server import LogCluster
 from async_logging.testing import MemoryPublisher
 from conftest import TIMEOUT
+from helpers import free_port
 
 
 def fast_backoff() -> Iterator[float]:
@@ -85,12 +85,6 @@ def children_ids(node: dict[str, Any]) -> list[str]:
         out.append(child["event"])
         out.extend(children_ids(child))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def log_tree(i: int) -> None:
