@@ -19,7 +19,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter, deque
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import msgpack
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
+from async_logging.publishers import BatchPublisher
 from async_logging.server import LogCluster
 from conftest import TIMEOUT
 from test_server import answer, connect
@@ -350,3 +351,20 @@ class AckedLoad:
     def sent_events(self) -> set[tuple[str, str]]:
         """Atomic events of every frame of every client."""
         return {k for st in self.streams for f in st.frames for k in atomic_keys(f)}
+
+
+# ---------------------------------------------------------------------- publishers
+
+
+class Gate(BatchPublisher):
+    """A publisher that holds every batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.published = 0
+
+    def publish_many(self, records: Sequence[dict[str, Any]]) -> None:
+        self.entered.set()
+        assert self.open.wait(TIMEOUT * 3), "the test never opened the gate"
+        self.published += len(records)

@@ -4,31 +4,17 @@ item 6): the publish queue full, the publisher stalled, the spool full."""
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import pytest
 
-from async_logging.publishers import BatchPublisher
 from async_logging.server import LogCluster
 from conftest import TIMEOUT
-
-
-class Gate(BatchPublisher):
-    """A publisher that holds every batch until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.open = threading.Event()
-        self.entered = threading.Event()
-        self.published = 0
-
-    def publish_many(self, records: Sequence[dict[str, Any]]) -> None:
-        self.entered.set()
-        assert self.open.wait(TIMEOUT * 3), "the test never opened the gate"
-        self.published += len(records)
+from helpers import Gate
 
 
 def tree(uuid: str) -> list[dict[str, Any]]:
@@ -152,3 +138,39 @@ async def test_a_full_spool_makes_ecv_503_spool_full(
         assert (status, body["reason"]) == (503, "spool_full")
     finally:
         await cluster.stop()
+
+
+async def test_a_drain_answers_the_frame_it_is_taking_before_it_closes(
+    gate: Gate, session: aiohttp.ClientSession
+) -> None:
+    """A frame being taken when the server drains (here: waiting for room in the publish
+    queue) is acked before the connection closes with 1001: a client never resends a
+    batch the server took, so nothing is published twice (the recycled-worker duplicate)."""
+    cluster = await start(gate)
+    pipeline = cluster.pipeline
+    assert pipeline is not None
+    try:
+        ws = await session.ws_connect(
+            f"ws://127.0.0.1:{cluster.port}/", protocols=("log-protocol",)
+        )
+        assert (await ws.receive(timeout=TIMEOUT)).data == "ready"
+        await ws.send_bytes(msgpack.packb({"seq": 1, "logs": tree("first")}))
+        assert (await ws.receive(timeout=TIMEOUT)).json() == {"ack": 1}
+        await asyncio.to_thread(gate.entered.wait, TIMEOUT)  # the publisher holds "first"
+        await ws.send_bytes(msgpack.packb({"seq": 2, "logs": tree("second")}))
+        assert (await ws.receive(timeout=TIMEOUT)).json() == {"ack": 2}
+        pipeline.publish_queue = 2  # full: the next frame waits for room, being taken
+        await ws.send_bytes(msgpack.packb({"seq": 3, "logs": tree("third")}))
+        await until(lambda: pipeline.stats.backpressure_waits == 1)
+        stopping = asyncio.create_task(cluster.stop())
+        await until(lambda: cluster.draining)
+        gate.open.set()  # room again: the frame is taken, then answered, then closed
+        answer = await ws.receive(timeout=TIMEOUT)
+        assert (answer.type, answer.json()) == (aiohttp.WSMsgType.TEXT, {"ack": 3})
+        closing = await ws.receive(timeout=TIMEOUT)
+        assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        await asyncio.wait_for(stopping, TIMEOUT)
+    finally:
+        gate.open.set()
+        await cluster.stop()
+    assert gate.published == 3

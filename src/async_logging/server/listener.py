@@ -79,6 +79,9 @@ class LogListener:
         self.stats = pipeline.stats
         self.limits = pipeline.wire_limits
         self._sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        # WebSockets taking a frame right now (set once its answer is sent): a drain lets
+        # them answer before it closes them, so an accepted frame is never left unacked.
+        self._busy: dict[web.WebSocketResponse, asyncio.Event] = {}
         # Loop time of each open WebSocket's last frame, for the idle watchdog.
         self._last_frame: dict[web.WebSocketResponse, float] = {}
         self._watchdog: asyncio.Task[None] | None = None
@@ -173,8 +176,18 @@ class LogListener:
             self._server.close()
 
     async def close_connections(self, timeout: float = 5.0) -> None:
-        """Close every WebSocket with 1001 (going away) so clients reconnect elsewhere."""
+        """Close every WebSocket with 1001 (going away) so clients reconnect elsewhere.
+
+        A connection taking a frame is closed once it has answered it: a frame taken is
+        acked, and a frame not taken (read after the drain began) is not, so the client
+        sends it again elsewhere and nothing is published twice.
+        """
         sockets = list(self._sockets)
+        answering = [self._busy[ws] for ws in sockets if ws in self._busy]
+        if answering:
+            await asyncio.wait(
+                [asyncio.ensure_future(done.wait()) for done in answering], timeout=timeout
+            )
         if sockets:
             await asyncio.wait(
                 [
@@ -242,9 +255,6 @@ class LogListener:
         return ws
 
     async def _serve(self, ws: web.WebSocketResponse) -> None:
-        stats = self.stats
-        pipeline = self.pipeline
-        limits = self.limits
         rate = self.config.rate_limit
         loop = asyncio.get_running_loop()
         bucket = guard.TokenBucket(rate, now=loop.time()) if rate > 0 else None
@@ -253,47 +263,61 @@ class LogListener:
             msg = await ws.receive()
             kind = msg.type
             if kind is WSMsgType.BINARY or kind is WSMsgType.TEXT:
+                if self.draining:
+                    # Read after the drain began: not taken, so not acked; the client sends
+                    # it again to another server once this one closes (1001).
+                    return
                 if ws in last_frame:
                     last_frame[ws] = loop.time()
-                data = msg.data
-                is_text = kind is WSMsgType.TEXT
-                stats.frames["ws"] += 1
-                stats.bytes["ws"] += len(data)
-                self.frames_seen += 1
-                seq: int | None = None
+                answered = self._busy[ws] = asyncio.Event()
                 try:
-                    if is_text:
-                        frame = wire.decode_json(data, limits)
-                        seq = frame.seq
-                        spent = max(1, len(frame.logs))
-                        fed = await pipeline.accept(frame.logs, (spool.JSON, data))
-                    else:
-                        seq, items, fed = await pipeline.accept_msgpack(data)
-                        spent = max(1, items)
-                except BadInput as exc:
-                    spent = 1  # a refused frame costs as much as one event: no free flooding
-                    stats.bad_input[exc.reason] += 1
-                    if seq is None:
-                        seq = wire.peek_seq(data, is_text)
-                    await ws.send_str(wire.encode_error(exc, seq))
-                else:
-                    if fed.rejected:
-                        await ws.send_str(_rejected_answer(seq, fed))
-                    elif seq is not None:
-                        await ws.send_str(wire.encode_ack(seq))
+                    spent = await self._take(ws, msg.data, kind is WSMsgType.TEXT)
+                finally:
+                    del self._busy[ws]
+                    answered.set()
                 if bucket is not None:
                     wait = bucket.take(spent, loop.time())
                     if wait > 0:  # too fast: stop reading this connection for a while
-                        stats.rate_limited += 1
+                        self.stats.rate_limited += 1
                         await asyncio.sleep(wait)
             elif kind is WSMsgType.ERROR:
                 error = ws.exception()
                 reason = "message_too_big" if _too_big(error) else "protocol_error"
-                stats.bad_input[reason] += 1
+                self.stats.bad_input[reason] += 1
                 log.info("websocket closed on %s: %s", reason, error)
                 return
             else:  # CLOSE, CLOSING, CLOSED
                 return
+
+    async def _take(self, ws: web.WebSocketResponse, data: Any, is_text: bool) -> int:
+        """Feed one frame to the pipeline and answer it; returns what it costs the rate
+        limit (its events, at least 1)."""
+        stats = self.stats
+        stats.frames["ws"] += 1
+        stats.bytes["ws"] += len(data)
+        self.frames_seen += 1
+        seq: int | None = None
+        try:
+            if is_text:
+                frame = wire.decode_json(data, self.limits)
+                seq = frame.seq
+                spent = max(1, len(frame.logs))
+                fed = await self.pipeline.accept(frame.logs, (spool.JSON, data))
+            else:
+                seq, items, fed = await self.pipeline.accept_msgpack(data)
+                spent = max(1, items)
+        except BadInput as exc:
+            spent = 1  # a refused frame costs as much as one event: no free flooding
+            stats.bad_input[exc.reason] += 1
+            if seq is None:
+                seq = wire.peek_seq(data, is_text)
+            await ws.send_str(wire.encode_error(exc, seq))
+        else:
+            if fed.rejected:
+                await ws.send_str(_rejected_answer(seq, fed))
+            elif seq is not None:
+                await ws.send_str(wire.encode_ack(seq))
+        return spent
 
     # ------------------------------------------------------------------ HTTP
 
