@@ -1633,71 +1633,65 @@ static int write_transaction(Ctx *c, Group *g, int32_t bi, int depth) {
 
 /* ------------------------------------------------------------------ the packed memory */
 
-static int pack_len(Buf *b, uint32_t n, uint8_t fix, uint32_t fixmax, uint8_t h16, uint8_t h32) {
-    uint8_t d[5];
-    if (n <= fixmax) {
-        d[0] = (uint8_t)(fix | n);
-        return buf_put(b, d, 1);
-    }
-    if (n <= 0xFFFF) {
-        d[0] = h16;
-        d[1] = (uint8_t)(n >> 8);
-        d[2] = (uint8_t)n;
-        return buf_put(b, d, 3);
-    }
-    d[0] = h32;
-    for (int i = 0; i < 4; i++) d[1 + i] = (uint8_t)(n >> (24 - 8 * i));
-    return buf_put(b, d, 5);
-}
+/* What the engine remembers of a published tree: digests, never content (see
+ * buffer/memory.py, which makes the same bytes for the reference path). A digest is
+ * Python's hash of canonical bytes: an id's UTF-8 bytes; for an atomic event, its id, its
+ * parent and a string msg each as a u32 LE length and bytes (ff ff ff ff for none), the
+ * timestamp as 'i' and an int64 LE. */
 
-static int pack_str(Buf *b, const Value *v) {
-    if (v == NULL) return buf_put(b, "\xc0", 1);
-    if (v->len <= 31) {
-        TRY(pack_len(b, v->len, 0xA0, 31, 0, 0));
-    } else if (v->len <= 0xFF) {
-        uint8_t d[2] = {0xD9, (uint8_t)v->len};
-        TRY(buf_put(b, d, 2));
-    } else {
-        TRY(pack_len(b, v->len, 0, 0, 0xDA, 0xDB));
-    }
+static int put_part(Buf *b, const Value *v) {
+    if (v == NULL) return buf_put(b, "\xff\xff\xff\xff", 4);
+    uint8_t n[4];
+    for (int k = 0; k < 4; k++) n[k] = (uint8_t)(v->len >> (8 * k));
+    TRY(buf_put(b, n, 4));
     return buf_put(b, v->s, v->len);
 }
 
-/* What the engine remembers of a published tree, as MessagePack:
- * [[begin ids], [end ids], [[event, parent, timestamp, msg], ...]], each in arrival
- * order (see LogBuffer._publish, which keeps the same three as tuples). */
+static int64_t atomic_digest(Ctx *c, const Event *ev, Buf *key) {
+    const Value *msg = field_value(c, ev, K_MSG);
+    if (msg != NULL && msg->type != T_STR) msg = NULL;
+    uint8_t ts[9] = {'i'};
+    for (int k = 0; k < 8; k++) ts[1 + k] = (uint8_t)((uint64_t)ev->ts >> (8 * k));
+    key->len = 0;
+    if (put_part(key, ev->eid) != OK || put_part(key, ev->parent) != OK ||
+        buf_put(key, ts, 9) != OK || put_part(key, msg) != OK)
+        return -1;
+    return (int64_t)_Py_HashBytes(key->data, (Py_ssize_t)key->len);
+}
+
+/* [u32 LE counts of begins, ends, atomic keys][int64 digests, native order], each part in
+ * arrival order (LogBuffer._publish packs the same with memory.pack_digests). */
 static PyObject *pack_memory(Ctx *c, const Group *g) {
-    Buf b = {0};
-    int32_t counts[3] = {0, 0, 0};
+    Buf b = {0}, key = {0};
+    uint32_t counts[3] = {0, 0, 0};
     for (int32_t i = g->first; i >= 0; i = c->events[i].gnext) {
         uint8_t cl = c->events[i].clazz;
         counts[cl == C_BEGIN ? 0 : cl == C_END ? 1 : 2]++;
     }
     PyObject *res = NULL;
-    if (buf_put(&b, "\x93", 1) != OK) goto done;
+    uint8_t head[12];
+    for (int part = 0; part < 3; part++)
+        for (int k = 0; k < 4; k++) head[4 * part + k] = (uint8_t)(counts[part] >> (8 * k));
+    if (buf_put(&b, head, 12) != OK) goto done;
     for (int part = 0; part < 3; part++) {
-        if (pack_len(&b, (uint32_t)counts[part], 0x90, 15, 0xDC, 0xDD) != OK) goto done;
         for (int32_t i = g->first; i >= 0; i = c->events[i].gnext) {
             const Event *ev = &c->events[i];
             int which = ev->clazz == C_BEGIN ? 0 : ev->clazz == C_END ? 1 : 2;
             if (which != part) continue;
+            int64_t d;
             if (part < 2) {
-                if (pack_str(&b, ev->eid) != OK) goto done;
-                continue;
+                d = (int64_t)_Py_HashBytes(ev->eid->s, (Py_ssize_t)ev->eid->len);
+            } else {
+                d = atomic_digest(c, ev, &key); /* a hash is never -1: that is no memory */
+                if (d == -1) goto done;
             }
-            uint8_t ts[9] = {0xD3};
-            for (int k = 0; k < 8; k++) ts[1 + k] = (uint8_t)((uint64_t)ev->ts >> (56 - 8 * k));
-            const Value *msg = field_value(c, ev, K_MSG);
-            if (msg != NULL && msg->type != T_STR) msg = NULL;
-            if (buf_put(&b, "\x94", 1) != OK || pack_str(&b, ev->eid) != OK ||
-                pack_str(&b, ev->parent) != OK || buf_put(&b, ts, 9) != OK ||
-                pack_str(&b, msg) != OK)
-                goto done;
+            if (buf_put(&b, &d, 8) != OK) goto done;
         }
     }
     res = PyBytes_FromStringAndSize(b.data, (Py_ssize_t)b.len);
 done:
     PyMem_RawFree(b.data);
+    PyMem_RawFree(key.data);
     if (res == NULL && !PyErr_Occurred()) PyErr_NoMemory();
     return res;
 }
@@ -1989,8 +1983,63 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     return result;
 }
 
+PyDoc_STRVAR(atomic_digest_doc,
+"atomic_digest(event, parent, timestamp, msg, /) -> int | None\n\n"
+"The digest pack_memory keeps of an atomic event's duplicate key (see\n"
+"async_logging.buffer.memory.atomic_digest, which this computes faster): None when a\n"
+"part is outside what a frame can carry (a timestamp not an int64, an id not a str).");
+
+static int part_of(PyObject *o, Value *v, const Value **out) {
+    *out = NULL;
+    if (o == Py_None) return OK;
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (s == NULL || (size_t)n > UINT32_MAX) {
+        PyErr_Clear(); /* a lone surrogate: the caller's own code takes it */
+        return ERR;
+    }
+    v->s = (const uint8_t *)s;
+    v->len = (uint32_t)n;
+    *out = v;
+    return OK;
+}
+
+static PyObject *py_atomic_digest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "atomic_digest() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *eid = args[0], *parent = args[1], *ts = args[2], *msg = args[3];
+    if (!PyLong_CheckExact(ts) || !PyUnicode_CheckExact(parent) ||
+        (eid != Py_None && !PyUnicode_CheckExact(eid)))
+        Py_RETURN_NONE;
+    int overflow = 0;
+    long long t = PyLong_AsLongLongAndOverflow(ts, &overflow);
+    if (overflow) Py_RETURN_NONE;
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    Value ve = {0}, vp = {0}, vm = {0};
+    const Value *pe, *pp, *pm;
+    if (part_of(eid, &ve, &pe) != OK || part_of(parent, &vp, &pp) != OK ||
+        part_of(PyUnicode_CheckExact(msg) ? msg : Py_None, &vm, &pm) != OK)
+        Py_RETURN_NONE;
+    uint8_t stamp[9] = {'i'};
+    for (int k = 0; k < 8; k++) stamp[1 + k] = (uint8_t)((uint64_t)t >> (8 * k));
+    Buf key = {0};
+    PyObject *res = NULL;
+    if (put_part(&key, pe) == OK && put_part(&key, pp) == OK && buf_put(&key, stamp, 9) == OK &&
+        put_part(&key, pm) == OK)
+        res = PyLong_FromSsize_t(_Py_HashBytes(key.data, (Py_ssize_t)key.len));
+    else
+        PyErr_NoMemory();
+    PyMem_RawFree(key.data);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"reassemble", (PyCFunction)(void (*)(void))reassemble, METH_FASTCALL, reassemble_doc},
+    {"atomic_digest", (PyCFunction)(void (*)(void))py_atomic_digest, METH_FASTCALL,
+     atomic_digest_doc},
     {NULL, NULL, 0, NULL},
 };
 

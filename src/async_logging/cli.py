@@ -92,6 +92,23 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--tls-cert", str, "PEM certificate: serve https and wss."),
     ("--tls-key", str, "PEM private key for --tls-cert."),
     (
+    (
+        "--max-open-bytes",
+        int,
+        "Bytes of events held in open trees; past it the oldest are published evicted "
+        "[default: 256 MiB].",
+    ),
+    (
+        "--max-published-digests",
+        int,
+        "Digests (8 bytes each) remembered of published trees; past it the oldest uuid is "
+        "forgotten [default: 8000000].",
+    ),
+    (
+        "--published-memory-age",
+        float,
+        "Seconds a published uuid is remembered to drop its resends [default: 900].",
+    ),
         "--spool",
         str,
         "Directory of the write-ahead spool: ack only what is on disk (off by default).",

@@ -28,7 +28,7 @@ from ..model import (
     map_events,
 )
 from ..wire import DEFAULT_LIMITS, WireLimits
-from .memory import PublishedMemory
+from .memory import PublishedMemory, atomic_digest, id_digest
 from .native import TRANSACTION, NativePath, Prepared, Reassembled, prepare
 
 __all__ = ["BufferLimits", "Fed", "LogBuffer", "Record", "wall_clock_ms"]
@@ -58,6 +58,11 @@ class BufferLimits:
         max_events_per_tx: events held for one uuid; past it that tree is published ``evicted``.
         max_depth: nesting depth kept in one record; deeper subtrees become fragments.
         max_published_memory: published uuids remembered to recognise duplicates and late events.
+        max_open_bytes: bytes of events held in open trees (as JSON); past it the oldest open
+            trees are published ``evicted`` until the rest fit.
+        max_published_digests: digests (8 bytes each) remembered of published trees in all;
+            past it the oldest uuid is forgotten.
+        published_memory_age: seconds a published uuid is remembered.
     """
 
     clean_duration: float = 60.0
@@ -67,9 +72,12 @@ class BufferLimits:
     max_events_per_tx: int = 10_000
     max_depth: int = 64
     max_published_memory: int = 100_000
+    max_open_bytes: int = 256 * 1024 * 1024
+    max_published_digests: int = 8_000_000
+    published_memory_age: float = 900.0
 
     def __post_init__(self) -> None:
-        for name in ("clean_duration", "settle"):
+        for name in ("clean_duration", "settle", "published_memory_age"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0")
         for name in (
@@ -78,6 +86,8 @@ class BufferLimits:
             "max_events_per_tx",
             "max_depth",
             "max_published_memory",
+            "max_open_bytes",
+            "max_published_digests",
         ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1")
@@ -103,9 +113,11 @@ class _Group:
         "alike",
         "batch",
         "begins",
+        "bytes",
         "closed_at",
         "count",
         "ends",
+        "fresh",
         "kids",
         "last",
         "pending",
@@ -129,6 +141,10 @@ class _Group:
         self.pending: set[str] = set()
         self.roots: list[str] = []
         self.count = 0
+        # Bytes of the events held (their JSON size), and those not yet sized (taken
+        # in the batch being fed): sized only if the tree stays open after it.
+        self.bytes = 0
+        self.fresh: list[Event] = []
         self.last = now
         self.closed_at: int | None = None
         self.batch = 0  # the feed_many call that opened it (see LogBuffer.oldest_open_batch)
@@ -181,7 +197,16 @@ class LogBuffer:
         # 27 us against 1 us at 100,000 uuids, measured).
         self._open: OrderedDict[str, _Group] = OrderedDict()
         # What was published of each uuid: recognises resends and late events.
-        self._published = PublishedMemory(limits.max_published_memory)
+        self._published = PublishedMemory(
+            limits.max_published_memory,
+            limits.max_published_digests,
+            limits.published_memory_age * 1000,
+        )
+        # Bytes held in open trees (the sum of their _Group.bytes).
+        self._open_bytes = 0
+        # The clock's time at the last feed, clean cycle or flush (when trees published
+        # now are remembered from).
+        self._now = 0
         self._timeout_ms = int(limits.clean_duration * limits.clean_cycles * 1000)
         self._settle_ms = int(limits.settle * 1000)
         #: feed_many calls so far (numbers the batches, see :attr:`oldest_open_batch`).
@@ -239,6 +264,16 @@ class LogBuffer:
     def held_events(self) -> int:
         """Events held in open trees right now."""
         return sum(g.count for g in self._open.values())
+
+    @property
+    def open_bytes(self) -> int:
+        """Bytes of the events held in open trees (their size as JSON), as of the last feed."""
+        return self._open_bytes
+
+    @property
+    def published_memory(self) -> PublishedMemory:
+        """What is remembered of published trees (digests; see :mod:`.memory`)."""
+        return self._published
 
     def feed(self, event: Event) -> list[Record]:
         """Take one log map; return the records it completes.
@@ -334,8 +369,9 @@ class LogBuffer:
         if prepared.standalone:
             stats["standalone"] += prepared.standalone
         remember = self._published.remember_packed
+        now = self._clock()
         for uuid, memory in zip(prepared.uuids, prepared.memories, strict=True):
-            remember(uuid, memory)
+            remember(uuid, memory, now)
         if prepared.uuids:
             stats["published_complete"] += len(prepared.records) - prepared.standalone
         return Fed(prepared.records, [])
@@ -351,7 +387,7 @@ class LogBuffer:
         A bad event never costs a good one beside it: it is refused, counted and reported
         with its index, and the rest of the batch is taken.
         """
-        now = self._clock()
+        now = self._now = self._clock()
         self.batches += 1
         out: list[Record] = []
         rejected: list[tuple[int, InvalidEvent]] = []
@@ -450,6 +486,7 @@ class LogBuffer:
                 if parent not in g.begins or parent not in g.ends:
                     g.pending.add(parent)
             g.count += 1
+            g.fresh.append(e)
             g.last = now
             touched[uuid] = g
         settle = self._settle_ms
@@ -462,7 +499,29 @@ class LogBuffer:
                     out.extend(self._publish(g, None))
             elif g.closed_at is not None:
                 g.closed_at = None
+        added = 0
+        for g in touched.values():
+            if g.fresh:
+                if open_groups.get(g.uuid) is g:
+                    size = sum(map(_json_size, g.fresh))
+                    g.bytes += size
+                    added += size
+                g.fresh = []
+        if added:
+            self._open_bytes += added
+            if self._open_bytes > self.limits.max_open_bytes:
+                self._evict_bytes(out)
         return Fed(out, rejected)
+
+    def _evict_bytes(self, out: list[Record]) -> None:
+        """Publish the oldest open trees ``evicted`` until the rest fit ``max_open_bytes``."""
+        cap = self.limits.max_open_bytes
+        open_groups = self._open
+        while self._open_bytes > cap and open_groups:
+            oldest = next(iter(open_groups.values()))
+            self.stats["evicted"] += 1
+            self.stats["evicted_bytes"] += 1
+            out.extend(self._publish(oldest, "evicted"))
 
     def _premap(self, events: Iterable[Any], rejected: list[tuple[int, InvalidEvent]]) -> list[Any]:
         """Run the custom mapper; an exception in it refuses that one event only."""
@@ -484,6 +543,8 @@ class LogBuffer:
         """Run a clean cycle: publish settled trees and the ones idle past the timeout."""
         if now is None:
             now = self._clock()
+        self._now = now
+        self._published.forget_older(now)
         out: list[Record] = []
         timeout = self._timeout_ms
         settle = self._settle_ms
@@ -496,6 +557,7 @@ class LogBuffer:
 
     def flush_all(self, reason: str = "shutdown") -> list[Record]:
         """Publish every open tree now (complete ones as complete, others flagged ``reason``)."""
+        self._now = self._clock()
         out: list[Record] = []
         for g in list(self._open.values()):
             out.extend(self._publish(g, reason))
@@ -510,21 +572,28 @@ class LogBuffer:
         """
         uuid: str = e["uuid"]
         done = self._published.get(uuid)
-        if done is not None:
+        if done is not None:  # digests (see .memory): never the events themselves
             clazz, eid, parent = e["clazz"], e.get("event"), e["parent"]
             begin_ids, end_ids, atomic_keys = done
             atomic = clazz in (ATOMIC, HEARTBEAT)
             key = _atomic_key(e, eid, parent) if atomic else None
+            d_eid = id_digest(eid) if eid.__class__ is str else None
+            d_parent = id_digest(parent)
             if (
-                (clazz == BEGIN and eid in begin_ids)
-                or (clazz == END and eid in end_ids)
-                or (atomic and key in atomic_keys)
+                (clazz == BEGIN and d_eid in begin_ids)
+                or (clazz == END and d_eid in end_ids)
+                or (key is not None and atomic_digest(*key) in atomic_keys)
             ):
                 self.stats["duplicates"] += 1
                 return None
-            if parent in begin_ids or parent in end_ids or eid in begin_ids or eid in end_ids:
+            if (
+                d_parent in begin_ids
+                or d_parent in end_ids
+                or d_eid in begin_ids
+                or d_eid in end_ids
+            ):
                 # Remember it, so its resend is a duplicate and its children are late too.
-                self._published.remember_late(uuid, clazz, eid, key)
+                self._published.remember_late(uuid, clazz, eid, key, now)
                 out.append(self._flagged(e, "late"))
                 return None
         if len(self._open) >= self.limits.max_open:
@@ -558,7 +627,8 @@ class LogBuffer:
 
     def _publish(self, g: _Group, reason: str | None) -> list[Record]:
         del self._open[g.uuid]
-        self._published.remember_tree(g.uuid, g.begins, g.ends, g.seen)
+        self._open_bytes -= g.bytes
+        self._published.remember_tree(g.uuid, g.begins, g.ends, g.seen, self._now)
         if g.roots and not g.pending:
             records = self._build_complete(g)
             reason = "cycle"  # a closed tree is incomplete only around a parent cycle
@@ -768,6 +838,14 @@ class LogBuffer:
             if "missing_end" in node:
                 node["duration"] = last - node["timestamp"]
         return head
+
+
+def _json_size(e: Event) -> int:
+    """An event's size as JSON (what it costs to hold, near enough); never raises."""
+    try:
+        return len(orjson.dumps(e))
+    except TypeError:  # an odd value from a custom mapper, or an integer past 64 bits
+        return len(repr(e))
 
 
 def _digest(e: Event) -> bytes:

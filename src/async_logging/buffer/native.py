@@ -66,7 +66,8 @@ class Reassembled(Protocol):
 
     @property
     def memories(self) -> tuple[bytes, ...]:
-        """For each of :attr:`uuids`, the ids the engine remembers of it, packed."""
+        """For each of :attr:`uuids`, the digests the engine remembers of it, packed
+        (see :mod:`.memory`)."""
 
 
 class NativeModule(Protocol):

@@ -45,6 +45,9 @@ ENGINE_OPTIONS: dict[str, str] = {
     "max_published_memory": "max_published_memory",
 }
 
+    "max_open_bytes": "max_open_bytes",
+    "max_published_digests": "max_published_digests",
+    "published_memory_age": "published_memory_age",
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -91,6 +94,10 @@ class ServerConfig:
             request without an Origin header, i.e. non-browser clients, and any origin).
         tls_cert, tls_key: PEM files; when set the main port speaks https and wss.
         spool: directory of the write-ahead spool (empty: off); batches are appended there
+        max_open_bytes, max_published_digests, published_memory_age: the engine's bounds in
+            bytes and time: bytes of events held in open trees (past it the oldest are
+            published ``evicted``), digests remembered of published trees, and seconds a
+            published uuid is remembered.
             before they are acked and replayed on restart.
         spool_max_bytes: size of the spool at which new batches are refused (HTTP 503,
             error frame ``spool_full``) rather than acked without being durable.
@@ -149,6 +156,9 @@ class ServerConfig:
         for name in ("tokens", "allowed_origins"):
             value = getattr(self, name)
             if isinstance(value, str):
+    max_open_bytes: int = _ENGINE.max_open_bytes
+    max_published_digests: int = _ENGINE.max_published_digests
+    published_memory_age: float = _ENGINE.published_memory_age
                 parts = [v.strip() for v in value.split(",")]
                 if value.strip() and not all(parts):
                     # " , " or "a,,b": a typo must not turn authentication off (or half on).
@@ -207,6 +217,8 @@ class ServerConfig:
             "rate_limit",
             "request_timeout",
             "spool_max_bytes",
+            "max_open_bytes",
+            "max_published_digests",
             "store_max_age",
             "store_max_bytes",
         )
@@ -215,6 +227,7 @@ class ServerConfig:
                 raise ConfigError(f"option {name} must not be negative")
         if self.clean_duration == 0:
             raise ConfigError("option clean_duration must be more than 0")
+            "published_memory_age",
         if self.publish_queue < 100:
             raise ConfigError("option publish_queue must be at least 100")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -100,9 +100,12 @@ class SnapshotCollector(Collector):
             ("conflicts", "Events with a reused id and other content."),
         ):
             yield _counter(key, help_, buf.get(key, 0))
-        yield _gauge(
-            "open_transactions", "Trees held open in the buffer.", s.get("open_transactions", 0)
-        )
+        for key, help_ in (
+            ("open_transactions", "Trees held open in the buffer."),
+            ("open_bytes", "Bytes of events held in open trees (JSON size; max_open_bytes)."),
+            ("published_memory_digests", "Digests remembered of published trees (8 B each)."),
+        ):
+            yield _gauge(key, help_, s.get(key, 0))
         yield _gauge("connections", "Open WebSocket connections.", s["connections"])
         yield _counter(
             "connections_accepted", "WebSocket connections accepted.", s["connections_total"]

@@ -136,6 +136,9 @@ class Stats:
 def merge_snapshots(snaps: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Sum several workers' snapshots (numbers add, dicts add per key, lists add per index)."""
     total: dict[str, Any] = {}
+            snap["open_bytes"] = getattr(buffer, "open_bytes", 0)
+            memory = getattr(buffer, "published_memory", None)
+            snap["published_memory_digests"] = memory.digests if memory is not None else 0
     for snap in snaps:
         _add_into(total, snap)
     return total

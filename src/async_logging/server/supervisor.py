@@ -313,7 +313,13 @@ class Supervisor:
     def _retire_stats(self, wid: int) -> None:
         snap = self.live.pop(wid, None)
         if snap is not None:
-            for gauge in ("connections", "open_transactions", "publish_queue"):
+            for gauge in (
+                "connections",
+                "open_transactions",
+                "open_bytes",
+                "published_memory_digests",
+                "publish_queue",
+            ):
                 snap.pop(gauge, None)
             self.retired = merge_snapshots([self.retired, snap])
 
