@@ -41,6 +41,7 @@ ARGS = [
     "--disable-sync",
 ]
 MS = TIMEOUT * 1000  # Playwright counts milliseconds
+UNAUTHORIZED = "the server responded with a status of 401 (Unauthorized)"
 T0 = int(time.time() * 1000) - 30_000
 
 
@@ -66,8 +67,18 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def server_options(tmp_path: Path, clock: Clock) -> dict[str, Any]:
-    return {"store": str(tmp_path / "trees.sqlite"), "buffer": LogBuffer(clock=clock)}
+def viewer_tokens() -> tuple[str, ...]:
+    """The monitoring port's tokens (none: open); a test parametrizes it to ask for one."""
+    return ()
+
+
+@pytest.fixture
+def server_options(tmp_path: Path, clock: Clock, viewer_tokens: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "store": str(tmp_path / "trees.sqlite"),
+        "buffer": LogBuffer(clock=clock),
+        "viewer_tokens": viewer_tokens,
+    }
 
 
 async def time_out(server: LogCluster, clock: Clock) -> None:
@@ -79,13 +90,18 @@ async def time_out(server: LogCluster, clock: Clock) -> None:
 
 
 @pytest.fixture
-async def page(server: LogCluster) -> AsyncIterator[Any]:
+def errors() -> list[str]:
+    """The page's script errors and console errors; none may be left when a test ends."""
+    return []
+
+
+@pytest.fixture
+async def page(server: LogCluster, errors: list[str]) -> AsyncIterator[Any]:
     async with playwright_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=MS)
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(MS)
-            errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             yield page
@@ -174,3 +190,39 @@ async def test_the_live_tail_streams_new_trees_and_the_summary_counts_them(
     await type_row.wait_for()
     cells = await type_row.locator("td").all_inner_texts()
     assert cells[:4] == ["API", "2", "1", "50.0 %"]
+
+
+@pytest.mark.parametrize("viewer_tokens", [("browser-s3cret",)])
+async def test_a_protected_viewer_shows_the_login_form_then_works_signed_in(
+    server: LogCluster, page: Any, errors: list[str]
+) -> None:
+    """With a viewer token the page is a login form; a wrong token says so; the right one opens the viewer, whose search and live tail work on the cookie; a ?token= link leaves a clean URL."""
+    await stored(server, {"req-auth"}, post_logs(server, request_tree("req-auth")))
+    base = f"http://127.0.0.1:{server.mon_port}/ui/"
+    await page.goto(base)
+    await page.fill("#login-form input[name=token]", "wrong")
+    await page.click("#login-form button[type=submit]")
+    assert "not valid" in await page.locator("#login-error").inner_text()
+    # The login page comes with its 401 (the first visit, the wrong token): nothing else.
+    assert errors == [f"Failed to load resource: {UNAUTHORIZED}"] * 2
+    errors.clear()
+    await page.fill("#login-form input[name=token]", "browser-s3cret")
+    await page.click("#login-form button[type=submit]")
+    await page.locator("#results tbody tr", has_text="req-auth").wait_for()
+    assert page.url == base
+    cookies = await page.context.cookies()
+    assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [
+        ("async_logging_viewer", True, "Strict")
+    ]
+    await page.click("#tab-btn-live")
+    await page.click("#live-form button[type=submit]")
+    await page.locator("#live-state.on").wait_for()  # the EventSource carried the cookie
+
+    await page.context.clear_cookies()  # signed out (expired, or the server restarted)
+    await page.click("#tab-btn-search")
+    await page.click("#search-form button[type=submit]")
+    await page.locator("#login-form").wait_for()  # a refused API call brings the form back
+    errors[:] = [e for e in errors if UNAUTHORIZED not in e]
+    await page.goto(base + "?token=browser-s3cret#summary")
+    assert page.url == base + "#summary"  # the token is in neither the address bar nor history
+    await page.locator("#summary tr.type-row").first.wait_for()

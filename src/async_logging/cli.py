@@ -89,6 +89,12 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
         "Comma-separated shared tokens clients must present (or ASYNC_LOGGING_TOKENS).",
     ),
     ("--allowed-origins", str, "Comma-separated Origins browser WebSockets may come from."),
+    (
+        "--viewer-tokens",
+        str,
+        "Comma-separated read-only tokens of the monitoring port: the viewer, its API and "
+        "/metrics (or ASYNC_LOGGING_VIEWER_TOKENS).",
+    ),
     ("--tls-cert", str, "PEM certificate: serve https and wss."),
     ("--tls-key", str, "PEM private key for --tls-cert."),
     (
@@ -177,9 +183,13 @@ def serve(
         values: dict[str, Any] = load_config_file(config_file) if config_file else {}
         config = ServerConfig.from_mapping(values, source=config_file or "config")
         overrides = {k: v for k, v in flags.items() if v is not None}
-        env_tokens = os.environ.get("ASYNC_LOGGING_TOKENS")
-        if env_tokens and "tokens" not in overrides and not values.get("tokens"):
-            overrides["tokens"] = env_tokens
+        for name, var in (
+            ("tokens", "ASYNC_LOGGING_TOKENS"),
+            ("viewer_tokens", "ASYNC_LOGGING_VIEWER_TOKENS"),
+        ):
+            env_tokens = os.environ.get(var)
+            if env_tokens and name not in overrides and not getattr(config, name):
+                overrides[name] = env_tokens
         if publisher:
             overrides["publisher"] = list(publisher)
         if stdout is not None:
@@ -217,6 +227,13 @@ def serve(
 @click.option("--json", "json_lines", is_flag=True, help="Print JSON lines instead of trees.")
 @click.option("--no-color", is_flag=True, help="Print without colours.")
 @click.option(
+    "--token",
+    envvar="ASYNC_LOGGING_TOKEN",
+    default=None,
+    help="Token the server's monitoring port asks for: a viewer or client token "
+    "(or ASYNC_LOGGING_TOKEN).",
+)
+@click.option(
     "--reconnect/--no-reconnect",
     default=True,
     help="Reconnect when the server ends the stream [default: reconnect].",
@@ -233,6 +250,7 @@ def tail(
     json_lines: bool,
     no_color: bool,
     reconnect: bool,
+    token: str | None,
 ) -> None:
     """Stream a running server's published trees to the terminal, as indented trees.
 
@@ -261,6 +279,7 @@ def tail(
             reconnect=reconnect,
             json_lines=json_lines,
             no_color=no_color,
+            token=token,
         )
     )
 

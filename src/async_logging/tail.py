@@ -12,6 +12,10 @@ server-sent events), lets the server filter (``--type``, ``--name``, ``--failure
     └── API payment.charge  88 ms  status 51
         └── ◆ ERROR gateway  card declined (code 51)
 
+When the server's monitoring port asks for a token, ``--token`` (or the environment
+variable ``ASYNC_LOGGING_TOKEN``) is sent as ``Authorization: Bearer``; a viewer token or
+a client token of that server will do.
+
 ``--json`` prints the records as JSON lines instead (for ``jq``). The stream reconnects
 with backoff when the server goes away (``--no-reconnect`` to stop instead); the first
 connection failing is an error (exit status 1). With server workers the live tail is not
@@ -261,6 +265,7 @@ async def tail(
     json_lines: bool = False,
     err: Console | None = None,
     session: aiohttp.ClientSession | None = None,
+    token: str | None = None,
 ) -> int:
     """Stream records from the server at ``url`` (its monitoring port) to ``console``.
 
@@ -274,6 +279,7 @@ async def tail(
         json_lines: print each record as one JSON line instead of a tree.
         err: where notices (dropped records, reconnections) go; default stderr.
         session: an aiohttp session to use (one is made and closed otherwise).
+        token: sent as ``Authorization: Bearer`` when the server asks for one.
 
     Returns:
         How many records were printed.
@@ -281,6 +287,11 @@ async def tail(
     Raises:
         TailError: the first connection failed, or the server refused the stream.
     """
+    headers = {"Accept": "text/event-stream"}
+    if token:
+        if not (token.isascii() and token.isprintable()):
+            raise TailError("the token must be printable ASCII (it is sent in a header)", 2)
+        headers["Authorization"] = f"Bearer {token}"
     err = err or Console(stderr=True, highlight=False, soft_wrap=True)
     own = session is None
     session = session or aiohttp.ClientSession()
@@ -295,7 +306,7 @@ async def tail(
                     endpoint,
                     params=filters.query(),
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
-                    headers={"Accept": "text/event-stream"},
+                    headers=headers,
                 ) as resp:
                     if resp.status != 200:
                         raise TailError(await _refusal(resp), 2 if resp.status == 400 else 1)
@@ -346,7 +357,10 @@ async def _refusal(resp: aiohttp.ClientResponse) -> str:
         detail = body.get("detail") or body.get("error")
     except (aiohttp.ClientError, ValueError, AttributeError):
         detail = None
-    return f"the server refused the live stream (HTTP {resp.status}): {detail or resp.reason}"
+    message = f"the server refused the live stream (HTTP {resp.status}): {detail or resp.reason}"
+    if resp.status == 401:
+        message += " (give a token: --token or ASYNC_LOGGING_TOKEN)"
+    return message
 
 
 def run(
@@ -358,6 +372,7 @@ def run(
     json_lines: bool = False,
     stdout: TextIO | None = None,
     no_color: bool = False,
+    token: str | None = None,
 ) -> int:
     """Run :func:`tail` until done or interrupted; returns the exit status."""
     console = Console(file=stdout or sys.stdout, highlight=False, no_color=no_color)
@@ -372,6 +387,7 @@ def run(
                 reconnect=reconnect,
                 json_lines=json_lines,
                 err=err,
+                token=token,
             )
         )
     except TailError as exc:

@@ -235,7 +235,7 @@ class LogCluster:
             self.port = await self.listener.start(reuse_port=reuse_port)
             if monitor and c.mon_port >= 0:
                 self.viewer = Viewer.for_followers(self.followers)
-                self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
+                self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer, config=c)
                 self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         except OSError as exc:
             raise ConfigError(f"cannot listen: {exc}") from exc

@@ -92,6 +92,11 @@ class ServerConfig:
             (``Authorization: Bearer``, or ``?token=`` for WebSocket clients).
         allowed_origins: ``Origin`` values a browser WebSocket may come from (empty: any
             request without an Origin header, i.e. non-browser clients, and any origin).
+        viewer_tokens: read-only tokens of the monitoring port (the viewer, its API and
+            live stream, ``/metrics``); the listener does not take them. Set, they are
+            required wherever ``mon_host`` is; without them, ``tokens`` are required there
+            when ``mon_host`` is not a loopback address (see
+            :mod:`async_logging.server.monauth`). ``/ecv`` stays open.
         tls_cert, tls_key: PEM files; when set the main port speaks https and wss.
         spool: directory of the write-ahead spool (empty: off); batches are appended there
         max_open_bytes, max_published_digests, published_memory_age: the engine's bounds in
@@ -144,6 +149,7 @@ class ServerConfig:
     request_timeout: float = 30.0
     tokens: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    viewer_tokens: tuple[str, ...] = ()
     tls_cert: str = ""
     tls_key: str = ""
     spool: str = ""
@@ -153,7 +159,7 @@ class ServerConfig:
     store_max_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "allowed_origins"):
+        for name in ("tokens", "allowed_origins", "viewer_tokens"):
             value = getattr(self, name)
             if isinstance(value, str):
     max_open_bytes: int = _ENGINE.max_open_bytes

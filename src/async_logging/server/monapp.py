@@ -9,10 +9,16 @@ switched off (so a load balancer takes it out of rotation first).
 
 Given a :class:`~async_logging.server.viewer.Viewer`, the same port also serves the web
 viewer (``/ui/``) and its API (``/api/...``).
+
+Given the server's options, the port asks for a token as
+:mod:`~async_logging.server.monauth` decides (every route but ``/ecv``), counts refusals in
+``async_logging_auth_failures_total``, and logs one warning at start when it listens on a
+non-loopback address without one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,9 +35,11 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .monauth import AuthFailures, MonitorAuth, open_warning
 from .pipeline import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
+    from .config import ServerConfig
     from .viewer import Viewer
 
 __all__ = ["MonApp", "SnapshotCollector"]
@@ -40,6 +48,8 @@ Snapshot = Callable[[], dict[str, Any]]
 Health = Callable[[], dict[str, Any]]
 
 _P = "async_logging_"
+
+log = logging.getLogger("async_logging.server")
 
 
 class SnapshotCollector(Collector):
@@ -229,12 +239,23 @@ class MonApp:
         snapshot: returns the counters to export.
         health: returns ``{"available": bool, ...}`` for ``/ecv``.
         viewer: the web viewer to mount beside them (None: no viewer).
+        config: the server's options, for the tokens the port asks for (None: it asks
+            for none).
     """
 
-    def __init__(self, snapshot: Snapshot, health: Health, viewer: Viewer | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        health: Health,
+        viewer: Viewer | None = None,
+        *,
+        config: ServerConfig | None = None,
+    ) -> None:
         self.viewer = viewer
+        self.auth = MonitorAuth.for_config(config) if config is not None else MonitorAuth()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(snapshot))
+        self.registry.register(AuthFailures(self.auth))
         self._health = health
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -244,12 +265,20 @@ class MonApp:
         app = web.Application()
         app.router.add_get("/ecv", self.handle_ecv)
         app.router.add_get("/metrics", self.handle_metrics)
+        self.auth.add_routes(app)
         if self.viewer is not None:
             self.viewer.add_routes(app)
         return app
 
     async def start(self, host: str, port: int) -> int:
-        """Listen; returns the port bound."""
+        """Listen; returns the port bound (and warns when it is open to the network)."""
+        warning = open_warning(
+            host,
+            required=self.auth.required,
+            viewer=self.viewer is not None and bool(self.viewer.store_path),
+        )
+        if warning is not None:
+            log.warning("%s", warning)
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()

@@ -223,7 +223,7 @@ class Supervisor:
             # Workers write one JSON-lines file; one follower stores it, the viewer reads
             # the store and its live tail follows it: every worker's trees are seen.
             self.viewer = Viewer.for_followers(self.followers)
-            self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer)
+            self.monapp = MonApp(self.snapshot, self.health, viewer=self.viewer, config=c)
             self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         self._watch = asyncio.create_task(self._watch_loop())
 

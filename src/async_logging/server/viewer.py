@@ -31,8 +31,9 @@ The store is read by a :class:`~async_logging.store.reader.StoreReader` in one
 thread of the viewer's own, so a slow query never blocks the event loop and queries never
 pile up threads. Limits: :data:`MAX_PARAM_LENGTH` characters per parameter; result and
 summary sizes as the store bounds them; live queues as the hub bounds them. The viewer
-has no authentication of its own: the monitoring port listens on 127.0.0.1 unless
-``mon_host`` says otherwise.
+checks no token itself: the monitoring port's middleware does, for the page, the API and
+the live stream alike (:mod:`async_logging.server.monauth`: Bearer header or a sign-in
+cookie; the live stream, an EventSource, carries the cookie).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ __all__ = [
     "LIVE_POLL",
     "LIVE_STORE_POLL",
     "MAX_PARAM_LENGTH",
+    "SECURITY_HEADERS",
     "UI_DIR",
     "Viewer",
 ]
@@ -99,7 +101,7 @@ _CONTENT_TYPES: Final = {
 }
 #: The page loads nothing from elsewhere and runs no inline script: log data is shown with
 #: textContent only, and this policy is the second fence against injected markup.
-_SECURITY_HEADERS: Final = {
+SECURITY_HEADERS: Final = {
     "Content-Security-Policy": (
         "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
@@ -202,7 +204,7 @@ class Viewer:
         path = UI_DIR / name
         if match is None or not path.is_file():
             return _error(404, "not_found", f"no such file: {name}")
-        resp = web.FileResponse(path, headers=_SECURITY_HEADERS)
+        resp = web.FileResponse(path, headers=SECURITY_HEADERS)
         resp.content_type = _CONTENT_TYPES[match.group(1)]
         return resp
 

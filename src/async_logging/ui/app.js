@@ -67,6 +67,11 @@
 
   async function getJSON(path) {
     const resp = await fetch(API + path, { headers: { Accept: "application/json" } });
+    if (resp.status === 401) {
+      // The sign-in cookie expired (or the server restarted): the page shows the login form.
+      location.reload();
+      throw new Error("signed out");
+    }
     let body;
     try {
       body = await resp.json();
@@ -374,6 +379,7 @@
     source.addEventListener("error", () => {
       if (source && source.readyState === EventSource.CLOSED) {
         liveStatus("closed by the server", "error");
+        serverStatus(); // a refused stream (signed out) brings the login form back
       } else {
         liveStatus("reconnecting…", "error");
       }
