@@ -45,6 +45,7 @@ from .lifecycle import Service, ServiceState, stop_signal
 from .listener import LogListener
 from .live import LiveHub
 from .monapp import MonApp
+from .loopwatch import LoopWatch
 from .pipeline import Pipeline, Stats, process_rss
 from .spool import Spool
 from .supervisor import Supervisor
@@ -103,6 +104,8 @@ class LogCluster:
         self.emitter = emitter
         self.stats = Stats()
         self.pipeline: Pipeline | None = None
+        #: How long the event loop was held at worst (``/metrics``).
+        self.loopwatch = LoopWatch()
         self.listener: LogListener | None = None
         self.monapp: MonApp | None = None
         self.port = config.port
@@ -239,7 +242,10 @@ class LogCluster:
                 self.mon_port = await self.monapp.start(c.mon_host, c.mon_port)
         except OSError as exc:
             raise ConfigError(f"cannot listen: {exc}") from exc
-        self._tasks = [asyncio.create_task(self._clean_loop(), name="clean-cycle")]
+        self._tasks = [
+            asyncio.create_task(self._clean_loop(), name="clean-cycle"),
+            asyncio.create_task(self.loopwatch.run(), name="loop-watch"),
+        ]
         if c.heartbeat_interval > 0:
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         if c.max_life > 0 or c.max_messages > 0:
@@ -287,6 +293,8 @@ class LogCluster:
         if store is not None:
             snap["store"] = store
         return snap
+        snap["loop_stall_max_seconds"] = self.loopwatch.worst
+        snap["loop_stalls"] = self.loopwatch.stalls
 
     def health(self) -> dict[str, Any]:
         """What ``/ecv`` reports."""

@@ -110,6 +110,16 @@ class SnapshotCollector(Collector):
             ("conflicts", "Events with a reused id and other content."),
         ):
             yield _counter(key, help_, buf.get(key, 0))
+        yield _gauge(
+            "loop_stall_max_seconds",
+            "The longest the event loop was held (a frame, a request...) since start.",
+            s.get("loop_stall_max_seconds", 0.0),
+        )
+        yield _counter(
+            "loop_stalls",
+            "Times the event loop was held longer than 0.1 s.",
+            s.get("loop_stalls", 0),
+        )
         for key, help_ in (
             ("open_transactions", "Trees held open in the buffer."),
             ("open_bytes", "Bytes of events held in open trees (JSON size; max_open_bytes)."),

@@ -134,7 +134,8 @@ class Stats:
 
 
 def merge_snapshots(snaps: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Sum several workers' snapshots (numbers add, dicts add per key, lists add per index)."""
+    """Sum several workers' snapshots (numbers add, dicts add per key, lists add per index;
+    a number whose key ends in ``_max_seconds`` is a worst case: the largest is kept)."""
     total: dict[str, Any] = {}
             snap["open_bytes"] = getattr(buffer, "open_bytes", 0)
             memory = getattr(buffer, "published_memory", None)
@@ -152,7 +153,10 @@ def _add_into(total: dict[str, Any], snap: dict[str, Any]) -> None:
             cur = total.setdefault(key, [0] * len(value))
             total[key] = [a + b for a, b in zip(cur, value, strict=False)]
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            total[key] = total.get(key, 0) + value
+            if key.endswith("_max_seconds"):
+                total[key] = max(total.get(key, 0), value)
+            else:
+                total[key] = total.get(key, 0) + value
         else:
             total.setdefault(key, value)
 
