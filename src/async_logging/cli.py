@@ -81,23 +81,6 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
         int,
         "Published uuids remembered to drop resends; older ones come out late [default: 100000].",
     ),
-    ("--rate-limit", float, "Events/s one connection may send (0 = no limit) [default: 0]."),
-    ("--request-timeout", float, "Seconds an HTTP request may take to arrive [default: 30]."),
-    (
-        "--tokens",
-        str,
-        "Comma-separated shared tokens clients must present (or ASYNC_LOGGING_TOKENS).",
-    ),
-    ("--allowed-origins", str, "Comma-separated Origins browser WebSockets may come from."),
-    (
-        "--viewer-tokens",
-        str,
-        "Comma-separated read-only tokens of the monitoring port: the viewer, its API and "
-        "/metrics (or ASYNC_LOGGING_VIEWER_TOKENS).",
-    ),
-    ("--tls-cert", str, "PEM certificate: serve https and wss."),
-    ("--tls-key", str, "PEM private key for --tls-cert."),
-    (
     (
         "--max-open-bytes",
         int,
@@ -115,6 +98,23 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
         float,
         "Seconds a published uuid is remembered to drop its resends [default: 900].",
     ),
+    ("--rate-limit", float, "Events/s one connection may send (0 = no limit) [default: 0]."),
+    ("--request-timeout", float, "Seconds an HTTP request may take to arrive [default: 30]."),
+    (
+        "--tokens",
+        str,
+        "Comma-separated shared tokens clients must present (or ASYNC_LOGGING_TOKENS).",
+    ),
+    ("--allowed-origins", str, "Comma-separated Origins browser WebSockets may come from."),
+    (
+        "--viewer-tokens",
+        str,
+        "Comma-separated read-only tokens of the monitoring port: the viewer, its API and "
+        "/metrics (or ASYNC_LOGGING_VIEWER_TOKENS).",
+    ),
+    ("--tls-cert", str, "PEM certificate: serve https and wss."),
+    ("--tls-key", str, "PEM private key for --tls-cert."),
+    (
         "--spool",
         str,
         "Directory of the write-ahead spool: ack only what is on disk (off by default).",

@@ -44,8 +44,8 @@ from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
 from .lifecycle import Service, ServiceState, stop_signal
 from .listener import LogListener
 from .live import LiveHub
-from .monapp import MonApp
 from .loopwatch import LoopWatch
+from .monapp import MonApp
 from .pipeline import Pipeline, Stats, process_rss
 from .spool import Spool
 from .supervisor import Supervisor
@@ -289,12 +289,12 @@ class LogCluster:
         """Counters for ``/metrics`` (and the supervisor)."""
         p = self.pipeline
         snap = self.stats.snapshot(p.buffer if p else None, p.queued if p else 0)
+        snap["loop_stall_max_seconds"] = self.loopwatch.worst
+        snap["loop_stalls"] = self.loopwatch.stalls
         store = self.followers.snapshot() if self.followers is not None else None
         if store is not None:
             snap["store"] = store
         return snap
-        snap["loop_stall_max_seconds"] = self.loopwatch.worst
-        snap["loop_stalls"] = self.loopwatch.stalls
 
     def health(self) -> dict[str, Any]:
         """What ``/ecv`` reports."""

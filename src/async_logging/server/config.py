@@ -43,11 +43,11 @@ ENGINE_OPTIONS: dict[str, str] = {
     "max_events_per_tx": "max_events_per_tx",
     "max_tree_depth": "max_depth",
     "max_published_memory": "max_published_memory",
-}
-
     "max_open_bytes": "max_open_bytes",
     "max_published_digests": "max_published_digests",
     "published_memory_age": "published_memory_age",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
@@ -85,6 +85,10 @@ class ServerConfig:
             reassembly engine (see :class:`async_logging.buffer.BufferLimits`, where
             ``max_tree_depth`` is called ``max_depth``): open trees held, events held for
             one tree, nesting of transactions kept in one record, published uuids remembered.
+        max_open_bytes, max_published_digests, published_memory_age: the engine's bounds in
+            bytes and time: bytes of events held in open trees (past it the oldest are
+            published ``evicted``), digests remembered of published trees, and seconds a
+            published uuid is remembered.
         rate_limit: events per second one connection may send (0 = no limit); past it the
             server stops reading that connection for a while (TCP backpressure), counted.
         request_timeout: seconds an HTTP request may take to arrive (slow-loris guard).
@@ -99,10 +103,6 @@ class ServerConfig:
             :mod:`async_logging.server.monauth`). ``/ecv`` stays open.
         tls_cert, tls_key: PEM files; when set the main port speaks https and wss.
         spool: directory of the write-ahead spool (empty: off); batches are appended there
-        max_open_bytes, max_published_digests, published_memory_age: the engine's bounds in
-            bytes and time: bytes of events held in open trees (past it the oldest are
-            published ``evicted``), digests remembered of published trees, and seconds a
-            published uuid is remembered.
             before they are acked and replayed on restart.
         spool_max_bytes: size of the spool at which new batches are refused (HTTP 503,
             error frame ``spool_full``) rather than acked without being durable.
@@ -145,6 +145,9 @@ class ServerConfig:
     max_events_per_tx: int = _ENGINE.max_events_per_tx
     max_tree_depth: int = _ENGINE.max_depth
     max_published_memory: int = _ENGINE.max_published_memory
+    max_open_bytes: int = _ENGINE.max_open_bytes
+    max_published_digests: int = _ENGINE.max_published_digests
+    published_memory_age: float = _ENGINE.published_memory_age
     rate_limit: float = 0.0
     request_timeout: float = 30.0
     tokens: tuple[str, ...] = ()
@@ -162,9 +165,6 @@ class ServerConfig:
         for name in ("tokens", "allowed_origins", "viewer_tokens"):
             value = getattr(self, name)
             if isinstance(value, str):
-    max_open_bytes: int = _ENGINE.max_open_bytes
-    max_published_digests: int = _ENGINE.max_published_digests
-    published_memory_age: float = _ENGINE.published_memory_age
                 parts = [v.strip() for v in value.split(",")]
                 if value.strip() and not all(parts):
                     # " , " or "a,,b": a typo must not turn authentication off (or half on).
@@ -205,6 +205,8 @@ class ServerConfig:
             "max_events_per_tx",
             "max_tree_depth",
             "max_published_memory",
+            "max_open_bytes",
+            "max_published_digests",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -213,6 +215,7 @@ class ServerConfig:
             "heartbeat_interval",
             "clean_duration",
             "settle",
+            "published_memory_age",
             "max_life",
             "max_messages",
             "wait_for_publisher",
@@ -223,8 +226,6 @@ class ServerConfig:
             "rate_limit",
             "request_timeout",
             "spool_max_bytes",
-            "max_open_bytes",
-            "max_published_digests",
             "store_max_age",
             "store_max_bytes",
         )
@@ -233,7 +234,6 @@ class ServerConfig:
                 raise ConfigError(f"option {name} must not be negative")
         if self.clean_duration == 0:
             raise ConfigError("option clean_duration must be more than 0")
-            "published_memory_age",
         if self.publish_queue < 100:
             raise ConfigError("option publish_queue must be at least 100")
         if bool(self.tls_cert) != bool(self.tls_key):

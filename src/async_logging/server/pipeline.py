@@ -130,6 +130,9 @@ class Stats:
             snap["buffer"] = dict(buffer.stats)
             snap["incomplete"] = dict(buffer.incomplete)
             snap["open_transactions"] = buffer.open_count
+            snap["open_bytes"] = getattr(buffer, "open_bytes", 0)
+            memory = getattr(buffer, "published_memory", None)
+            snap["published_memory_digests"] = memory.digests if memory is not None else 0
         return snap
 
 
@@ -137,9 +140,6 @@ def merge_snapshots(snaps: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Sum several workers' snapshots (numbers add, dicts add per key, lists add per index;
     a number whose key ends in ``_max_seconds`` is a worst case: the largest is kept)."""
     total: dict[str, Any] = {}
-            snap["open_bytes"] = getattr(buffer, "open_bytes", 0)
-            memory = getattr(buffer, "published_memory", None)
-            snap["published_memory_digests"] = memory.digests if memory is not None else 0
     for snap in snaps:
         _add_into(total, snap)
     return total
