@@ -21,8 +21,17 @@ Contract:
 - Records are shared: the same dict may go to several publishers (:class:`MultiPublisher`),
   so a publisher must not mutate a record (copy it first if it has to).
 - A publisher method may raise: the server counts and logs the error and calls
-  ``publish_many`` again with the same batch, so a publisher that fails part-way through
-  a batch sees it again (a file may then repeat lines: delivery is at-least-once).
+  ``publish_many`` again, after a backoff, with what of the batch is not published yet.
+  A publisher that fails part-way through a batch says how far it got with
+  :func:`mark_published` (the first *n* records are out, the rest are not); the retry then
+  starts at record *n*. :class:`BasePublisher` and the JSON-lines publisher do; a publisher
+  that does not gets the whole batch again (at-least-once). With several publishers
+  (:class:`MultiPublisher`) the server retries each on its own, so a healthy one never
+  sees a batch twice.
+- A record that makes a publisher raise every time, alone, while the publisher takes other
+  records (a *poison* record) is set aside by the server into its dead-letter file after a
+  bounded number of tries; a publisher that fails for every record is retried, never
+  dead-lettered (docs/design.md §5).
 - A batch may be an :class:`~async_logging.encoded.EncodedRecords` (records the native
   fast path produced as JSON lines): a sequence of dicts like any other, decoded on first
   use.
@@ -90,6 +99,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import ModuleType, TracebackType
@@ -107,6 +117,8 @@ __all__ = [
     "Publisher",
     "import_object",
     "load_publisher",
+    "mark_published",
+    "published_count",
 ]
 
 #: The methods a publisher must have (all synchronous).
@@ -118,6 +130,10 @@ PUBLISHER_METHODS: Final = (
     "flush",
     "close",
 )
+
+#: The attribute of an exception raised by ``publish_many`` that says how many records of the
+#: batch, from its start, were published before it (set by :func:`mark_published`).
+PUBLISHED_ATTR: Final = "records_published"
 
 #: Short names :func:`load_publisher` accepts in place of ``"module:attr"``.
 BUILTIN_PUBLISHERS: Final = {
@@ -177,18 +193,28 @@ class BasePublisher:
         and anything else (``"atomicEvent"``, or a kind this version does not know) to
         :meth:`atomic_event`, so no record is silently skipped.
 
+        A record method that raises stops the batch there: the error says, with
+        :func:`mark_published`, that the records before it were published, so a retry
+        starts at the record that failed.
+
         Args:
             records: the batch, in publication order.
         """
         transaction, heartbeat, atomic_event = self.transaction, self.heartbeat, self.atomic_event
-        for record in records:
-            kind = record.get("kind")
-            if kind == "transaction":
-                transaction(record)
-            elif kind == "heartbeat":
-                heartbeat(record)
-            else:
-                atomic_event(record)
+        record = None
+        try:
+            for record in records:
+                kind = record.get("kind")
+                if kind == "transaction":
+                    transaction(record)
+                elif kind == "heartbeat":
+                    heartbeat(record)
+                else:
+                    atomic_event(record)
+        except Exception as exc:
+            # Found again only now: an index kept in the loop costs every record.
+            mark_published(exc, next((i for i, r in enumerate(records) if r is record), 0))
+            raise
 
     def flush(self) -> None:
         """Flush buffered output; the default does nothing."""
@@ -233,9 +259,11 @@ class MultiPublisher(BasePublisher):
 
     A failing publisher does not stop the others: every publisher gets the call, then the
     error is raised (the exception itself when one publisher failed, an
-    :class:`ExceptionGroup` when several did). The server retries a failed batch by calling
-    :meth:`publish_many` again with the same list; that retry goes only to the publishers
-    that failed, so the healthy ones do not write the batch twice.
+    :class:`ExceptionGroup` when several did). Calling :meth:`publish_many` again with the
+    very list that failed retries it only with the publishers that failed, each from the
+    record it stopped at (:func:`mark_published`), so no publisher writes a record twice.
+    (The server does not rely on this: it retries each member of a MultiPublisher on its
+    own.)
 
     Args:
         publishers: publishers, or anything :func:`load_publisher` accepts (a class, a
@@ -247,9 +275,10 @@ class MultiPublisher(BasePublisher):
 
     def __init__(self, publishers: Iterable[object]) -> None:
         self.publishers: tuple[Publisher, ...] = tuple(load_publisher(p) for p in publishers)
-        # The last batch that failed somewhere, and the publishers that still owe it.
+        # The last batch that failed somewhere, the publishers that still owe it and how
+        # many of its records each had published.
         self._failed_batch: Sequence[Record] | None = None
-        self._owing: tuple[Publisher, ...] = ()
+        self._owing: tuple[tuple[Publisher, int], ...] = ()
 
     def atomic_event(self, record: Record) -> None:
         """Call ``atomic_event(record)`` on every publisher."""
@@ -267,14 +296,26 @@ class MultiPublisher(BasePublisher):
         """Call ``publish_many(records)`` on every publisher (each sees the whole batch).
 
         Called again with the very batch object that failed, only the publishers that
-        failed it are called.
+        failed it are called, each with the records it had not published. The error
+        raised says nothing was published (:func:`published_count` is 0): the others may
+        have published all of it.
         """
-        targets = self._owing if records is self._failed_batch else self.publishers
+        if records is self._failed_batch:
+            targets = self._owing
+        else:
+            targets = tuple((p, 0) for p in self.publishers)
         self._failed_batch, self._owing = None, ()
-        failed = self._each(targets, "publish_many", records, raise_now=False)
+        failed: list[tuple[Publisher, int, Exception]] = []
+        for publisher, done in targets:
+            rest = records[done:] if done else records
+            try:
+                publisher.publish_many(rest)
+            except Exception as exc:  # one failing sink must not starve the others
+                failed.append((publisher, done + published_count(exc, len(rest)), exc))
+                mark_published(exc, 0)
         if failed:
-            self._failed_batch, self._owing = records, tuple(p for p, _ in failed)
-            self._raise("publish_many", [exc for _, exc in failed])
+            self._failed_batch, self._owing = records, tuple((p, n) for p, n, _ in failed)
+            self._raise("publish_many", [exc for _, _, exc in failed])
 
     def flush(self) -> None:
         """Call ``flush()`` on every publisher."""
@@ -284,24 +325,45 @@ class MultiPublisher(BasePublisher):
         """Call ``close()`` on every publisher (each flushes itself)."""
         self._each(self.publishers, "close")
 
-    def _each(
-        self, targets: Iterable[Publisher], method: str, *args: Any, raise_now: bool = True
-    ) -> list[tuple[Publisher, Exception]]:
-        failed: list[tuple[Publisher, Exception]] = []
+    def _each(self, targets: Iterable[Publisher], method: str, *args: Any) -> None:
+        failed: list[Exception] = []
         for publisher in targets:
             try:
                 getattr(publisher, method)(*args)
             except Exception as exc:  # one failing sink must not starve the others
-                failed.append((publisher, exc))
-        if failed and raise_now:
-            self._raise(method, [exc for _, exc in failed])
-        return failed
+                failed.append(exc)
+        if failed:
+            self._raise(method, failed)
 
     @staticmethod
     def _raise(method: str, errors: list[Exception]) -> NoReturn:
         if len(errors) == 1:
             raise errors[0]
         raise ExceptionGroup(f"{len(errors)} publishers failed in {method}()", errors)
+
+
+def mark_published(exc: BaseException, count: int) -> None:
+    """Say, on the error ``publish_many`` is about to raise, that the first ``count``
+    records of its batch were published (and none after them).
+
+    The server then retries with the records from ``count`` on, so a publisher that fails
+    part-way through a batch writes no record twice. A publisher that does not call it is
+    taken to have published none of the batch.
+
+    Args:
+        exc: the exception about to be raised.
+        count: records published, from the start of the batch.
+    """
+    with contextlib.suppress(AttributeError, TypeError):  # an exception without a __dict__
+        setattr(exc, PUBLISHED_ATTR, count)
+
+
+def published_count(exc: BaseException, size: int) -> int:
+    """How many records of a batch of ``size`` the publisher that raised ``exc`` published
+    first (see :func:`mark_published`); 0 when it did not say or said something impossible.
+    """
+    count = getattr(exc, PUBLISHED_ATTR, 0)
+    return count if type(count) is int and 0 <= count <= size else 0
 
 
 def load_publisher(spec: object, **kwargs: Any) -> Publisher:

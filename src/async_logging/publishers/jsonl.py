@@ -11,6 +11,11 @@ would take the file past ``max_bytes``, ``all.log`` becomes ``all.log.1``, ``all
 becomes ``all.log.2`` and so on up to ``all.log.<backup_count>``; the oldest is deleted.
 A file never exceeds ``max_bytes`` unless a single line is longer than that, and rotation
 splits batches at line boundaries.
+
+A write that fails part-way (disk full, a file size limit, an I/O error) never leaves a torn
+line behind: the bytes of the line it was writing are cut off again (``ftruncate``), and the
+error says how many whole lines went out (:func:`~async_logging.publishers.base.mark_published`),
+so the retry continues with the next record: every line parses, every record once.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import orjson
 from ..buffer import Record
 from ..encoded import EncodedRecords
 from ..exceptions import ConfigError, UsageError
-from .base import BatchPublisher
+from .base import BatchPublisher, mark_published
 
 __all__ = [
     "DEFAULT_BACKUP_COUNT",
@@ -169,6 +174,13 @@ class JsonLinesPublisher(BatchPublisher):
     is opened in append mode (``O_APPEND``), so restarting keeps what was written.
     Thread-safe: calls are serialised by a lock.
 
+    A batch that fails part-way raises the :class:`OSError` marked with the number of
+    records written whole (:func:`~async_logging.publishers.base.published_count`); the
+    start of a line it could not finish is cut off the file first. While that cut fails
+    (the disk is gone), every call raises before writing. Sharing the file, a torn line is
+    cut only if it is still the end of the file; after another process's line it stays,
+    counted in ``torn_lines``.
+
     Args:
         path: the log file; its directory is created if missing. Relative paths are
             resolved once, here, so a later ``chdir`` does not move the log.
@@ -182,7 +194,9 @@ class JsonLinesPublisher(BatchPublisher):
         path: the absolute path of the current file.
         stats: counters: ``records`` and ``bytes`` written, ``rotations``, ``fallbacks``
             (records orjson refused, written with a fallback, see :func:`encode_line`),
-            ``unserialisable`` (written as an error line) and ``rotation_errors``.
+            ``unserialisable`` (written as an error line), ``rotation_errors``,
+            ``torn_cut`` (torn lines cut off after a failed write) and ``torn_lines``
+            (torn lines that had to stay: another process wrote after them).
 
     Raises:
         ConfigError: an option is out of range, or the directory or file cannot be created.
@@ -210,6 +224,11 @@ class JsonLinesPublisher(BatchPublisher):
         self._closed = False
         self._fd: int | None = None
         self._size = 0
+        # Bytes of the current batch the OS took so far, and the start of a line a failed
+        # write left at the end of the file, not yet cut off (with the file's identity).
+        self._done = 0
+        self._torn: tuple[bytes, tuple[int, int]] | None = None
+        self._ident = (0, 0)  # (st_dev, st_ino) of the open file
         try:
             self._open()
         except OSError as exc:
@@ -226,7 +245,9 @@ class JsonLinesPublisher(BatchPublisher):
 
         Raises:
             UsageError: the publisher is closed.
-            OSError: the write failed (disk full, ...); some of the batch may be written.
+            OSError: the write failed (disk full, ...). The records it says were published
+                (:func:`~async_logging.publishers.base.published_count`) are in the file
+                as whole lines; nothing of the others is.
         """
         if not isinstance(records, list | tuple | EncodedRecords):
             records = list(records)
@@ -235,17 +256,24 @@ class JsonLinesPublisher(BatchPublisher):
         with self._lock:
             if self._closed:
                 raise UsageError(f"{self!r} is closed")
+            if self._torn is not None:  # a torn line is still there: nothing after it
+                self._cut(*self._torn)
             if self._fd is None:  # a failed rotation left no file open: try again
                 self._open()
             parts, nbytes = self._encoder.encode(records)
-            rotating = self.max_bytes and self.backup_count
-            if rotating and self.shared:
-                self._follow()
-            if rotating and self._size + nbytes > self.max_bytes:
-                self._write_rotating(parts)
-            else:
-                self._write(parts)
-                self._size += nbytes
+            self._done = 0
+            try:
+                rotating = self.max_bytes and self.backup_count
+                if rotating and self.shared:
+                    self._follow()
+                if rotating and self._size + nbytes > self.max_bytes:
+                    self._write_rotating(parts)
+                else:
+                    self._write(parts)
+                    self._size += nbytes
+            except OSError as exc:
+                mark_published(exc, self._failed(parts))
+                raise
             self.stats["records"] += len(records)
             self.stats["bytes"] += nbytes
 
@@ -264,6 +292,9 @@ class JsonLinesPublisher(BatchPublisher):
         """Flush and close the file; later writes raise :class:`UsageError`. Idempotent."""
         with self._lock:
             self._closed = True
+            if self._torn is not None:  # a last chance to cut a torn line off
+                with contextlib.suppress(OSError):
+                    self._cut(*self._torn)
             fd, self._fd = self._fd, None
             if fd is not None:
                 try:
@@ -272,6 +303,68 @@ class JsonLinesPublisher(BatchPublisher):
                     os.close(fd)
 
     # -- internals (called with the lock held) --------------------------------------------
+
+    def _failed(self, parts: Sequence[bytes]) -> int:
+        """After a write raised: cut off the line it left torn; return the lines written."""
+        done, lines, torn = self._done, 0, b""
+        for part in parts:  # each part is a run of whole lines
+            if done >= len(part):
+                lines += part.count(b"\n")
+                done -= len(part)
+                continue
+            if done:
+                lines += part.count(b"\n", 0, done)
+                torn = part[part.rfind(b"\n", 0, done) + 1 : done]
+            break
+        self.stats["records"] += lines
+        self.stats["bytes"] += self._done - len(torn)
+        fd = self._fd
+        if torn:
+            self._torn = (torn, self._ident)
+            with contextlib.suppress(OSError):  # then the next call tries again, first
+                self._cut(torn, self._ident)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                self._size = os.fstat(fd).st_size
+        return lines
+
+    def _cut(self, torn: bytes, ident: tuple[int, int]) -> None:
+        """Cut ``torn``, the start of a line, off the end of the file ``ident`` names.
+
+        Raises:
+            OSError: the file cannot be read or truncated (the caller raises it: nothing
+                is written after a torn line that could still be cut).
+        """
+        fd = self._fd
+        st = os.fstat(fd) if fd is not None and ident == self._ident else None
+        if st is None or not self._ends_with(st, torn):
+            # The file was reopened, or another process wrote after the torn line: cutting
+            # would take its lines too.
+            self.stats["torn_lines"] += 1
+        else:
+            assert fd is not None
+            os.ftruncate(fd, st.st_size - len(torn))
+            self._size = st.st_size - len(torn)
+            self.stats["torn_cut"] += 1
+        self._torn = None
+
+    def _ends_with(self, st: os.stat_result, torn: bytes) -> bool:
+        """Whether the file (``st``, ours) still ends with ``torn``."""
+        if st.st_size < len(torn):
+            return False
+        if not self.shared:
+            return True  # nobody else appends
+        try:
+            rfd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except (FileNotFoundError, PermissionError):  # rotated away, or not ours to read
+            return False
+        try:
+            mine = os.fstat(rfd)
+            if (mine.st_dev, mine.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            return os.pread(rfd, len(torn), st.st_size - len(torn)) == torn
+        finally:
+            os.close(rfd)
 
     def _follow(self) -> None:
         """Follow a rotation done by another process writing the same file (server workers).
@@ -298,7 +391,8 @@ class JsonLinesPublisher(BatchPublisher):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
         fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
-        self._size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._size, self._ident = st.st_size, (st.st_dev, st.st_ino)
         self._fd = fd
 
     def _write(self, parts: Sequence[bytes | memoryview]) -> None:
@@ -307,13 +401,21 @@ class JsonLinesPublisher(BatchPublisher):
         if not parts:
             return
         if len(parts) == 1 or _writev is None:
-            _write_all(fd, parts[0] if len(parts) == 1 else b"".join(parts))
+            self._write_all(fd, parts[0] if len(parts) == 1 else b"".join(parts))
             return
         for i in range(0, len(parts), _IOV_MAX):
             group = parts[i : i + _IOV_MAX]
             written = _writev(fd, group)
+            self._done += written
             if written < sum(map(len, group)):  # a short write: finish it plainly
-                _write_all(fd, b"".join(group)[written:])
+                self._write_all(fd, b"".join(group)[written:])
+
+    def _write_all(self, fd: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            self._done += written
+            view = view[written:]
 
     def _write_rotating(self, parts: list[bytes]) -> None:
         """Write ``parts``, rotating at line boundaries so no file exceeds max_bytes."""
@@ -411,9 +513,3 @@ def _rotation_lock(path: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
