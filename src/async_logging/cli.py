@@ -44,6 +44,12 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--log-file", str, "JSON-lines output file [default: ./log/all.log]."),
     ("--log-max-bytes", int, "Rotate the output file at this size (0 = never) [default: 100 MiB]."),
     ("--log-backup-count", int, "Rotated files kept [default: 5]."),
+    (
+        "--dead-letter",
+        str,
+        "JSON-lines file of records a publisher refuses on their own, with the error "
+        "[default: dead-letter.log beside --log-file].",
+    ),
     ("--max-message-bytes", int, "Largest frame or POST body [default: 4 MiB]."),
     (
         "--idle-timeout",

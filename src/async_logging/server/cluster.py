@@ -39,6 +39,7 @@ from ..publishers import (
 )
 from ..publishers.base import import_object
 from .config import ENGINE_OPTIONS, ServerConfig, announcement
+from .delivery import DeadLetters
 from .followers import Followers
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
 from .lifecycle import Service, ServiceState, stop_signal
@@ -216,6 +217,7 @@ class LogCluster:
             wait_for_publisher=c.wait_for_publisher,
             stats=self.stats,
             spool=spool,
+            dead_letters=DeadLetters(c.dead_letter_file(), shared=reuse_port),
             wire_limits=wire.WireLimits(
                 max_message_bytes=c.max_message_bytes,
                 max_events_per_frame=c.max_events_per_frame,

@@ -73,6 +73,9 @@ class ServerConfig:
         wait_for_publisher: seconds to let publishers finish on shutdown.
         log_file: path of the default JSON-lines sink.
         log_max_bytes, log_backup_count: rotation of the default sink.
+        dead_letter: JSON-lines file of the records a publisher refuses on their own while
+            it takes others (poison records), each with its error (empty:
+            ``dead-letter.log`` beside ``log_file``); see :meth:`dead_letter_file`.
         stdout: also write records to standard output.
         max_message_bytes: largest frame or request body (seed: 4 MiB).
         idle_timeout: seconds without a frame after which a WebSocket is closed (seed: 10 min).
@@ -132,6 +135,7 @@ class ServerConfig:
     log_file: str = "./log/all.log"
     log_max_bytes: int = 100 * 1024 * 1024
     log_backup_count: int = 5
+    dead_letter: str = ""
     stdout: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -255,6 +259,12 @@ class ServerConfig:
                     message = option + message[len(name) :]
                     break
             raise ConfigError(f"option {message}") from exc
+
+    def dead_letter_file(self) -> str:
+        """The dead-letter file: :attr:`dead_letter`, or ``dead-letter.log`` beside the log."""
+        return self.dead_letter or os.path.join(
+            os.path.dirname(self.log_file) or ".", "dead-letter.log"
+        )
 
     def engine_options(self) -> dict[str, Any]:
         """The engine's limits as keywords of :class:`~async_logging.buffer.LogBuffer`

@@ -164,6 +164,12 @@ class SnapshotCollector(Collector):
             "Records given up at shutdown (publisher failing).",
             s["records_dropped"],
         )
+        yield _counter(
+            "dead_letters",
+            "Records a publisher refused on their own while taking others (poison), "
+            "set aside in the dead-letter file.",
+            s.get("dead_letters", 0),
+        )
         counts = s["latency_buckets"]
         buckets = []
         acc = 0

@@ -14,7 +14,9 @@ before feeding the buffer, so listeners stop reading their sockets and TCP pushe
 the clients (counted as ``backpressure_waits``). A publisher that raises is retried with
 backoff (counted as ``publish_errors``), so a failing sink slows ingest instead of losing
 what was accepted; only at shutdown, past ``wait_for_publisher``, is what remains given up,
-counted as ``records_dropped`` and logged.
+counted as ``records_dropped`` and logged. A record a sink refuses on its own while it takes
+others (a poison record) is set aside into the dead-letter file, counted as
+``dead_letters`` (:mod:`async_logging.server.delivery`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..buffer import Fed, LogBuffer, Record
 from ..encoded import EncodedRecords
 from ..exceptions import BadInput, LimitExceeded
 from ..publishers import Publisher
+from .delivery import DeadLetters, Delivery
 from .lifecycle import Lifecycle
 from .spool import JSON, MSGPACK, Spool
 
@@ -84,6 +87,7 @@ class Stats:
         self.spool_rebases = 0
         self.publish_errors = 0
         self.records_dropped = 0
+        self.dead_letters = 0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
@@ -118,6 +122,7 @@ class Stats:
             "spool_rebases": self.spool_rebases,
             "publish_errors": self.publish_errors,
             "records_dropped": self.records_dropped,
+            "dead_letters": self.dead_letters,
             "latency_buckets": list(self.latency_buckets),
             "latency_sum": self.latency_sum,
             "latency_count": self.latency_count,
@@ -187,6 +192,8 @@ class Pipeline:
         publisher: the sink(s) (see :mod:`async_logging.publishers`).
         publish_queue: records allowed to wait for the publisher before ``accept`` pauses.
         wait_for_publisher: seconds given to the publisher to finish at :meth:`close`.
+        dead_letters: where records a publisher refuses on their own go (None: dropped,
+            counted and logged).
     """
 
     def __init__(
@@ -199,6 +206,7 @@ class Pipeline:
         stats: Stats | None = None,
         spool: Spool | None = None,
         wire_limits: wire.WireLimits = wire.DEFAULT_LIMITS,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.buffer = buffer
         self.spool = spool
@@ -230,6 +238,17 @@ class Pipeline:
         self._progress_at = 0.0
         # When the spool last refused a batch (-inf: never).
         self._spool_refused_at = -math.inf
+        #: Hands records to the sinks: retries, poison records set aside.
+        self.delivery = Delivery(
+            publisher,
+            self.stats,
+            dead_letters=dead_letters,
+            backoff=RETRY_BACKOFF,
+            giving_up=lambda: (
+                self._lifecycle.state in (PipelineState.ABANDONING, PipelineState.CLOSED)
+            ),
+            on_progress=self._progressed,
+        )
 
     def refusing(self) -> str | None:
         """Why the proxy does not ack now, or None: ``publish_queue_full`` (ingest waits for
@@ -239,7 +258,8 @@ class Pipeline:
         if self._queued >= self.publish_queue:
             return "publish_queue_full"
         now = self.clock()
-        if self._queued and now - self._progress_at > self.stall_after:
+        waiting = self._queued or self.delivery.holding  # held aside: waiting too
+        if waiting and now - self._progress_at > self.stall_after:
             return "publisher_stalled"
         spool = self.spool
         if spool is not None and (
@@ -499,7 +519,7 @@ class Pipeline:
                 while not queue and self._lifecycle.state is PipelineState.RUNNING:
                     cond.wait()
                 if not queue:
-                    return
+                    break
                 batches = list(queue)
                 queue.clear()
             checkpoint = None
@@ -518,33 +538,16 @@ class Pipeline:
                 except OSError:
                     log.exception("could not write the spool checkpoint")
             self._release(sum(len(batch) for _, batch, _ in batches))
+        self.delivery.finish()
 
     def _publish_with_retry(self, records: Sequence[Record]) -> bool:
-        """Publish, retrying with backoff; False only when given up at shutdown."""
-        if not records:
-            return True
-        attempt = 0
-        while True:
-            try:
-                self.publisher.publish_many(records)
-            except Exception:
-                self.stats.publish_errors += 1
-                if self._lifecycle.state in (PipelineState.ABANDONING, PipelineState.CLOSED):
-                    self.stats.records_dropped += len(records)
-                    log.error("gave up %d records: the publisher keeps failing", len(records))
-                    return False
-                log.exception("publisher failed (attempt %d); retrying", attempt + 1)
-                time.sleep(RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)])
-                attempt += 1
-            else:
-                self._progress_at = self.clock()
-                kinds = self.stats.records
-                if isinstance(records, EncodedRecords):
-                    kinds.update(records.kinds)
-                else:
-                    for r in records:
-                        kinds[r.get("kind", "unknown")] += 1
-                return True
+        """Publish to every sink, retrying with backoff and setting poison records aside
+        (:class:`~async_logging.server.delivery.Delivery`); False when records were given
+        up at shutdown or are held aside."""
+        return self.delivery.publish(records) if records else True
+
+    def _progressed(self) -> None:
+        self._progress_at = self.clock()
 
     def _release(self, n: int) -> None:
         with self._cond:
