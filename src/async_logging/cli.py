@@ -26,6 +26,11 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--workers", int, "Worker processes sharing the port (SO_REUSEPORT) [default: 1]."),
     ("--conn-threshold", int, "Concurrent WebSocket connections accepted [default: 1024]."),
     (
+        "--max-http-connections",
+        int,
+        "Concurrent HTTP (not WebSocket) connections; past it 503 [default: 1024].",
+    ),
+    (
         "--heartbeat-interval",
         float,
         "Seconds between the server's heartbeats (0 = off) [default: 60].",
@@ -51,6 +56,12 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
         "[default: dead-letter.log beside --log-file].",
     ),
     ("--max-message-bytes", int, "Largest frame or POST body [default: 4 MiB]."),
+    (
+        "--max-inflight-bytes",
+        int,
+        "Bytes of bodies and frames held at once across connections; past it 503 or "
+        "close 1013 [default: 256 MiB].",
+    ),
     (
         "--idle-timeout",
         float,

@@ -26,6 +26,8 @@ DEFAULT_PORT = 3000
 DEFAULT_MON_PORT = 3001
 DEFAULT_CONN_THRESHOLD = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_HTTP_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_PUBLISH_QUEUE = 50_000
@@ -60,6 +62,9 @@ class ServerConfig:
         mon_port: the monitoring port (seed: 3001; 0 picks a free one; -1 disables it).
         workers: worker processes sharing the port (SO_REUSEPORT); 1 runs in-process.
         conn_threshold: concurrent WebSocket connections accepted; the next gets HTTP 503.
+        max_http_connections: concurrent HTTP connections (those not upgraded to a
+            WebSocket) on the main port; a request on a connection opened past it gets
+            503 ``too_many_connections`` and the connection is closed (counted).
         ecv: whether ``GET /ecv`` reports healthy (the seed's ECV switch; False = out of rotation).
         heartbeat_interval: seconds between the server's own heartbeat records (0 = off).
         listener, buffer, publisher: plug-ins: a class, an instance or ``"module:attr"``
@@ -78,6 +83,10 @@ class ServerConfig:
             ``dead-letter.log`` beside ``log_file``); see :meth:`dead_letter_file`.
         stdout: also write records to standard output.
         max_message_bytes: largest frame or request body (seed: 4 MiB).
+        max_inflight_bytes: bytes of request bodies and WebSocket frames held at once,
+            across every connection of a process (at least ``max_message_bytes``): a body
+            past it gets 503 ``inflight_full``, a frame closes its WebSocket with 1013
+            (try again later); both counted.
         idle_timeout: seconds without a frame after which a WebSocket is closed (seed: 10 min).
         ping_interval: seconds between protocol pings.
         publish_queue: records waiting for the publisher before ingest pauses (backpressure).
@@ -120,6 +129,7 @@ class ServerConfig:
     mon_port: int = DEFAULT_MON_PORT
     workers: int = 1
     conn_threshold: int = DEFAULT_CONN_THRESHOLD
+    max_http_connections: int = DEFAULT_MAX_HTTP_CONNECTIONS
     ecv: bool = True
     heartbeat_interval: float = 60.0
     listener: Any = None
@@ -138,6 +148,7 @@ class ServerConfig:
     dead_letter: str = ""
     stdout: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     ping_interval: float = DEFAULT_PING_INTERVAL
     publish_queue: int = DEFAULT_PUBLISH_QUEUE
@@ -199,6 +210,7 @@ class ServerConfig:
         positive = (
             "workers",
             "conn_threshold",
+            "max_http_connections",
             "clean_cycles",
             "max_message_bytes",
             "max_events_per_frame",
@@ -238,6 +250,11 @@ class ServerConfig:
                 raise ConfigError(f"option {name} must not be negative")
         if self.clean_duration == 0:
             raise ConfigError("option clean_duration must be more than 0")
+        if self.max_inflight_bytes < self.max_message_bytes:
+            raise ConfigError(
+                f"option max_inflight_bytes ({self.max_inflight_bytes}) must be at least "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
         if self.publish_queue < 100:
             raise ConfigError("option publish_queue must be at least 100")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -6,13 +6,24 @@
   the buffer has taken it. A bad frame is answered ``{"error", "detail", "seq"}`` and the
   connection stays up; events refused inside a good frame are listed in the answer.
   Frames over ``max_message_bytes`` close the connection with 1009 (the peer broke the
-  protocol); past ``conn_threshold`` connections the upgrade is refused with HTTP 503.
-  Idle connections are closed after ``idle_timeout`` (1000, "idle"); pings keep NATs open.
+  protocol), and so does an unmasked frame, with 1002 (RFC 6455 §5.1: aiohttp's reader does
+  not check the mask bit, so :class:`_FrameGate` reads each frame's head first); past
+  ``conn_threshold`` connections the upgrade is refused with HTTP 503. Idle connections
+  are closed after ``idle_timeout`` (1000, "idle"); pings keep NATs open.
 - ``POST /log``: JSON, MessagePack, url-encoded or multipart forms (the original Node
   transport's ``logs[0][uuid]=…`` too). 200 ``{"accepted": n}``; 400 names what is wrong;
-  413 over the size limit; 415 for an unknown content type.
+  408 when the body (a form's too) is not in within ``request_timeout``; 413 over the size
+  limit; 415 for an unknown content type; 503 past ``max_inflight_bytes`` or on a
+  connection opened past ``max_http_connections``.
 - ``GET /ws``: the WebSocket URL clients should use (discovery for the
   websocket-otherwise-HTTP transport).
+
+No slow or big request starves the rest: every connection is seen by the guard (a request
+head, a body and a WebSocket frame must each arrive within ``request_timeout``), the bytes
+of bodies and frames held at once are bounded across connections (``max_inflight_bytes``,
+:class:`~async_logging.server.guard.InflightBudget`), HTTP connections are bounded like
+WebSockets, and failed accepts (out of file descriptors) are logged at most once per
+:data:`ACCEPT_ERROR_LOG_INTERVAL`, counted.
 
 Every refusal is counted in :class:`~async_logging.server.pipeline.Stats` by reason.
 """
@@ -24,6 +35,7 @@ import enum
 import logging
 import ssl
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +56,16 @@ log = logging.getLogger("async_logging.server")
 
 SUBPROTOCOL = "log-protocol"
 READY = "ready"
+#: Seconds between two log lines about failed accepts (e.g. out of file descriptors); the
+#: lines held back between are counted in the next one, and every failure in
+#: ``async_logging_accept_errors_total``.
+ACCEPT_ERROR_LOG_INTERVAL = 10.0
+#: Seconds aiohttp keeps reading (and dropping) a body it answered before reading it all
+#: (408, 413, 503), so the client sees the answer rather than a reset; at most
+#: ``request_timeout``. The connection is closed after.
+REFUSED_BODY_LINGER = 2.0
+#: Refusals answered before the body was read whole: the connection takes no next request.
+_UNREAD_BODY = frozenset({"inflight_full", "message_too_big", "request_timeout"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,8 +110,12 @@ class LogListener:
         self._closing: set[asyncio.Future[bool]] = set()
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
-        # The slow-request guard's view of each open connection, by its transport.
+        # The guard's view of each open connection, by its transport.
         self._watched: dict[asyncio.BaseTransport, _Watched] = {}
+        self.budget = guard.InflightBudget(config.max_inflight_bytes)
+        self._accept_log = guard.LogThrottle(ACCEPT_ERROR_LOG_INTERVAL)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outer_handler: Any = None  # the loop's exception handler before start()
         self.port: int = config.port
         self._lifecycle = Lifecycle("LogListener", _LISTENER_MOVES, ListenerState.NEW)
         self.frames_seen = 0
@@ -108,9 +134,8 @@ class LogListener:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (exposed for embedding and tests)."""
-        middlewares = [self._guard_middleware] if self.config.request_timeout > 0 else []
         app = web.Application(
-            client_max_size=self.config.max_message_bytes, middlewares=middlewares
+            client_max_size=self.config.max_message_bytes, middlewares=[self._guard_middleware]
         )
         app.router.add_post("/log", self.handle_post)
         app.router.add_get("/ws", self.handle_discovery)
@@ -121,18 +146,24 @@ class LogListener:
         """Listen on the configured host and port; returns the port actually bound.
 
         The listening socket is this listener's own ``asyncio.Server`` serving aiohttp's
-        low-level server (the documented protocol factory of an :class:`web.AppRunner`),
-        each connection seen by the slow-request guard when ``request_timeout`` is set.
+        low-level server (an :class:`web.AppRunner`'s), each connection's protocol an
+        aiohttp :class:`web.RequestHandler` whose WebSocket reader is fronted by a
+        :class:`_FrameGate`, seen by the guard (:class:`_Watched`). Failed accepts are
+        logged through a throttle installed on the loop until :meth:`cleanup`.
         """
         self._lifecycle.to(ListenerState.STARTING)
         c = self.config
-        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False)
+        options = self._handler_options()
+        self._runner = web.AppRunner(self.make_app(), handle_signals=False, **options)
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
         loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._outer_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._loop_error)
         self._server = await loop.create_server(
-            self._guarded(server) if c.request_timeout > 0 else server,
+            self._protocols(server, options),
             c.host,
             c.port,
             ssl=_ssl_context(c),
@@ -212,6 +243,9 @@ class LogListener:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.get_exception_handler() == self._loop_error:
+            loop.set_exception_handler(self._outer_handler)
 
     # ------------------------------------------------------------------ WebSocket
 
@@ -239,13 +273,15 @@ class LogListener:
             decode_text=False,
         )
         await ws.prepare(request)
+        transport = request.transport
+        conn = self._watched.get(transport) if transport is not None else None
         self.stats.connections += 1
         self.stats.connections_total += 1
         self._sockets.add(ws)
         self._last_frame[ws] = asyncio.get_running_loop().time()
         try:
             await ws.send_str(READY)
-            await self._serve(ws)
+            await self._serve(ws, conn)
         finally:
             self.stats.connections -= 1
             self._sockets.discard(ws)
@@ -254,7 +290,7 @@ class LogListener:
                 await ws.close()
         return ws
 
-    async def _serve(self, ws: web.WebSocketResponse) -> None:
+    async def _serve(self, ws: web.WebSocketResponse, conn: _Watched | None) -> None:
         rate = self.config.rate_limit
         loop = asyncio.get_running_loop()
         bucket = guard.TokenBucket(rate, now=loop.time()) if rate > 0 else None
@@ -275,6 +311,10 @@ class LogListener:
                 finally:
                     del self._busy[ws]
                     answered.set()
+                    if conn is not None and conn.held:  # fed and answered: give back
+                        self._release(conn.held.popleft())
+                        if conn.closing is not None and not conn.held:
+                            conn.abort()  # the frames before the refused one are answered
                 if bucket is not None:
                     wait = bucket.take(spent, loop.time())
                     if wait > 0:  # too fast: stop reading this connection for a while
@@ -329,36 +369,13 @@ class LogListener:
         refusal = self._refuse(request, websocket=False)
         if refusal is not None:
             return refusal
+        hold = _Hold(self)
         try:
-            if request.content_length is not None and (
-                request.content_length > self.config.max_message_bytes
-            ):
-                raise LimitExceeded(
-                    "message_too_big",
-                    f"body of {request.content_length} bytes is over the limit of "
-                    f"{self.config.max_message_bytes}",
-                )
-            if ctype == "multipart/form-data":
-                try:
-                    form = await request.post()
-                except web.HTTPRequestEntityTooLarge as exc:
-                    raise LimitExceeded("message_too_big", "body is over the size limit") from exc
-                except ValueError as exc:
-                    raise DecodeError("bad_form", str(exc)) from exc
-                fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            body, fields = await self._read_post(request, ctype, hold)
+            if fields is not None:
                 stats.bytes["http"] += sum(len(v) for v in fields.values())
                 frame = wire.decode_multipart_fields(fields, self.limits)
             else:
-                try:
-                    body = await asyncio.wait_for(request.read(), self.config.request_timeout)
-                except web.HTTPRequestEntityTooLarge as exc:
-                    raise LimitExceeded("message_too_big", "body is over the size limit") from exc
-                except TimeoutError as exc:
-                    raise LimitExceeded(
-                        "request_timeout",
-                        f"the body did not arrive within {self.config.request_timeout} s",
-                        status=408,
-                    ) from exc
                 stats.bytes["http"] += len(body)
                 if wire.is_msgpack_type(ctype):
                     self.frames_seen += 1
@@ -366,31 +383,197 @@ class LogListener:
                     return _post_answer(seq, items, fed)
                 frame = wire.decode_http_body(body, ctype, self.limits)
             self.frames_seen += 1
-            raw = _spool_record(body if ctype != "multipart/form-data" else None, ctype, frame)
+            raw = _spool_record(body if fields is None else None, ctype, frame)
             fed = await self.pipeline.accept(frame.logs, raw)
         except BadInput as exc:
             stats.bad_input[exc.reason] += 1
-            return _json_error(exc.status, exc.reason, exc.detail)
+            response = _json_error(exc.status, exc.reason, exc.detail)
+            if exc.reason in _UNREAD_BODY:
+                response.force_close()  # the rest of the body is not read: no next request
+            return response
+        finally:
+            hold.release()  # the batch is fed (or refused): its bytes are not held any more
         return _post_answer(frame.seq, len(frame.logs), fed)
 
-    # ------------------------------------------------------------------ slow-request guard
+    async def _read_post(
+        self, request: web.Request, ctype: str, hold: _Hold
+    ) -> tuple[bytes, dict[str, str] | None]:
+        """The body (or a multipart form's text fields), read whole within ``request_timeout``
+        and held in the in-flight budget: a body as its bytes arrive (a slow body holds
+        only what it sent), a multipart form (which aiohttp reads whole) by its
+        ``Content-Length`` before it is read, or ``max_message_bytes`` when chunked.
 
-    def _guarded(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], _Watched]:
-        """``factory`` (aiohttp's server) with each connection seen by the guard."""
-        period = self.config.request_timeout
+        Raises:
+            LimitExceeded: ``message_too_big`` (413), ``request_timeout`` (408, the body,
+                a form's included, did not arrive in time), ``inflight_full`` (503).
+            DecodeError: ``bad_form``.
+        """
+        c = self.config
+        length = request.content_length
+        if length is not None and length > c.max_message_bytes:
+            raise LimitExceeded(
+                "message_too_big",
+                f"body of {length} bytes is over the limit of {c.max_message_bytes}",
+            )
+        try:
+            async with asyncio.timeout(c.request_timeout or None):
+                if ctype == "multipart/form-data":
+                    # request.post() reads the whole body: a chunked form may be that big.
+                    hold.take(length if length is not None else c.max_message_bytes)
+                    form = await request.post()
+                    return b"", {k: v for k, v in form.items() if isinstance(v, str)}
+                return await self._read_body(request, hold), None
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise LimitExceeded("message_too_big", "body is over the size limit") from exc
+        except TimeoutError as exc:
+            raise LimitExceeded(
+                "request_timeout",
+                f"the body did not arrive within {c.request_timeout} s",
+                status=408,
+            ) from exc
+        except ValueError as exc:  # a malformed multipart body
+            raise DecodeError("bad_form", str(exc)) from exc
+
+    async def _read_body(self, request: web.Request, hold: _Hold) -> bytes:
+        """A body, held in the budget chunk by chunk as it arrives."""
+        limit = self.config.max_message_bytes
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise LimitExceeded("message_too_big", f"body is over the limit of {limit} bytes")
+            hold.take(len(chunk))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------------ in-flight budget
+
+    def _reserve(self, n: int) -> bool:
+        """Hold ``n`` bytes of a body or frame in the budget; False when they do not fit."""
+        if not self.budget.take(n):
+            return False
+        self.stats.inflight_bytes = self.budget.held
+        return True
+
+    def _release(self, n: int) -> None:
+        if n:
+            self.budget.release(n)
+            self.stats.inflight_bytes = self.budget.held
+
+    def _admit_frame(self, conn: _Watched, head: guard.FrameHead) -> tuple[int, bytes] | None:
+        """A client's frame head has arrived (its payload not yet read): None to take it,
+        else the close code and reason ending the connection."""
+        conn.last_fin = False
+        if not head.masked:
+            self.stats.bad_input["unmasked_frame"] += 1
+            log.info("websocket closed: the client sent an unmasked frame (RFC 6455 §5.1)")
+            return WSCloseCode.PROTOCOL_ERROR, b"unmasked frame"
+        if head.opcode >= 8:  # control frames: 125 bytes at most
+            return None
+        conn.message_size += head.length
+        # A message over max_message_bytes is aiohttp's to refuse (1009), as before.
+        if conn.message_size <= self.config.max_message_bytes:
+            if not self._reserve(head.length):
+                self.stats.bad_input["inflight_full"] += 1
+                log.info(
+                    "websocket closed: a frame of %d bytes does not fit in max_inflight_bytes "
+                    "(%d held)",
+                    head.length,
+                    self.budget.held,
+                )
+                return WSCloseCode.TRY_AGAIN_LATER, b"inflight_full"
+            conn.message_held += head.length
+        if head.fin:
+            conn.held.append(conn.message_held)
+            conn.message_held = conn.message_size = 0
+            conn.last_fin = True
+        return None
+
+    # ------------------------------------------------------------------ accept errors
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The loop's exception handler while listening: failed accepts (asyncio logs each
+        with a traceback) are counted and logged at most once per interval; the rest goes
+        to the handler that was there before."""
+        if not _is_accept_error(context):
+            if self._outer_handler is not None:
+                self._outer_handler(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.stats.accept_errors += 1
+        held = self._accept_log.allow(loop.time())
+        if held is not None:
+            log.error(
+                "cannot accept a connection on the main port: %s%s",
+                context.get("exception") or context.get("message"),
+                f" ({held} more like it in the last {ACCEPT_ERROR_LOG_INTERVAL:g} s)"
+                if held
+                else "",
+            )
+
+    # ------------------------------------------------------------------ the guard
+
+    def _handler_options(self) -> dict[str, Any]:
+        """Keywords of aiohttp's protocol (:class:`web.RequestHandler`): no access log, and
+        a refused body is read and dropped for :data:`REFUSED_BODY_LINGER` seconds at most
+        (``request_timeout`` at most) before the connection closes."""
+        timeout = self.config.request_timeout
+        linger = min(REFUSED_BODY_LINGER, timeout) if timeout > 0 else REFUSED_BODY_LINGER
+        return {"access_log": None, "lingering_time": linger}
+
+    def _protocols(self, server: web.Server, options: dict[str, Any]) -> Callable[[], _Watched]:
+        """The protocol factory of the listening socket: aiohttp's protocol for each
+        connection (``options`` as given to the runner), seen by the guard."""
+        loop = asyncio.get_running_loop()
 
         def make() -> _Watched:
-            return _Watched(factory(), self._watched, period, self._check_connection)
+            handler = _Handler(server, loop=loop, **options)
+            handler.conn = conn = _Watched(handler, self)
+            return conn
 
         return make
 
+    def _opened(self, conn: _Watched) -> None:
+        """A connection was accepted: an HTTP connection until it is upgraded."""
+        stats = self.stats
+        stats.http_connections += 1
+        conn.over_limit = stats.http_connections > self.config.max_http_connections
+
+    def _upgraded(self, conn: _Watched) -> None:
+        """The connection became a WebSocket: it counts toward ``conn_threshold`` now."""
+        conn.upgraded = True
+        conn.scan = guard.FrameScan()
+        self.stats.http_connections -= 1
+
+    def _closed(self, conn: _Watched) -> None:
+        """A connection is gone: what it held in the budget is given back."""
+        if not conn.upgraded:
+            self.stats.http_connections -= 1
+        self._release(conn.message_held + sum(conn.held))
+        conn.message_held = 0
+        conn.held.clear()
+
     @web.middleware  # new-style (request, handler): aiohttp 3 warns without the mark
     async def _guard_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Tells the guard that a request's head arrived and when its handling ends."""
+        """Refuses requests on connections opened past ``max_http_connections``; tells the
+        guard that a request's head arrived and when its handling ends."""
         transport = request.transport
         conn = self._watched.get(transport) if transport is not None else None
         if conn is None:  # pragma: no cover - every connection is watched
             return await handler(request)
+        if conn.over_limit and request.headers.get("Upgrade", "").lower() != "websocket":
+            # (an upgrade is counted against conn_threshold instead)
+            self.stats.connections_refused["max_http_connections"] += 1
+            response = _json_error(
+                503,
+                "too_many_connections",
+                f"the server holds its limit of {self.config.max_http_connections} HTTP "
+                "connections",
+            )
+            response.force_close()
+            return response
         conn.watch.started()
         try:
             return await handler(request)
@@ -398,13 +581,19 @@ class LogListener:
             conn.watch.finished()
 
     def _check_connection(self, conn: _Watched) -> None:
-        """End of a ``request_timeout`` period of one connection: close it when it idled."""
+        """End of a ``request_timeout`` period of one connection: close it when it idled,
+        or when a WebSocket frame has been arriving for a whole period (1008)."""
         transport = conn.transport
         if transport is None or transport.is_closing():
             return
         if conn.watch.expired():
             self.stats.connections_refused["request_timeout"] += 1
             transport.close()
+            return
+        if conn.scan is not None and conn.scan.stalled():
+            self.stats.connections_refused["request_timeout"] += 1
+            log.info("websocket closed: a frame did not arrive within request_timeout")
+            conn.shut(WSCloseCode.POLICY_VIOLATION, b"request_timeout")
             return
         conn.rearm()
 
@@ -438,46 +627,86 @@ class LogListener:
 
 
 class _Watched(asyncio.BaseProtocol):
-    """aiohttp's protocol for one connection, with the slow-request guard watching it.
+    """aiohttp's protocol for one connection, seen by the listener's guard.
 
     The transport calls this object; data and end-of-file go straight to aiohttp's protocol
     (bound methods taken once, no extra call per read), the rest is passed on here. While
-    the connection is open it is in ``registry`` under its transport (where the guard's
-    middleware finds it), and ``check(self)`` runs every ``period`` seconds.
+    the connection is open it is in the listener's registry under its transport (where the
+    guard's middleware finds it), counted as an HTTP connection until it is upgraded, and,
+    with ``request_timeout`` set, checked every ``request_timeout`` seconds. As a WebSocket
+    it keeps what its frames hold in the in-flight budget.
     """
 
-    def __init__(
-        self,
-        inner: asyncio.Protocol,
-        registry: dict[asyncio.BaseTransport, _Watched],
-        period: float,
-        check: Callable[[_Watched], None],
-    ) -> None:
+    def __init__(self, inner: web.RequestHandler, listener: LogListener) -> None:
         self._inner = inner
-        self._registry = registry
-        self._period = period
-        self._check = check
+        self._listener = listener
+        self._period = listener.config.request_timeout
         self.data_received: Callable[[bytes], None] = inner.data_received
         self.eof_received: Callable[[], bool | None] = inner.eof_received
         self.watch = guard.RequestWatch()
         self.transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.over_limit = False  # opened past max_http_connections
+        self.upgraded = False
+        self.scan: guard.FrameScan | None = None  # the WebSocket's frame heads
+        self.message_size = 0  # bytes of the WebSocket message arriving, so far
+        self.message_held = 0  # of them, bytes held in the budget
+        self.held: deque[int] = deque()  # bytes held by each whole message not yet taken
+        self.closing: tuple[int, bytes] | None = None  # the close a WebSocket is shut with
+        self.last_fin = False  # the last frame admitted ended a message (the last of held)
 
     def rearm(self) -> None:
         """Run the check again one period from now."""
-        self._timer = asyncio.get_running_loop().call_later(self._period, self._check, self)
+        self._timer = asyncio.get_running_loop().call_later(
+            self._period, self._listener._check_connection, self
+        )
+
+    def gate(self, parser: Any) -> _FrameGate:
+        """aiohttp's WebSocket ``parser`` for this connection, behind a frame gate."""
+        self._listener._upgraded(self)
+        assert self.scan is not None
+        return _FrameGate(parser, self.scan, self)
+
+    def admit(self, head: guard.FrameHead) -> tuple[int, bytes] | None:
+        """See :meth:`LogListener._admit_frame`."""
+        return self._listener._admit_frame(self, head)
+
+    def shut(self, code: int, reason: bytes) -> None:
+        """End the WebSocket with a close frame (``code``, ``reason``): nothing more it
+        sends is read; the whole messages read before are taken and answered first."""
+        if self.closing is None:
+            self.closing = (code, reason)
+            if self.last_fin and self.scan is not None and self.scan.payload_left:
+                # The message whose last frame is part-way in will never be read whole.
+                self._listener._release(self.held.pop())
+        if not self.held:
+            self.abort()
+
+    def abort(self) -> None:
+        """Send the close frame of :meth:`shut` and close the connection, without waiting
+        for the client's close."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.closing is None:
+            return
+        code, reason = self.closing
+        payload = code.to_bytes(2, "big") + reason[:123]
+        transport.write(bytes((0x88, len(payload))) + payload)  # type: ignore[attr-defined]
+        transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
-        self._registry[transport] = self
-        self.rearm()
+        self._listener._watched[transport] = self
+        self._listener._opened(self)
+        if self._period > 0:
+            self.rearm()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if self.transport is not None:
-            self._registry.pop(self.transport, None)
+            self._listener._watched.pop(self.transport, None)
+        self._listener._closed(self)
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -485,6 +714,104 @@ class _Watched(asyncio.BaseProtocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's protocol for one connection, whose WebSocket reader (the parser it is
+    given on the upgrade) is put behind the connection's :class:`_FrameGate`."""
+
+    __slots__ = ("conn",)
+    conn: _Watched
+
+    def set_parser(self, parser: Any, *args: Any, **kwargs: Any) -> None:
+        gate: Any = self.conn.gate(parser)  # aiohttp types the parser as its own reader
+        super().set_parser(gate, *args, **kwargs)
+
+
+class _FrameGate:
+    """Stands in front of aiohttp's WebSocket reader and reads each frame's head first.
+
+    aiohttp's reader takes unmasked frames from a client, which RFC 6455 §5.1 forbids, and
+    reads every frame a client sends, however many bytes are held at once. The gate sees
+    the raw bytes before the reader (the bytes that came with the upgrade request too):
+    a frame not masked (1002), or that does not fit in the in-flight budget (1013), closes
+    the connection before the reader sees any of it.
+    """
+
+    __slots__ = ("_conn", "_inner", "_scan")
+
+    def __init__(self, inner: Any, scan: guard.FrameScan, conn: _Watched) -> None:
+        self._inner = inner
+        self._scan = scan
+        self._conn = conn
+
+    def feed_data(self, data: bytes) -> Any:
+        conn = self._conn
+        if conn.closing is not None:
+            return _NOTHING
+        for head in self._scan.feed(bytes(data)):
+            refusal = conn.admit(head)
+            if refusal is not None:
+                if head.offset:
+                    self._inner.feed_data(data[: head.offset])  # the frames before it
+                conn.shut(*refusal)
+                return _NOTHING
+        return self._inner.feed_data(data)
+
+    def feed_eof(self) -> Any:
+        return self._inner.feed_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+#: What a parser's ``feed_data`` returns when it wants nothing done: (eof, tail).
+_NOTHING = (False, b"")
+
+
+class _Hold:
+    """The bytes one request holds in the listener's in-flight budget."""
+
+    __slots__ = ("_listener", "bytes")
+
+    def __init__(self, listener: LogListener) -> None:
+        self._listener = listener
+        self.bytes = 0
+
+    def take(self, n: int) -> None:
+        """Hold ``n`` more bytes.
+
+        Raises:
+            LimitExceeded: ``inflight_full`` (503): they do not fit; nothing more is held.
+        """
+        listener = self._listener
+        if not listener._reserve(n):
+            budget = listener.budget
+            raise LimitExceeded(
+                "inflight_full",
+                f"{budget.held} bytes of bodies and frames are held, {n} more would pass "
+                f"max_inflight_bytes ({budget.limit}); try again",
+                status=503,
+            )
+        self.bytes += n
+
+    def release(self) -> None:
+        self._listener._release(self.bytes)
+        self.bytes = 0
+
+
+def _is_accept_error(context: dict[str, Any]) -> bool:
+    """Whether an event loop error is a failed accept of a connection, by asyncio's words:
+    out of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM), another error raised by the accept
+    callback, or a transport that could not be made for an accepted socket."""
+    message = str(context.get("message", ""))
+    return message.startswith(_ACCEPT_MESSAGES) or "._accept_connection" in message
+
+
+_ACCEPT_MESSAGES = (
+    "socket.accept() out of system resource",
+    "Error on transport creation for incoming connection",
+)
 
 
 #: Refused events an answer lists (the first ones); ``rejected_count`` gives them all, so a

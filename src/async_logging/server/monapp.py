@@ -137,6 +137,21 @@ class SnapshotCollector(Collector):
             "reason",
             s["connections_refused"],
         )
+        yield _gauge(
+            "http_connections",
+            "Open HTTP connections on the main port (not WebSockets).",
+            s.get("http_connections", 0),
+        )
+        yield _gauge(
+            "inflight_bytes",
+            "Bytes of request bodies and WebSocket frames held (bounded by max_inflight_bytes).",
+            s.get("inflight_bytes", 0),
+        )
+        yield _counter(
+            "accept_errors",
+            "Connections the main port failed to accept (e.g. out of file descriptors).",
+            s.get("accept_errors", 0),
+        )
         yield _gauge("publish_queue", "Records waiting for the publisher.", s["publish_queue"])
         yield _counter(
             "backpressure_waits",

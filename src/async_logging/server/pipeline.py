@@ -80,6 +80,9 @@ class Stats:
         self.connections = 0
         self.connections_total = 0
         self.connections_refused: Counter[str] = Counter()  # by reason
+        self.http_connections = 0  # open on the main port and not WebSockets
+        self.inflight_bytes = 0  # bytes of bodies and frames held (max_inflight_bytes)
+        self.accept_errors = 0  # failed accepts (e.g. out of file descriptors)
         self.backpressure_waits = 0
         self.rate_limited = 0
         self.spool_replayed = 0
@@ -115,6 +118,9 @@ class Stats:
             "connections": self.connections,
             "connections_total": self.connections_total,
             "connections_refused": dict(self.connections_refused),
+            "http_connections": self.http_connections,
+            "inflight_bytes": self.inflight_bytes,
+            "accept_errors": self.accept_errors,
             "backpressure_waits": self.backpressure_waits,
             "rate_limited": self.rate_limited,
             "spool_replayed": self.spool_replayed,
