@@ -116,6 +116,7 @@ class _Group:
         "bytes",
         "closed_at",
         "count",
+        "counts",
         "ends",
         "fresh",
         "kids",
@@ -123,6 +124,7 @@ class _Group:
         "pending",
         "roots",
         "seen",
+        "short",
         "uuid",
     )
 
@@ -139,6 +141,10 @@ class _Group:
         self.alike: dict[tuple[Any, ...], set[bytes]] | None = None
         # Transaction ids referenced here that do not yet have both their begin and end.
         self.pending: set[str] = set()
+        # Exact completeness: the childCount of each end that carried one, and the ids of
+        # those transactions holding fewer children than their count (the tree waits).
+        self.counts: dict[str, int] | None = None
+        self.short: set[str] = set()
         self.roots: list[str] = []
         self.count = 0
         # Bytes of the events held (their JSON size), and those not yet sized (taken
@@ -448,11 +454,13 @@ class LogBuffer:
                 else:
                     kids = g.kids.get(parent)
                     if kids is None:
-                        g.kids[parent] = [e]
+                        kids = g.kids[parent] = [e]
                     else:
                         kids.append(e)
                     if parent not in begins or parent not in g.ends:
                         pending.add(parent)
+                    if g.short and parent in g.short:
+                        _count_kid(g, parent, len(kids))
             elif clazz == END:
                 ends = g.ends
                 prev = ends.get(eid)
@@ -467,6 +475,9 @@ class LogBuffer:
                     g.pending.discard(eid)
                 else:
                     g.pending.add(eid)
+                expected = e.get("childCount")
+                if expected is not None:
+                    _expect_kids(g, eid, expected)
             else:
                 msg = e.get("msg")  # _atomic_key, inlined on the hot path
                 key = (eid, parent, e["timestamp"], msg if msg.__class__ is str else None)
@@ -480,19 +491,21 @@ class LogBuffer:
                     seen[key] = e
                 kids = g.kids.get(parent)
                 if kids is None:
-                    g.kids[parent] = [e]
+                    kids = g.kids[parent] = [e]
                 else:
                     kids.append(e)
                 if parent not in g.begins or parent not in g.ends:
                     g.pending.add(parent)
+                if g.short and parent in g.short:
+                    _count_kid(g, parent, len(kids))
             g.count += 1
             g.fresh.append(e)
             g.last = now
             touched[uuid] = g
         settle = self._settle_ms
         for g in touched.values():
-            if g.roots and not g.pending and open_groups.get(g.uuid) is g:
-                if settle:
+            if g.roots and not g.pending and not g.short and open_groups.get(g.uuid) is g:
+                if settle and not _counted(g):
                     if g.closed_at is None:
                         g.closed_at = now
                 else:
@@ -630,8 +643,13 @@ class LogBuffer:
         self._open_bytes -= g.bytes
         self._published.remember_tree(g.uuid, g.begins, g.ends, g.seen, self._now)
         if g.roots and not g.pending:
+            short = {eid: g.counts[eid] - len(g.kids.get(eid, ())) for eid in g.short}  # type: ignore[index]
             records = self._build_complete(g)
-            reason = "cycle"  # a closed tree is incomplete only around a parent cycle
+            if short:  # closed, but children its ends counted never came
+                _flag_missing_children(g, short)
+                reason = "missing_children" if reason in (None, "timeout") else reason
+            else:
+                reason = "cycle"  # a closed tree is incomplete only around a parent cycle
         else:
             reason = reason or "incomplete"
             records = self._build_incomplete(g, reason)
@@ -838,6 +856,43 @@ class LogBuffer:
             if "missing_end" in node:
                 node["duration"] = last - node["timestamp"]
         return head
+
+
+def _expect_kids(g: _Group, eid: str, expected: int) -> None:
+    """An end said its transaction had ``expected`` direct children: wait while fewer are held."""
+    counts = g.counts
+    if counts is None:
+        counts = g.counts = {}
+    counts[eid] = expected
+    if len(g.kids.get(eid, ())) < expected:
+        g.short.add(eid)
+
+
+def _count_kid(g: _Group, parent: str, held: int) -> None:
+    """A child of a transaction still short of its count arrived (``held`` now)."""
+    if held >= g.counts[parent]:  # type: ignore[index]  # short implies counts
+        g.short.discard(parent)
+
+
+def _counted(g: _Group) -> bool:
+    """Whether every closed transaction of ``g`` said how many children it had (and, the
+    caller checked, has them all): the tree is exactly complete, no settle time needed."""
+    return g.counts is not None and len(g.counts) == len(g.ends)
+
+
+def _flag_missing_children(g: _Group, short: dict[str, int]) -> None:
+    """Mark each transaction short of children (``missing_children``: how many) and every
+    transaction above it incomplete."""
+    begins = g.begins
+    for eid, missing in short.items():
+        begins[eid]["missing_children"] = missing
+        seen: set[str] = set()
+        up: str = eid
+        while up != ROOT_PARENT and up not in seen and up in begins:
+            seen.add(up)
+            node = begins[up]
+            node["complete"] = False
+            up = node["parent"]
 
 
 def _json_size(e: Event) -> int:
