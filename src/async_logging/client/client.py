@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from yarl import URL
+
 from ..exceptions import UsageError
 from ..model import ATOMIC, HEARTBEAT
 from . import registry
@@ -28,6 +30,7 @@ from .core import ClientCore, CoreLimits
 from .inbox import Inbox
 from .items import RAW, make_item, placement
 from .lifecycle import CLIENT_AFTER_FORK, CLIENT_MOVES, ClientState, Lifecycle
+from .report import add_secret, safe_url
 from .scopes import Bound, Transaction
 from .sender import Sender
 from .spool import DEFAULT_SPOOL_MAX_BYTES
@@ -67,6 +70,11 @@ class ClientStats:
         spool_dropped: events not written to the spool because it was full (or a write
             failed); they are still sent from memory, but a restart loses them.
         replayed: events read back at start from the spool of an earlier client, to resend.
+        lost_at_close: events still unacknowledged when ``close()`` (or the exit-time
+            flush) gave up and not written to a spool: lost (also counted in ``lost``).
+            Set, and reported in one warning, before ``close()`` returns.
+        kept_at_close: events still unacknowledged then but kept in the spool for the
+            next start (not lost).
     """
 
     sent: int
@@ -83,6 +91,8 @@ class ClientStats:
     spooled: int = 0
     spool_dropped: int = 0
     replayed: int = 0
+    lost_at_close: int = 0
+    kept_at_close: int = 0
 
 
 class LogClient:
@@ -92,8 +102,10 @@ class LogClient:
     bounded :attr:`inbox` and return; a background thread (its own event loop) holds the
     events of each transaction tree until the root ends, batches them into envelopes, writes
     them over the transport and resends what is not acknowledged after a reconnection. When
-    the queue is full, new events are dropped and counted (``stats.dropped``), with one warning per burst
-    on the ``async_logging.client`` logger.
+    the queue is full, new events are dropped and counted (``stats.dropped``). The client's
+    own problems (the proxy unreachable, a refused token, drops) are logged on the
+    ``async_logging.client`` logger, once per burst with the reason, never with the token
+    (see :mod:`async_logging.client.report`); :class:`LogHandler` never sends them.
 
     Args:
         url: where the proxy listens (``ws://host:3000/`` or ``http://host:3000``);
@@ -115,8 +127,9 @@ class LogClient:
         connect_timeout: seconds a connection attempt may take.
         token: the proxy's shared token, sent as ``Authorization: Bearer`` (default
             ``$ASYNC_LOGGING_TOKEN``); a refused token (401/403) makes the client give up.
-        exit_timeout: seconds the exit-time flush waits (``0``: no exit-time flush, but a
-            spooling client still writes what is queued to its spool at exit).
+        exit_timeout: seconds the exit-time flush waits (``0``: it does not wait, but what
+            is unacknowledged is still counted and reported, and spooled by a spooling
+            client).
         spool_dir: spool envelopes in this directory until they are acknowledged, so a
             restart of the application loses nothing; a later client with the same
             ``spool_dir`` resends what was left (see docs/client.md, "Spool"). Every live
@@ -191,6 +204,8 @@ class LogClient:
         self._is_retryable = is_retryable
         self._connect_timeout = connect_timeout
         token = token or os.environ.get("ASYNC_LOGGING_TOKEN")
+        add_secret(token)
+        add_secret(URL(self.url).password)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         #: The queue the application's threads put items in and the sender takes them from.
         self.inbox = Inbox(base.max_queue_events, base.batch_size)
@@ -252,7 +267,7 @@ class LogClient:
     def __repr__(self) -> str:
         connected = ", connected" if self._sender.connected else ""
         return (
-            f"<LogClient {self.url} via {self.transport.name}, "
+            f"<LogClient {safe_url(self.url)} via {self.transport.name}, "
             f"{self._life.state.name.lower()}{connected}>"
         )
 
@@ -364,17 +379,24 @@ class LogClient:
     def close(self, timeout: float | None = 5.0) -> bool:
         """Flush (up to ``timeout`` seconds), then stop the sender; later events are dropped.
 
+        What is still unacknowledged then is spooled (with a ``spool_dir``) or lost; either
+        way it is counted (``stats.lost_at_close``, ``stats.kept_at_close``) and reported in
+        one warning on the ``async_logging.client`` logger before this returns.
+
         Returns:
             Whether everything was acknowledged before the sender stopped.
         """
+        return self._close(timeout, f"at close(timeout={timeout})")
+
+    def _close(self, timeout: float | None, occasion: str) -> bool:
         was = self._life.move_if((ClientState.NEW, ClientState.RUNNING), ClientState.CLOSING)
         if was is None:  # closed (or closing) already, or it never could start
             return self._sender.lost == 0 and self._sender.pending_events() == 0
         deadline = None if timeout is None else time.monotonic() + timeout
         ok = self.flush(timeout) if was is ClientState.RUNNING else False
         self.inbox.close()
-        remaining = None if deadline is None else max(0.5, deadline - time.monotonic())
-        self._sender.stop(remaining)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._sender.stop(remaining, occasion=occasion)
         registry.clients.discard(self)
         self._life.to(ClientState.CLOSED)
         return ok
@@ -421,6 +443,8 @@ class LogClient:
             spooled=s.spooled,
             spool_dropped=s.spool_dropped,
             replayed=s.replayed,
+            lost_at_close=s.lost_at_close,
+            kept_at_close=s.kept_at_close,
         )
 
     def _after_fork_in_child(self) -> None:
@@ -443,13 +467,15 @@ class LogClient:
 def _close_all_at_exit() -> None:
     """The exit-time flush: every open client gets its ``exit_timeout`` to deliver.
 
-    A spooling client is closed even with ``exit_timeout=0``: what it could not deliver in
-    time goes to its spool instead of being lost.
+    Each is closed, even with ``exit_timeout=0`` (then without waiting): what it could not
+    deliver in time goes to its spool or is counted lost, and one warning says so.
     """
     for client in list(registry.clients):
-        if not client.closed and (client.exit_timeout > 0 or client.spool_dir is not None):
+        if not client.closed:
             try:
-                client.close(client.exit_timeout)
+                client._close(
+                    client.exit_timeout, f"at interpreter exit (exit_timeout={client.exit_timeout})"
+                )
             except Exception:  # never let logging break interpreter exit
                 log_.debug("exit-time close failed", exc_info=True)
 

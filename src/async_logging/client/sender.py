@@ -7,8 +7,13 @@ feeds the sans-I/O :class:`~async_logging.client.core.ClientCore`, and a *pump* 
 the envelopes the core hands out over the transport, reconnecting with backoff when the
 connection is lost, while acks come back through the :class:`Listener` callbacks.
 
-It also tells the inbox how much room is left (what the core can still accept) and logs
-one warning per burst of drops on the ``async_logging.client`` logger.
+It also tells the inbox how much room is left (what the core can still accept), and it
+speaks for the client on the ``async_logging.client`` logger: the proxy unreachable, a
+refused token, drops, refused frames, each once per burst with its reason (a
+:class:`~async_logging.client.report.Reporter` throttles them), and, when it stops, one
+warning saying how many events were not acknowledged, why, and whether they are lost or
+kept in the spool. That last count and warning come before the connection is closed, so
+``close()`` returns with them even when the proxy does not answer the close.
 
 With a ``spool_dir`` it owns the client's :class:`~async_logging.client.spool.ClientSpool`
 too: it opens it when the thread starts, adopts what earlier clients left there, appends
@@ -32,8 +37,10 @@ from ..exceptions import UsageError
 from .core import ClientCore, Envelope
 from .inbox import Inbox
 from .lifecycle import SENDER_AFTER_FORK, SENDER_MOVES, Lifecycle, SenderState
+from .report import Reporter, describe, safe_url
 from .spool import DEFAULT_SPOOL_MAX_BYTES, ClientSpool
 from .transports import (
+    FORBIDDEN_STATUSES,
     TRANSIENT_REFUSALS,
     Connection,
     ConnectionLost,
@@ -47,6 +54,9 @@ log = logging.getLogger("async_logging.client")
 
 #: Seconds without a drop that end a burst of drops (one warning per burst).
 BURST_QUIET = 1.0
+#: Seconds ``stop()`` waits at least for the sender to count and report what it abandons,
+#: even when the caller's timeout is already spent (the thread only has to wake up).
+REPORT_WAIT = 0.5
 #: Seconds between two writes of the spool's checkpoint (the ack watermark) at most.
 CHECKPOINT_INTERVAL = 0.1
 #: The states in which the thread's loop keeps draining the inbox.
@@ -84,7 +94,7 @@ class Sender:
         is_retryable: whether an error is worth reconnecting after.
         connect_timeout: seconds a connection attempt may take.
         headers: sent with every request (``Authorization`` for a token).
-        clock: monotonic seconds (the core's hold clock).
+        clock: monotonic seconds (the core's hold clock and the reports' throttle).
         spool_dir: where to spool envelopes until acknowledged (``None``: no spool).
         spool_max_bytes: unacknowledged bytes the spool holds at most.
     """
@@ -135,9 +145,15 @@ class Sender:
         self._flushes: list[tuple[int, FlushRequest]] = []
         self._progress = False
         self._paused: ServerRefused | None = None
+        self._answered = False  # whether the proxy answered on the current connection
         self._seen_drops = 0
-        self._burst_from: int | None = None
-        self._last_drop_at = 0.0
+        #: Throttles the lines about the client's own problems (its clock can be replaced).
+        self.reports = Reporter(clock)
+        #: Events not acknowledged when the sender stopped: lost, and kept in the spool.
+        self.lost_at_close = 0
+        self.kept_at_close = 0
+        self._accounted = threading.Event()
+        self._occasion = "when the client stopped"
         self.spool_dir = spool_dir
         self.spool_max_bytes = spool_max_bytes
         #: The open spool (set by the thread when it starts), if any.
@@ -147,7 +163,6 @@ class Sender:
         self.spooled = 0
         self.spool_dropped = 0
         self.replayed = 0
-        self._spool_burst_from: int | None = None
         self._checkpoint_at = 0.0
         self._start_error: BaseException | None = None
         inbox.attach(self.wake)
@@ -218,17 +233,32 @@ class Sender:
         self.inbox.put_marker(req)
         return req.done.wait(timeout) and req.ok
 
-    def stop(self, timeout: float | None) -> None:
-        """Stop the thread (what is still queued is abandoned and counted in ``lost``)."""
+    def stop(self, timeout: float | None, *, occasion: str = "when the client stopped") -> None:
+        """Stop the thread: what is still unacknowledged is spooled or counted in ``lost``.
+
+        What it abandons is counted (:attr:`lost_at_close`, :attr:`kept_at_close`) and
+        reported in one warning, saying ``occasion``, before the connection is closed, and
+        this waits for that (at least :data:`REPORT_WAIT` seconds, even past ``timeout``);
+        then it waits for the connection to close until ``timeout`` is spent, and the
+        thread finishes closing it in the background.
+
+        Args:
+            timeout: seconds to wait at most (``None``: until the thread ends).
+            occasion: when this happens, for the warning (``at close(timeout=1)``).
+        """
+        self._occasion = occasion
         if self._life.move_if((SenderState.NEW,), SenderState.STOPPED) is not None:
-            return  # never started: no thread to stop
+            self._abandon()  # never started: no thread, count what was queued here
+            return
         self._life.move_if(
             (SenderState.STARTING, SenderState.RUNNING, SenderState.FAILED), SenderState.STOPPING
         )
         self._wake_scheduled = False
         self.wake()
         if self._thread.is_alive() and threading.get_ident() != self._thread.ident:
-            self._thread.join(timeout)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._accounted.wait(None if timeout is None else max(timeout, REPORT_WAIT))
+            self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def pending_events(self) -> int:
         """Events queued in the inbox or in the core, not yet acknowledged."""
@@ -262,6 +292,7 @@ class Sender:
                 self._life.to(SenderState.STOPPED)
             finally:
                 self._ready.set()  # in case _main failed before setting it
+                self._accounted.set()  # nor stop() wait for a count that never comes
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wake_ev = asyncio.Event()
@@ -306,11 +337,16 @@ class Sender:
         except Exception:
             log.exception("async-logging sender failed")
         finally:
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
-            await session.close()
-            self._abandon()
+            # Count and report first: closing the connection may take seconds (a proxy
+            # that does not answer the close), and stop() returns once this is done.
+            try:
+                self._abandon()
+            finally:
+                self._accounted.set()
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pump
+                await session.close()
 
     def _drain(self) -> None:
         core = self.core
@@ -342,25 +378,41 @@ class Sender:
 
     def _watch_drops(self) -> None:
         dropped = self.inbox.dropped
-        now = self.clock()
+        reports = self.reports
         if dropped != self._seen_drops:
-            self._last_drop_at = now
-            if self._burst_from is None:
-                self._burst_from = self._seen_drops
-                log.warning(
-                    "async-logging client: queue full (%d events, ~%d bytes pending; %s), "
-                    "dropping new events until it drains",
-                    self.core.pending_events + len(self.inbox),
-                    self.core.pending_bytes,
-                    "connected" if self.connected else f"not connected: {self.last_error!r}",
-                )
+            r = reports.hit("drops", dropped - self._seen_drops)
             self._seen_drops = dropped
-        elif self._burst_from is not None and now - self._last_drop_at >= BURST_QUIET:
+            if r is not None:
+                head = (
+                    "dropping new events"
+                    if self.error is not None
+                    else f"queue full ({self.core.pending_events + len(self.inbox)} events, "
+                    f"~{self.core.pending_bytes} bytes pending); dropping new events until it "
+                    "drains"
+                )
+                log.warning(
+                    "async-logging client: %s: %s%s", head, self._why(), r.note("more dropped")
+                )
+        elif (quiet := reports.quiet_for("drops")) is not None and quiet >= BURST_QUIET:
+            r = reports.end("drops")
+            assert r is not None
             log.info(
                 "async-logging client: stopped dropping; %d events dropped in that burst",
-                dropped - self._burst_from,
+                r.count,
             )
-            self._burst_from = None
+
+    def _why(self) -> str:
+        """Why events are not acknowledged now, for a log line."""
+        url = safe_url(self.url)
+        if self.error is not None:
+            return f"the client gave up on {url}: {self._refusal(self.error)}"
+        if self._paused is not None:
+            return f"the proxy at {url} refuses frames for now ({self._paused.detail})"
+        if self.connected:
+            return f"connected to {url}, but the proxy has not acknowledged them"
+        if self.last_error is not None:
+            return f"the proxy at {url} is unreachable ({describe(self.last_error)})"
+        return f"not connected to {url} yet"
 
     def _check_flushes(self) -> None:
         core = self.core
@@ -379,6 +431,7 @@ class Sender:
             req.finish(True)
 
     def _abandon(self) -> None:
+        """Stop taking events; spool or count as lost what is unacknowledged; say so once."""
         # Nobody takes from the inbox after this: close it, so later items are counted
         # as dropped instead of waiting forever.
         self.inbox.close()
@@ -404,21 +457,28 @@ class Sender:
         lost_core, kept = self._drop_core()
         lost += lost_core
         self.lost += lost
+        self.lost_at_close, self.kept_at_close = lost, kept
         if spool is not None:
             self.spool = None
             try:
                 spool.close()
             except OSError as exc:
                 log.warning("async-logging client: closing the spool %s: %r", spool.dir, exc)
-        if lost or kept:
-            log.warning(
-                "async-logging client: stopped with %d events not acknowledged (%s)%s",
-                lost + kept,
-                "connected" if self.connected else f"not connected: {self.last_error!r}",
-                f": {kept} kept in the spool {spool.dir} for the next start, {lost} lost"
-                if spool is not None
-                else "",
+        if not (lost or kept):
+            return
+        if spool is None:
+            fate = "they are lost"
+        else:
+            fate = (
+                f"{kept} kept in the spool {spool.dir} for the next start (not lost), {lost} lost"
             )
+        log.warning(
+            "async-logging client: %d events not acknowledged %s: %s; %s",
+            lost + kept,
+            self._occasion,
+            self._why(),
+            fate,
+        )
 
     def _drop_core(self) -> tuple[int, int]:
         """Abandon the core's events; return how many are lost and how many stay spooled."""
@@ -444,24 +504,25 @@ class Sender:
         if pos:
             env.spooled_at = pos
             self.spooled += env.count
-            if self._spool_burst_from is not None:
+            over = self.reports.end("spool")
+            if over is not None:
                 log.info(
                     "async-logging client: spooling again; %d events were not spooled",
-                    self.spool_dropped - self._spool_burst_from,
+                    over.count,
                 )
-                self._spool_burst_from = None
             return
-        if self._spool_burst_from is None:
-            self._spool_burst_from = self.spool_dropped
+        self.spool_dropped += env.count
+        r = self.reports.hit("spool", env.count)
+        if r is not None:
             log.warning(
                 "async-logging client: %s; new envelopes are kept in memory only (a restart "
-                "loses them) until the proxy acknowledges what is spooled",
+                "loses them) until the proxy acknowledges what is spooled%s",
                 f"cannot write to the spool {spool.dir}: {error!r}"
                 if error is not None
                 else f"the spool {spool.dir} is full ({spool.pending_bytes} bytes not "
                 f"acknowledged, spool_max_bytes={spool.max_bytes})",
+                r.note("more events not spooled"),
             )
-        self.spool_dropped += env.count
 
     def _spool_done(self, env: Envelope) -> None:
         if env.spooled_at and self.spool is not None:
@@ -471,7 +532,16 @@ class Sender:
         try:
             spool.checkpoint()
         except OSError as exc:
-            log.warning("async-logging client: cannot checkpoint the spool %s: %r", spool.dir, exc)
+            r = self.reports.hit("checkpoint")
+            if r is not None:
+                log.warning(
+                    "async-logging client: cannot checkpoint the spool %s: %r%s",
+                    spool.dir,
+                    exc,
+                    r.note("more failures"),
+                )
+        else:
+            self.reports.end("checkpoint")
 
     def _adopt(self, spool: ClientSpool) -> None:
         """Take over what closed or dead clients left in the spool directory, to resend it."""
@@ -533,16 +603,45 @@ class Sender:
         self.error = exc
         self._life.move_if((SenderState.RUNNING,), SenderState.FAILED)
         log.error(
-            "async-logging client: giving up on %s after a non-retryable error: %r; "
-            "events are dropped from now on",
-            self.url,
-            exc,
+            "async-logging client: giving up on %s: %s; events are dropped from now on",
+            safe_url(self.url),
+            self._refusal(exc),
         )
         self.lost += self._drop_core()[0]
         for _, req in self._flushes:
             req.finish(False)
         self._flushes = []
         self._set_room()
+
+    def _refusal(self, exc: BaseException) -> str:
+        """Why ``exc`` made the client give up, for a log line (never the token itself)."""
+        status = getattr(exc, "status", None)
+        if status == 401:
+            if "Authorization" in self.headers:
+                return (
+                    "the proxy refused the token (HTTP 401): check token= or $ASYNC_LOGGING_TOKEN"
+                )
+            return (
+                "the proxy requires a token (HTTP 401) and none was given "
+                "(token= or $ASYNC_LOGGING_TOKEN)"
+            )
+        if status in FORBIDDEN_STATUSES:
+            return f"the proxy forbids this client (HTTP {status}: its token or its origin)"
+        return f"a non-retryable error ({describe(exc)})"
+
+    def _unreachable(self, exc: BaseException) -> None:
+        """A connection attempt failed, or broke before the proxy answered anything."""
+        self.last_error = exc
+        r = self.reports.hit("unreachable")
+        if r is not None:
+            log.warning(
+                "async-logging client: cannot reach the proxy at %s (%s); retrying with "
+                "backoff, %d events wait%s",
+                safe_url(self.url),
+                describe(exc),
+                self.pending_events(),
+                r.note("more failed attempts"),
+            )
 
     # ------------------------------------------------------------------ pump
 
@@ -560,14 +659,14 @@ class Sender:
                 if not self.is_retryable(exc):
                     self._fail(exc)
                     return
-                self.last_error = exc
-                log.debug("async-logging: cannot connect to %s: %r", self.url, exc)
+                self._unreachable(exc)
             else:
                 self.connects += 1
                 if not first:
                     self.reconnects += 1
                 first = False
                 self.connected = True
+                self._answered = False
                 try:
                     await self._send_all(conn)
                 except asyncio.CancelledError:
@@ -578,7 +677,16 @@ class Sender:
                         await conn.close()
                         self._fail(exc)
                         return
-                    log.info("async-logging: connection to %s lost: %r", self.url, exc)
+                    if not self._answered:  # (HTTP "connects" without the network)
+                        self._unreachable(exc)
+                    elif (r := self.reports.hit("lost")) is not None:
+                        log.info(
+                            "async-logging client: connection to %s lost (%s); reconnecting, "
+                            "unacknowledged envelopes will be resent%s",
+                            safe_url(self.url),
+                            describe(exc),
+                            r.note("more lost connections"),
+                        )
                 finally:
                     self.connected = False
                     await asyncio.shield(conn.close())
@@ -618,15 +726,37 @@ class Sender:
 
     def on_refused(self, seq: int | None, reason: str, detail: str) -> None:
         """The server refused a frame as a whole."""
+        reports = self.reports
         if reason in TRANSIENT_REFUSALS:
             # Not the frame's fault: keep it (it stays in flight, so the reconnection puts
             # it back in front) and back off.
-            log.info("async-logging: the proxy cannot take frames now: %s %s", reason, detail)
+            if (r := reports.hit("paused")) is not None:
+                log.info(
+                    "async-logging client: the proxy cannot take frames now (%s %s); they are "
+                    "kept and resent after a backoff%s",
+                    reason,
+                    detail,
+                    r.note("more refusals"),
+                )
             self._paused = ServerRefused(503, reason)
         elif seq is None:
-            log.warning("async-logging: the proxy refused a frame: %s %s", reason, detail)
+            if (r := reports.hit("refused-frame")) is not None:
+                log.warning(
+                    "async-logging client: the proxy refused a frame (%s %s)%s",
+                    reason,
+                    detail,
+                    r.note("more frames refused"),
+                )
         else:
-            log.info("async-logging: the proxy refused envelope %d: %s %s", seq, reason, detail)
+            if (r := reports.hit("refused")) is not None:
+                log.info(
+                    "async-logging client: the proxy refused envelope %d (%s %s); it is split "
+                    "until the bad event is found, which is counted in rejected%s",
+                    seq,
+                    reason,
+                    detail,
+                    r.note("more envelopes refused"),
+                )
             self.core.refuse(seq)
         self._after_answer()
 
@@ -636,6 +766,17 @@ class Sender:
             self._kick.set()
 
     def _after_answer(self) -> None:
+        if not self._answered:
+            self._answered = True
+            over = self.reports.end("unreachable")
+            if over is not None:
+                log.info(
+                    "async-logging client: reached the proxy at %s after %d failed attempts "
+                    "in %.1f s",
+                    safe_url(self.url),
+                    over.count,
+                    over.seconds,
+                )
         if self._kick is not None:
             self._kick.set()
         if self._flushes:

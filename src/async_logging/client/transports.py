@@ -42,6 +42,7 @@ import orjson
 from yarl import URL
 
 from ..exceptions import AsyncLoggingError, UsageError
+from .report import describe, safe_url
 
 __all__ = [
     "FORBIDDEN_STATUSES",
@@ -92,10 +93,12 @@ class ServerRefused(TransportError):
 
     Attributes:
         status: the HTTP status.
+        detail: what the proxy said (its error code, or the start of its answer).
     """
 
     def __init__(self, status: int, detail: str = "") -> None:
         self.status = status
+        self.detail = detail
         super().__init__(f"HTTP {status}" + (f": {detail}" if detail else ""))
 
 
@@ -157,7 +160,7 @@ def ws_url(url: str) -> str:
     u = URL(url)
     scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
     if scheme not in ("ws", "wss"):
-        raise UsageError(f"not a WebSocket or HTTP URL: {url!r}")
+        raise UsageError(f"not a WebSocket or HTTP URL: {safe_url(url)!r}")
     return str(u.with_scheme(scheme))
 
 
@@ -170,7 +173,7 @@ def http_url(url: str, path: str) -> str:
     u = URL(url)
     scheme = {"ws": "http", "wss": "https"}.get(u.scheme, u.scheme)
     if scheme not in ("http", "https"):
-        raise UsageError(f"not a WebSocket or HTTP URL: {url!r}")
+        raise UsageError(f"not a WebSocket or HTTP URL: {safe_url(url)!r}")
     base = u.path.rstrip("/")
     if not base.endswith(path):
         base += path
@@ -400,7 +403,7 @@ class _HttpConnection(Connection):
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._closed = True
-            raise ConnectionLost(f"POST {self._url}: {exc!r}") from exc
+            raise ConnectionLost(f"POST {safe_url(self._url)}: {describe(exc)}") from exc
         if status == 200 or (status == 400 and b'"rejected"' in body):
             # 400 with a rejected list: every event was refused one by one (the frame
             # itself was fine): an acknowledgement with everything rejected.
@@ -415,7 +418,12 @@ class _HttpConnection(Connection):
             self._listener.on_refused(seq, reason, detail)
         else:
             self._closed = True
-            raise ServerRefused(status, body[:200].decode("utf-8", "replace"))
+            text = body[:200].decode("utf-8", "replace")
+            if status in FORBIDDEN_STATUSES:
+                # The error code only: the proxy's explanation may quote the header it
+                # wanted, and this text ends up in log lines.
+                text = _error_of(body, status)[0]
+            raise ServerRefused(status, text)
 
     async def close(self) -> None:
         self._closed = True
@@ -497,7 +505,12 @@ class WebSocketOtherwiseHttpTransport(Transport):
         except Exception as exc:
             if not is_retryable(exc):
                 raise
-            log.info("async-logging: no WebSocket at %s (%s); posting over HTTP", url, exc)
+            if self.last_used != "http":  # once per switch, not once per attempt
+                log.info(
+                    "async-logging client: no WebSocket at %s (%s); posting over HTTP",
+                    safe_url(url),
+                    describe(exc),
+                )
             conn = await self.http.connect(session, url, listener)
             assert isinstance(conn, _HttpConnection)
             conn.expires_at = asyncio.get_running_loop().time() + self.retry_websocket_after
