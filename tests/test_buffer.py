@@ -489,3 +489,31 @@ def test_emitter_buffer_wires_log_in_and_kinds_out(clock: Clock) -> None:
     emitter.emit("log", ev("begin", "1", uuid="open"))
     emitter.emit("flush")
     assert got[-1][0] == "transaction" and got[-1][1]["reason"] == "shutdown"
+
+
+def test_feed_many_leaves_the_callers_maps_as_they_were() -> None:
+    """Feeding the same maps twice is a duplicate, not an error, and the records first
+    published are not changed by the second feed (they used to be)."""
+    buf = LogBuffer(native=False)
+    events = [
+        {"clazz": "begin", "uuid": "u", "event": "1", "parent": "0", "timestamp": 1},
+        {"uuid": "u", "event": "2", "parent": "1", "timestamp": 2},
+        {"clazz": "end", "uuid": "u", "event": "1", "parent": "0", "timestamp": 3},
+    ]
+    before = copy.deepcopy(events)
+    (record,) = buf.feed_many(events).records
+    assert events == before
+    published = copy.deepcopy(record)
+    assert buf.feed_many(events) == ([], [])
+    assert buf.stats["duplicates"] == 3
+    assert record == published
+    same = dict(events[0], uuid="w")
+    assert buf.feed_many([same, same]) == ([], [])  # one map twice in a batch
+    assert buf.stats["duplicates"] == 4 and buf.open_count == 1
+
+
+def test_feed_owned_turns_the_maps_into_the_records() -> None:
+    buf = LogBuffer(native=False)
+    event = {"uuid": "v", "parent": "0", "timestamp": 1}
+    (record,) = buf.feed_owned([event]).records
+    assert record is event and event["kind"] == "atomicEvent"

@@ -175,7 +175,9 @@ class LogBuffer:
             compiled, see :mod:`async_logging.encoded`); False keeps every frame on the
             reference path. A custom ``mapper`` or a ``settle`` time turns it off too.
 
-    The buffer takes ownership of the maps it is fed: it mutates them into records.
+    :meth:`feed_many` leaves the caller's maps as they were (it works on copies); a
+    caller that hands its maps over, such as the server with the maps it just decoded,
+    calls :meth:`feed_owned`, which turns them into the records themselves.
     """
 
     def __init__(
@@ -391,8 +393,15 @@ class LogBuffer:
         """Take a batch of log maps; return the records to publish and the refusals.
 
         A bad event never costs a good one beside it: it is refused, counted and reported
-        with its index, and the rest of the batch is taken.
+        with its index, and the rest of the batch is taken. The maps given are not changed
+        (the engine works on shallow copies), so feeding one map twice is a duplicate, not
+        an error.
         """
+        return self.feed_owned([e.copy() if e.__class__ is dict else e for e in events])
+
+    def feed_owned(self, events: Iterable[Any]) -> Fed:
+        """:meth:`feed_many` for maps the caller hands over: they become the records (no
+        copy). The caller must not use them afterwards, nor feed one twice."""
         now = self._now = self._clock()
         self.batches += 1
         out: list[Record] = []
