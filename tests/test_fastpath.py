@@ -47,6 +47,7 @@ from async_logging import LogBuffer, wire
 from async_logging.buffer import Fed, Prepared
 from async_logging.encoded import NATIVE, EncodedRecords
 from async_logging.exceptions import BadInput, UsageError
+from async_logging.model import MAX_DURATION_MS, MAX_ID_LENGTH, MAX_TIMESTAMP_MS
 from async_logging.publishers.jsonl import LineEncoder
 from async_logging.wire import DEFAULT_LIMITS, WireLimits
 from conftest import vector
@@ -765,6 +766,16 @@ def p_wide_number(rnd: Random, f: Frame) -> bool:
     return True
 
 
+def p_long_array(rnd: Random, f: Frame) -> bool:
+    """An array past max_array_length in a log map (the reference refuses that event)."""
+    e = _any_item(rnd, f)
+    if e is None:
+        return False
+    long = [None] * (DEFAULT_LIMITS.max_array_length + 1)
+    e["x-long"] = rnd.choice([long, {"in": [1, long]}])
+    return True
+
+
 def _wire_edit(rnd: Random, f: Frame, value: Any) -> bool:
     e = _any_item(rnd, f)
     if e is None:
@@ -877,6 +888,12 @@ PERTURBATIONS: Final[tuple[Callable[[Random, Frame], bool], ...]] = (
     _set_on_any("status", True, 1.5, [0], float("nan")),
     _set_on_any("timestamp", float("nan"), float("inf"), "abc", True, [1]),
     _set_on_any("duration", float("-inf"), "x", False),
+    _set_on_any("timestamp", -1, -0.5, MAX_TIMESTAMP_MS + 1, MAX_TIMESTAMP_MS + 0.5, 1e300),
+    _set_on_any("duration", -1, -0.25, MAX_DURATION_MS + 1, 1e30),
+    _set_on_any("uuid", "u" * (MAX_ID_LENGTH + 1), "é" * (MAX_ID_LENGTH + 1)),
+    _set_on_any("event", "e" * (MAX_ID_LENGTH + 1)),
+    _set_on_any("parent", "p" * (MAX_ID_LENGTH + 1)),
+    p_long_array,
     p_engine_key,
     p_non_map,
     p_begin_without_id,
@@ -950,6 +967,8 @@ tight_wire_limits = st.builds(
     max_depth=st.sampled_from([1, 2, 3, 32]),
     max_string_length=st.sampled_from([1, 4, 16, 65_536]),
     max_keys_per_map=st.sampled_from([1, 4, 12, 256]),
+    max_array_length=st.sampled_from([1, 2, 3, 10_000]),
+    max_record_bytes=st.sampled_from([16, 64, 256, 8 * 1024 * 1024]),
 )
 
 
@@ -1380,6 +1399,53 @@ DECLINES: Final[list[tuple[str, bytes, dict[str, Any], WireLimits]]] = [
     ("bool timestamp", msgpack.packb([{"timestamp": True}]), {}, DEFAULT_LIMITS),
     ("uint64 timestamp", msgpack.packb([{"timestamp": 2**64 - 1}]), {}, DEFAULT_LIMITS),
     ("bad status", msgpack.packb([{"status": 0.5}]), {}, DEFAULT_LIMITS),
+    ("negative timestamp", msgpack.packb([{"timestamp": -1}]), {}, DEFAULT_LIMITS),
+    ("negative float timestamp", msgpack.packb([{"timestamp": -0.5}]), {}, DEFAULT_LIMITS),
+    (
+        "timestamp past year 9999",
+        msgpack.packb([{"timestamp": MAX_TIMESTAMP_MS + 1}]),
+        {},
+        DEFAULT_LIMITS,
+    ),
+    (
+        "float timestamp past year 9999",
+        msgpack.packb([{"timestamp": MAX_TIMESTAMP_MS + 0.5}]),
+        {},
+        DEFAULT_LIMITS,
+    ),
+    ("negative duration", msgpack.packb(_tx(duration=-1)), {}, DEFAULT_LIMITS),
+    (
+        "duration too long",
+        msgpack.packb([*_tx(), _child(event="2", duration=MAX_DURATION_MS + 1)]),
+        {},
+        DEFAULT_LIMITS,
+    ),
+    ("uuid too long", msgpack.packb(_tx(uuid="u" * (MAX_ID_LENGTH + 1))), {}, DEFAULT_LIMITS),
+    (
+        "non-ASCII event id too long",
+        msgpack.packb(_tx(eid="é" * (MAX_ID_LENGTH + 1))),
+        {},
+        DEFAULT_LIMITS,
+    ),
+    (
+        "parent id too long",
+        msgpack.packb([*_tx(), _child(parent="p" * (MAX_ID_LENGTH + 1))]),
+        {},
+        DEFAULT_LIMITS,
+    ),
+    ("array too long", msgpack.packb([{"x": [1, 2, 3]}]), {}, WireLimits(max_array_length=2)),
+    (
+        "nested array too long",
+        msgpack.packb([*_tx(), _child(event="2", x={"y": [[1, 2, 3]]})]),
+        {},
+        WireLimits(max_array_length=2),
+    ),
+    (
+        "log map too big as JSON",
+        msgpack.packb([*_tx(), _child(event="2", msg="\x01" * 40)]),
+        {},
+        WireLimits(max_record_bytes=200),
+    ),
     ("begin without uuid", msgpack.packb([{"clazz": "begin", "event": "1"}]), {}, DEFAULT_LIMITS),
     (
         "end with empty uuid",
@@ -1912,11 +1978,12 @@ def test_numbers_are_written_as_the_reference_writes_them() -> None:
     a, b = pair()
     assert check_frame(a, b, msgpack.packb(logs))
     for i in ints:
-        small = abs(i) < 2**62  # the native path takes times and durations within +-2**62
+        sane = 0 <= i <= MAX_TIMESTAMP_MS  # times and durations outside are refused
+        small = abs(i) < 2**62  # the native path takes integral float statuses below 9.2e18
         tree_ = [
             {"clazz": "begin", "uuid": i, "event": i, "status": i, "pid": i, "timestamp": T0},
-            {"clazz": "end", "uuid": i, "event": i, "duration": i if small else 1, "timestamp": T0},
-            {"uuid": i, "parent": i, "timestamp": i if small else T0, "status": float(i)},
+            {"clazz": "end", "uuid": i, "event": i, "duration": i if sane else 1, "timestamp": T0},
+            {"uuid": i, "parent": i, "timestamp": i if sane else T0, "status": float(i)},
         ]
         a, b = pair()
         assert check_frame(a, b, msgpack.packb(tree_)) or not small, i

@@ -7,7 +7,21 @@ import hashlib
 import pytest
 
 from async_logging import InvalidEvent, default_mapper
-from async_logging.model import coerce_ms, map_events, normalise_id, tid_for
+from async_logging.model import (
+    MAX_ID_LENGTH,
+    MAX_INT_ID,
+    MAX_TIMESTAMP_MS,
+    MIN_INT_ID,
+    RefusedEvent,
+    coerce_ms,
+    map_events,
+    ms_in_range,
+    normalise_id,
+    tid_for,
+)
+
+#: A timestamp with microseconds, as a float of milliseconds.
+T_FLOAT = 1_700_000.123
 
 
 def test_seed_defaults_are_filled() -> None:
@@ -86,3 +100,48 @@ def test_map_events_reports_indices_and_keeps_going() -> None:
     out = map_events([{"a": 1}, 3, {"clazz": "x"}, {"b": 2}], 0, rejected)
     assert [e.get("a", e.get("b")) for e in out] == [1, 2]
     assert [(i, x.reason) for i, x in rejected] == [(1, "not_a_map"), (2, "unknown_clazz")]
+
+
+@pytest.mark.parametrize(
+    "value", ["u" * (MAX_ID_LENGTH + 1), MAX_INT_ID + 1, MIN_INT_ID - 1, 1e20, -1e19]
+)
+def test_normalise_id_refuses_ids_outside_their_ranges(value: object) -> None:
+    """String ids longer than MAX_ID_LENGTH and integer ids past 64 bits are bad ids."""
+    with pytest.raises(InvalidEvent) as info:
+        normalise_id(value, "uuid")
+    assert info.value.reason == "bad_id"
+
+
+def test_normalise_id_takes_ids_at_the_bounds() -> None:
+    """The bounds themselves are ids."""
+    assert normalise_id("é" * MAX_ID_LENGTH, "event") == "é" * MAX_ID_LENGTH
+    assert normalise_id(MAX_INT_ID, "event") == str(MAX_INT_ID)
+    assert normalise_id(MIN_INT_ID, "event") == str(MIN_INT_ID)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0, 0), (-0.0, 0), (MAX_TIMESTAMP_MS, MAX_TIMESTAMP_MS), ("17.9", 17), (T_FLOAT, 1_700_000)],
+)
+def test_ms_in_range_takes_numbers_in_range_and_truncates_them(
+    value: object, expected: int
+) -> None:
+    """Numbers (and numeric strings) from 0 to the bound come back as whole milliseconds."""
+    assert ms_in_range(value, "timestamp", MAX_TIMESTAMP_MS) == expected
+
+
+@pytest.mark.parametrize("value", [-1, -0.5, "-3", MAX_TIMESTAMP_MS + 0.5, 1e300, "x"])
+def test_ms_in_range_refuses_what_is_outside_before_truncating(value: object) -> None:
+    """-0.5 is refused (it is before 0 as sent, though it would truncate to 0)."""
+    with pytest.raises(InvalidEvent) as info:
+        ms_in_range(value, "duration", MAX_TIMESTAMP_MS)
+    assert info.value.reason == "bad_duration"
+
+
+def test_map_events_refuses_a_refused_event_with_its_own_error() -> None:
+    """A RefusedEvent (the decoder's stand-in) is refused with the error it carries, under
+    its index; the events beside it are mapped."""
+    error = InvalidEvent("record_too_big", "too big")
+    rejected: list = []
+    out = map_events([{"a": 1}, RefusedEvent(error), {"b": 2}], 0, rejected)
+    assert len(out) == 2 and rejected == [(1, error)]

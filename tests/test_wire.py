@@ -56,13 +56,16 @@ def test_exported_names() -> None:
     assert sorted(wire.__all__) == sorted(
         [
             "DEFAULT_LIMITS",
+            "DEFAULT_MAX_ARRAY_LENGTH",
             "DEFAULT_MAX_DEPTH",
             "DEFAULT_MAX_EVENTS_PER_FRAME",
             "DEFAULT_MAX_KEYS_PER_MAP",
             "DEFAULT_MAX_MESSAGE_BYTES",
+            "DEFAULT_MAX_RECORD_BYTES",
             "DEFAULT_MAX_STRING_LENGTH",
             "FORM_INT_KEYS",
             "MAX_SEQ",
+            "RECORD_EXPANSION",
             "Frame",
             "WireLimits",
             "decode_form",
@@ -670,7 +673,14 @@ any_msgpack = st.recursive(
     ),
     max_leaves=25,
 )
-SMALL = WireLimits(max_events_per_frame=3, max_depth=3, max_string_length=8, max_keys_per_map=3)
+SMALL = WireLimits(
+    max_events_per_frame=3,
+    max_depth=3,
+    max_string_length=8,
+    max_keys_per_map=3,
+    max_array_length=3,
+    max_record_bytes=40,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -680,7 +690,7 @@ def test_structured_input_raises_only_bad_input_and_fast_path_agrees(obj: Any) -
     data = msgpack.packb(obj, use_bin_type=True)
     for limits in (DEFAULT_LIMITS, SMALL):
         try:
-            slow: Frame | BadInput = wire._decode_slow(data, False, limits)
+            slow: Frame | BadInput = wire._decode_slow(data, len(data), False, limits)
         except BadInput as exc:
             slow = exc
         fast = wire._fast(wire._decoders(limits).fast_msgpack.decode, data, len(data), limits, True)

@@ -24,7 +24,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$SCRATCH"
 python -c "import async_logging._speedups as s, sys; assert s.__file__.startswith('$SCRATCH'), s.__file__"
 echo "== differential tests against the sanitized build"
-python -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_encoded.py
+python -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_encoded.py tests/test_door_limits.py
 echo "== mutation fuzz ($N frames)"
 python - "$N" <<'PY'
 import random
@@ -44,7 +44,11 @@ for n in (1, 3, 10):
     events = [e for tx in shuffled_transactions(n, seed=n) for e in tx]
     nested = [dict(e, data={"k": [1, 2.5, None, {"x": "é\n\"", "y": [True, -5, 2**63]}]}) for e in events]
     base += [msgpack.packb(events), msgpack.packb({"seq": 7, "logs": events}), msgpack.packb(nested)]
-limits = [(4 << 20, 10000, 32, 65536, 256, 64, 10000), (4096, 50, 3, 8, 4, 2, 5), (1 << 20, 3, 2, 16, 12, 1, 2)]
+limits = [
+    (4 << 20, 10000, 32, 65536, 256, 10000, 8 << 20, 64, 10000),
+    (4096, 50, 3, 8, 4, 2, 64, 2, 5),
+    (1 << 20, 3, 2, 16, 12, 1, 600, 1, 2),
+]
 taken = 0
 for _ in range(int(sys.argv[1])):
     b = bytearray(rng.choice(base))

@@ -12,8 +12,10 @@
  *
  * It declines, among others, on: anything the wire decoder refuses or that breaks a wire
  * limit (bad MessagePack, invalid UTF-8, binary or extension values, non-string keys, too
- * deep, too long, too many keys or events), duplicate keys in a map, a non-map event, any
- * event the default mapper refuses or would coerce from a string, an incomplete tree
+ * deep, too long, too many keys or events, an array too long, a log map that may be too
+ * big as JSON), duplicate keys in a map, a non-map event, any event the default mapper
+ * refuses (ids, timestamps and durations outside their sane ranges included) or would
+ * coerce from a string, an incomplete tree
  * (a begin without its end, a child whose parent is missing, no root), duplicate or
  * conflicting begins, ends and atomic events, parent cycles, trees deeper than the
  * engine's max_depth or larger than max_events_per_tx, keys the engine writes itself
@@ -56,11 +58,22 @@
 #define HARD_MAX_DEPTH 64
 /* Distinct map keys in one frame; more decline. */
 #define MAX_KEY_IDS 4096
-/* Timestamps and durations outside +-2**62 decline (their difference must fit). */
+/* The clock (what a missing timestamp becomes) outside +-2**62 declines (differences of
+ * timestamps must fit). */
 #define TS_BOUND ((int64_t)1 << 62)
+/* The mapper's sane ranges (model.py: MAX_TIMESTAMP_MS, MAX_DURATION_MS, MAX_ID_LENGTH;
+ * timestamps and durations from 0): values outside decline, the reference refuses them. */
+#define MAX_TIMESTAMP_MS ((int64_t)253402300799999)
+#define MAX_DURATION_MS MAX_TIMESTAMP_MS
+#define MAX_ID_LENGTH 256
+/* No MessagePack byte becomes more than this many bytes of JSON (wire.RECORD_EXPANSION):
+ * a log map of n bytes whose n * RECORD_EXPANSION passes max_record_bytes declines (the
+ * reference path measures it). */
+#define RECORD_EXPANSION 6
 
 typedef struct {
     Py_ssize_t max_message_bytes, max_events, max_depth, max_string, max_keys;
+    Py_ssize_t max_array, max_record; /* max_array_length, max_record_bytes */
     Py_ssize_t tree_depth;  /* BufferLimits.max_depth */
     Py_ssize_t tx_events;   /* BufferLimits.max_events_per_tx */
     int64_t now;
@@ -816,6 +829,7 @@ static int check_container(Ctx *c, Reader *r, Value *v, int depth, int32_t *deep
     if (depth > *deepest) *deepest = depth;
     Value item;
     if (v->type == T_ARRAY) {
+        if ((Py_ssize_t)v->len > c->prm.max_array) return NO; /* the reference refuses the event */
         for (uint32_t i = 0; i < v->len; i++) TRY(check_nested(c, r, &item, depth + 1, deepest));
     } else {
         if ((Py_ssize_t)v->len > c->prm.max_keys) return NO;
@@ -843,6 +857,7 @@ static int check_nested(Ctx *c, Reader *r, Value *v, int depth, int32_t *deepest
 
 static int parse_event(Ctx *c, Reader *r, Event *ev) {
     Value m;
+    const uint8_t *start = r->p;
     TRY(read_token(r, &m, c->prm.max_string));
     if (m.type != T_MAP) return NO; /* the engine refuses non-map items one by one */
     if ((Py_ssize_t)m.len > c->prm.max_keys) return NO;
@@ -867,6 +882,9 @@ static int parse_event(Ctx *c, Reader *r, Event *ev) {
         }
         if (f->key < NK) ev->at[f->key] = (int16_t)i;
     }
+    /* its JSON is at most RECORD_EXPANSION times its bytes; past the limit, the reference
+     * path measures it (and may refuse it alone: record_too_big) */
+    if ((size_t)(r->p - start) > (size_t)c->prm.max_record / RECORD_EXPANSION) return NO;
     return OK;
 }
 
@@ -945,7 +963,8 @@ static int map_id(Ctx *c, const Value *v, const Value **out) {
     char d[24];
     int n;
     switch (v->type) {
-        case T_STR:
+        case T_STR: /* at most MAX_ID_LENGTH characters */
+            if (v->len > MAX_ID_LENGTH && utf8_chars(v->s, v->len) > MAX_ID_LENGTH) return NO;
             *out = v;
             return OK;
         case T_NIL:
@@ -972,16 +991,17 @@ static int map_id(Ctx *c, const Value *v, const Value **out) {
     return OK;
 }
 
-/* coerce_ms() for ints and finite floats (truncated); strings decline. */
-static int map_ms(const Value *v, int64_t *ms) {
+/* ms_in_range() for ints and finite floats from 0 to high (compared as sent, then
+ * truncated); strings decline. */
+static int map_ms(const Value *v, int64_t high, int64_t *ms) {
     if (v->type == T_INT) {
-        if (v->n.i > TS_BOUND || v->n.i < -TS_BOUND) return NO;
+        if (v->n.i > high || v->n.i < 0) return NO;
         *ms = v->n.i;
         return OK;
     }
     if (v->type == T_FLOAT) {
-        double f = v->n.f;
-        if (!(f > -4.6e18 && f < 4.6e18)) return NO; /* NaN and infinities too */
+        double f = v->n.f; /* high < 2**53: exact as a double */
+        if (!(f >= 0.0 && f <= (double)high)) return NO; /* NaN and infinities too */
         *ms = (int64_t)f;
         return OK;
     }
@@ -1059,7 +1079,7 @@ static int map_event(Ctx *c, Event *ev) {
         if (v == NULL) ev->app_timestamp = now;
         else ev->ov[K_TIMESTAMP] = now;
     } else {
-        TRY(map_ms(v, &ev->ts));
+        TRY(map_ms(v, MAX_TIMESTAMP_MS, &ev->ts));
         if (v->type != T_INT) {
             const Value *ts = new_int(c, ev->ts);
             if (ts == NULL) return ERR;
@@ -1069,7 +1089,7 @@ static int map_event(Ctx *c, Event *ev) {
     v = field_value(c, ev, K_DURATION);
     if (v != NULL && v->type != T_NIL) {
         int64_t ms;
-        TRY(map_ms(v, &ms));
+        TRY(map_ms(v, MAX_DURATION_MS, &ms));
         if (v->type != T_INT) {
             const Value *d = new_int(c, ms);
             if (d == NULL) return ERR;
@@ -1849,7 +1869,8 @@ PyDoc_STRVAR(reassemble_doc,
 "trees, or None when the frame needs the reference path.\n"
 "\n"
 "limits: (max_message_bytes, max_events_per_frame, max_depth, max_string_length,\n"
-"max_keys_per_map, tree max_depth, max_events_per_tx); dumps(float) -> its JSON bytes\n"
+"max_keys_per_map, max_array_length, max_record_bytes, tree max_depth,\n"
+"max_events_per_tx); dumps(float) -> its JSON bytes\n"
 "(orjson.dumps, so that floats read exactly as the reference path writes them).\n"
 "\n"
 "Returns a Reassembled (a named tuple): the envelope's seq or None, the records as JSON\n"
@@ -1915,12 +1936,12 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (now == -1 && PyErr_Occurred()) return NULL;
     if (now > TS_BOUND || now < -TS_BOUND) Py_RETURN_NONE;
     c.prm.now = now;
-    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 7) {
-        PyErr_SetString(PyExc_TypeError, "limits must be a tuple of 7 ints");
+    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 9) {
+        PyErr_SetString(PyExc_TypeError, "limits must be a tuple of 9 ints");
         return NULL;
     }
-    Py_ssize_t lim[7];
-    for (int i = 0; i < 7; i++) {
+    Py_ssize_t lim[9];
+    for (int i = 0; i < 9; i++) {
         lim[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[2], i));
         if (lim[i] == -1 && PyErr_Occurred()) return NULL;
     }
@@ -1929,8 +1950,10 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     c.prm.max_depth = lim[2];
     c.prm.max_string = lim[3];
     c.prm.max_keys = lim[4];
-    c.prm.tree_depth = lim[5];
-    c.prm.tx_events = lim[6];
+    c.prm.max_array = lim[5];
+    c.prm.max_record = lim[6];
+    c.prm.tree_depth = lim[7];
+    c.prm.tx_events = lim[8];
     c.dumps_fn = args[3];
     /* bytes only: the frames the server receives; anything else takes the reference path */
     if (!PyBytes_Check(args[0])) Py_RETURN_NONE;

@@ -78,6 +78,16 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--max-string-length", int, "Longest string in an event [default: 65536]."),
     ("--max-keys-per-map", int, "Most keys in one map [default: 256]."),
     (
+        "--max-array-length",
+        int,
+        "Most items in an array inside an event; past it the event is refused [default: 10000].",
+    ),
+    (
+        "--max-record-bytes",
+        int,
+        "Largest event as compact JSON; past it the event is refused [default: 8 MiB].",
+    ),
+    (
         "--max-open",
         int,
         "Open trees held; past it the oldest is published incomplete (evicted) [default: 100000].",

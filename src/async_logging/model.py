@@ -11,6 +11,10 @@ The default mapper normalises an event **in place** (the buffer owns the maps it
   ``parent`` defaults to ``"0"`` (top level); ``request`` repeats ``uuid``;
 - ``type`` defaults to ``URL``; ``timestamp`` defaults to the time received and, like
   ``duration``, is coerced to whole milliseconds (numbers or numeric strings);
+- ids, timestamps and durations outside their sane ranges (:data:`MAX_ID_LENGTH`,
+  :data:`MIN_INT_ID`..:data:`MAX_INT_ID`, :data:`MIN_TIMESTAMP_MS`..:data:`MAX_TIMESTAMP_MS`,
+  0..:data:`MAX_DURATION_MS`) are refused ``bad_id``, ``bad_timestamp``, ``bad_duration``:
+  a timestamp of 10**30 would make a publisher that formats it as a date raise later;
 - ``status`` numbers become strings (CAL: ``"0"`` is success);
 - ``ip`` is copied to ``ipAddress``; ``tid`` defaults to ``<pid>-<last hex digit of md5(uuid)>``;
 - every other key is kept as it is.
@@ -32,12 +36,20 @@ __all__ = [
     "CLAZZES",
     "END",
     "HEARTBEAT",
+    "MAX_DURATION_MS",
+    "MAX_ID_LENGTH",
+    "MAX_INT_ID",
+    "MAX_TIMESTAMP_MS",
+    "MIN_INT_ID",
+    "MIN_TIMESTAMP_MS",
     "ROOT_PARENT",
     "Event",
     "Mapper",
+    "RefusedEvent",
     "coerce_ms",
     "default_mapper",
     "map_events",
+    "ms_in_range",
     "normalise_id",
     "tid_for",
 ]
@@ -56,37 +68,77 @@ DEFAULT_TYPE: Final = "URL"
 #: How many uuid → tid digits are remembered (a bounded cache; older entries are recomputed).
 TID_CACHE_SIZE: Final = 8192
 
+# Sane ranges, checked at the door (the native fast path declines outside them too). A value
+# is checked as sent, before it is truncated to whole milliseconds.
+#: Earliest ``timestamp`` (ms since the epoch): the epoch itself.
+MIN_TIMESTAMP_MS: Final = 0
+#: Latest ``timestamp``: the last millisecond of year 9999 (the last a ``datetime`` holds).
+MAX_TIMESTAMP_MS: Final = 253_402_300_799_999
+#: Longest ``duration`` (ms, from 0): the whole span of the timestamps, so that a timestamp
+#: plus a duration stays an exact double (below 2**53: JavaScript readers) and far inside
+#: 64 bits.
+MAX_DURATION_MS: Final = MAX_TIMESTAMP_MS - MIN_TIMESTAMP_MS
+#: Longest string id (``uuid``, ``event``, ``parent``), in characters: the engine remembers
+#: ids of published trees, so they must stay small (a uuid is 36).
+MAX_ID_LENGTH: Final = 256
+#: Smallest integer id: what a signed 64-bit MessagePack integer holds.
+MIN_INT_ID: Final = -(2**63)
+#: Largest integer id: what an unsigned 64-bit MessagePack integer holds.
+MAX_INT_ID: Final = 2**64 - 1
+
+
+class RefusedEvent(dict[str, Any]):
+    """Stands in for a log map refused alone before mapping (the wire decoder's
+    ``array_too_long`` and ``record_too_big``): :func:`map_events` refuses it with
+    :attr:`error` under the original index, so the events beside it are taken.
+
+    Its content was dropped; it reads as ``{"clazz": reason}``, an unknown clazz, so that a
+    copy (a custom mapper's, or a batch re-encoded into the spool) is still refused.
+
+    Attributes:
+        error: the refusal.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidEvent) -> None:
+        super().__init__(clazz=error.reason)
+        self.error = error
+
 
 def normalise_id(value: object, key: str) -> str | None:
     """Return ``value`` as an id string (``None`` stays ``None``).
 
     Raises:
-        InvalidEvent: ``bad_id`` when the value is not a string, an integer or an integral float.
+        InvalidEvent: ``bad_id`` when the value is not a string of at most
+            :data:`MAX_ID_LENGTH` characters, an integer from :data:`MIN_INT_ID` to
+            :data:`MAX_INT_ID`, or an integral float in that range.
     """
-    t = type(value)
-    if t is str:
-        return value  # type: ignore[return-value]
-    if t is int:
-        return str(value)
+    if type(value) is str:
+        if len(value) <= MAX_ID_LENGTH:
+            return value
+        raise InvalidEvent(
+            "bad_id", f"{key} of {len(value)} characters is over the limit of {MAX_ID_LENGTH}"
+        )
     if value is None:
         return None
-    if isinstance(value, float) and t is float and math.isfinite(value) and value.is_integer():
-        return str(int(value))
-    raise InvalidEvent("bad_id", f"{key} must be a string or an integer, not {t.__name__}")
+    if type(value) is int or (type(value) is float and math.isfinite(value) and value.is_integer()):
+        if MIN_INT_ID <= value <= MAX_INT_ID:
+            return str(int(value))
+        raise InvalidEvent("bad_id", f"{key} {value!r:.40} is outside the 64-bit integer range")
+    raise InvalidEvent(
+        "bad_id", f"{key} must be a string or an integer, not {type(value).__name__}"
+    )
 
 
-def coerce_ms(value: object, key: str) -> int:
-    """Return ``value`` as whole milliseconds (int, finite float or numeric string).
-
-    Raises:
-        InvalidEvent: ``bad_<key>`` when the value is of another type or not a finite number.
-    """
+def _number(value: object, key: str) -> int | float:
+    """``value`` as a finite number (int, finite float or numeric string)."""
     t = type(value)
     if t is int:
         return value  # type: ignore[return-value]
     if t is float:
         if math.isfinite(value):  # type: ignore[arg-type]
-            return int(value)  # type: ignore[call-overload, no-any-return]
+            return value  # type: ignore[return-value]
     elif t is str:
         try:
             return int(value)  # type: ignore[call-overload, no-any-return]
@@ -97,8 +149,30 @@ def coerce_ms(value: object, key: str) -> int:
                 pass
             else:
                 if math.isfinite(f):
-                    return int(f)
+                    return f
     raise InvalidEvent(f"bad_{key}", f"{key} must be a number of milliseconds, not {value!r:.60}")
+
+
+def coerce_ms(value: object, key: str) -> int:
+    """Return ``value`` as whole milliseconds (int, finite float or numeric string).
+
+    Raises:
+        InvalidEvent: ``bad_<key>`` when the value is of another type or not a finite number.
+    """
+    return int(_number(value, key))
+
+
+def ms_in_range(value: object, key: str, high: int, low: int = 0) -> int:
+    """:func:`coerce_ms` of a value from ``low`` to ``high`` (compared as sent, before it
+    is truncated: a float timestamp keeps its fraction until then).
+
+    Raises:
+        InvalidEvent: ``bad_<key>`` when the value is not a finite number, or is out of range.
+    """
+    number = _number(value, key)
+    if not low <= number <= high:
+        raise InvalidEvent(f"bad_{key}", f"{key} {value!r:.40} is outside {low}..{high}")
+    return int(number)
 
 
 @lru_cache(maxsize=TID_CACHE_SIZE)
@@ -121,7 +195,8 @@ def default_mapper(event: Event, now_ms: int) -> Event:
     Raises:
         InvalidEvent: naming the first thing wrong (``not_a_map``, ``unknown_clazz``,
             ``bad_id``, ``bad_timestamp``, ``bad_duration``, ``bad_status``,
-            ``missing_uuid``, ``missing_event``).
+            ``missing_uuid``, ``missing_event``), or the refusal a :class:`RefusedEvent`
+            carries.
     """
     rejected: list[tuple[int, InvalidEvent]] = []
     mapped = map_events((event,), now_ms, rejected)
@@ -144,9 +219,19 @@ def map_events(
     out: list[Event] = []
     append = out.append
     last_tid: tuple[object, str, str] = (None, "", "")
+    # Locals: the range checks run for every event.
+    length, max_id, min_ts, max_ts, max_duration = (
+        len,
+        MAX_ID_LENGTH,
+        MIN_TIMESTAMP_MS,
+        MAX_TIMESTAMP_MS,
+        MAX_DURATION_MS,
+    )
     for i, e in enumerate(events):
         try:
             if e.__class__ is not dict:
+                if e.__class__ is RefusedEvent:
+                    raise e.error
                 raise InvalidEvent("not_a_map", f"a log must be a map, not {type(e).__name__}")
             get = e.get
             clazz = get("clazz")
@@ -159,19 +244,19 @@ def map_events(
                 )
             uuid = get("uuid")
             if uuid is not None:
-                if uuid.__class__ is not str:
+                if uuid.__class__ is not str or length(uuid) > max_id:
                     e["uuid"] = uuid = normalise_id(uuid, "uuid")
                 if uuid:
                     e["request"] = uuid
                 else:
                     uuid = None
             eid = get("event")
-            if eid is not None and eid.__class__ is not str:
+            if eid is not None and (eid.__class__ is not str or length(eid) > max_id):
                 e["event"] = eid = normalise_id(eid, "event")
             parent = get("parent")
             if parent is None:
                 e["parent"] = ROOT_PARENT
-            elif parent.__class__ is not str:
+            elif parent.__class__ is not str or length(parent) > max_id:
                 e["parent"] = normalise_id(parent, "parent")
             if clazz in (BEGIN, END):
                 if uuid is None:
@@ -183,11 +268,13 @@ def map_events(
             ts = get("timestamp")
             if ts is None:
                 e["timestamp"] = now_ms
-            elif ts.__class__ is not int:
-                e["timestamp"] = coerce_ms(ts, "timestamp")
+            elif ts.__class__ is not int or not min_ts <= ts <= max_ts:
+                e["timestamp"] = ms_in_range(ts, "timestamp", max_ts, min_ts)
             duration = get("duration")
-            if duration is not None and duration.__class__ is not int:
-                e["duration"] = coerce_ms(duration, "duration")
+            if duration is not None and (
+                duration.__class__ is not int or not 0 <= duration <= max_duration
+            ):
+                e["duration"] = ms_in_range(duration, "duration", max_duration)
             status = get("status")
             if status is not None and status.__class__ is not str:
                 e["status"] = _status(status)

@@ -37,12 +37,22 @@ limit                      default      reason                 status
 ``max_depth``              32           ``too_deep``           400
 ``max_string_length``      65 536       ``string_too_long``    400
 ``max_keys_per_map``       256          ``too_many_keys``      400
+``max_array_length``       10 000       ``array_too_long``     per event
+``max_record_bytes``       8 MiB        ``record_too_big``     per event
 =========================  ===========  =====================  ======
 
 The size is checked before decoding. Depth, string length and keys per map are checked
 inside log maps (keys and values, at every level) and reject the **whole frame**: a client
 that sends such an event is misbehaving, and a per-frame check is what keeps the common
-path cheap (below). Other reasons: ``bad_msgpack``, ``bad_json``, ``bad_utf8``,
+path cheap (below). The last two refuse **one event**: a log map holding an array longer
+than ``max_array_length`` (at any level), or whose JSON (compact, as a sink writes it)
+would be longer than ``max_record_bytes``, is replaced in ``logs`` by a
+:class:`~async_logging.model.RefusedEvent`, which the engine refuses under its index while
+it takes the events beside it. They are about size, not about a misbehaving client: a
+MessagePack nil (1 byte) is ``null`` in JSON, so a 4 MiB frame of nils inside one event would
+otherwise become a 20 MB record. No log map is measured unless the payload is large enough
+to hold one over the limit (:data:`RECORD_EXPANSION`). Other reasons: ``bad_msgpack``,
+``bad_json``, ``bad_utf8``,
 ``msgpack_ext`` (extension types, the MessagePack timestamp included), ``msgpack_bin``
 (binary values, which a JSON sink cannot write), ``bad_key`` (a map key that is not a
 string), ``bad_envelope``, ``bad_payload``, ``bad_form`` and ``unsupported_media_type``
@@ -63,7 +73,7 @@ only when it holds a long-string header that could announce such a key) and is d
 over the union of the maps' key sets.
 
 Anything the typed decoder refuses (a non-map item, a single bare log map, deeper nesting,
-a timestamp, an over-limit value, a malformed payload) is decoded again untyped and
+a timestamp, an over-limit value or array, a malformed payload) is decoded again untyped and
 walked in Python (:func:`_decode_slow`), which is the reference behaviour: the fast path
 only ever accepts a subset of what the slow path accepts, with the same result.
 """
@@ -81,17 +91,21 @@ from urllib.parse import parse_qsl
 import msgspec
 import orjson
 
-from .exceptions import BadInput, ConfigError, DecodeError, LimitExceeded
+from .exceptions import BadInput, ConfigError, DecodeError, InvalidEvent, LimitExceeded
+from .model import RefusedEvent
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "DEFAULT_MAX_ARRAY_LENGTH",
     "DEFAULT_MAX_DEPTH",
     "DEFAULT_MAX_EVENTS_PER_FRAME",
     "DEFAULT_MAX_KEYS_PER_MAP",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_RECORD_BYTES",
     "DEFAULT_MAX_STRING_LENGTH",
     "FORM_INT_KEYS",
     "MAX_SEQ",
+    "RECORD_EXPANSION",
     "Frame",
     "WireLimits",
     "decode_form",
@@ -115,6 +129,17 @@ DEFAULT_MAX_DEPTH: Final = 32
 DEFAULT_MAX_STRING_LENGTH: Final = 64 * 1024
 #: Most keys in any one map of a log map (the log map itself included).
 DEFAULT_MAX_KEYS_PER_MAP: Final = 256
+#: Most items in any one array inside a log map.
+DEFAULT_MAX_ARRAY_LENGTH: Final = 10_000
+#: Longest log map once written as compact JSON, in bytes: twice the largest message, so
+#: that any log map that fits in a message fits unless it is mostly values that grow in
+#: JSON (nils, booleans, small numbers, control characters).
+DEFAULT_MAX_RECORD_BYTES: Final = 2 * DEFAULT_MAX_MESSAGE_BYTES
+#: No payload byte becomes more than this many bytes of compact JSON: a MessagePack false
+#: (1 byte) is ``false,``, a control character ``\u0001``; a character of JSON text or of a
+#: form never grows more. So a payload of ``n`` bytes (or characters) cannot hold a log map
+#: longer than ``RECORD_EXPANSION * n`` bytes of JSON, and below the limit nothing is measured.
+RECORD_EXPANSION: Final = 6
 
 #: Keys of a bracket-encoded form event whose numeric strings become ints (the Node HTTP
 #: transport sends every value as a string; docs/design.md §4 asks for ``duration``/``timestamp``).
@@ -146,6 +171,11 @@ class WireLimits:
             log map; ``string_too_long``, status 400.
         max_keys_per_map: most keys in any map inside a log map, the log map included;
             ``too_many_keys``, status 400.
+        max_array_length: most items in any array inside a log map; the event is refused
+            alone, ``array_too_long``.
+        max_record_bytes: longest log map once written as compact JSON (as orjson writes
+            it, before the engine maps it), in bytes; the event is refused alone,
+            ``record_too_big``.
 
     Raises:
         ConfigError: when a limit is not a positive integer.
@@ -156,6 +186,8 @@ class WireLimits:
     max_depth: int = DEFAULT_MAX_DEPTH
     max_string_length: int = DEFAULT_MAX_STRING_LENGTH
     max_keys_per_map: int = DEFAULT_MAX_KEYS_PER_MAP
+    max_array_length: int = DEFAULT_MAX_ARRAY_LENGTH
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
@@ -175,7 +207,8 @@ class Frame(NamedTuple):
         seq: the envelope's sequence number, ``None`` when the payload is not an
             envelope or the envelope has no ``seq``.
         logs: the log items in order; each should be a ``dict`` but may not be (the
-            engine rejects non-maps one by one).
+            engine rejects non-maps one by one), and a log map refused alone is a
+            :class:`~async_logging.model.RefusedEvent` (the engine refuses it too).
     """
 
     seq: int | None
@@ -225,6 +258,24 @@ def _too_many_keys(count: int, limits: WireLimits) -> LimitExceeded:
     )
 
 
+def _array_too_long(length: int, limits: WireLimits) -> RefusedEvent:
+    return RefusedEvent(
+        InvalidEvent(
+            "array_too_long",
+            f"an array of {length} items is over the limit of {limits.max_array_length}",
+        )
+    )
+
+
+def _record_too_big(size: int, limits: WireLimits) -> RefusedEvent:
+    return RefusedEvent(
+        InvalidEvent(
+            "record_too_big",
+            f"a log map of {size} bytes as JSON is over the limit of {limits.max_record_bytes}",
+        )
+    )
+
+
 def _raise_ext(code: int, data: memoryview) -> NoReturn:
     # msgspec calls this for every extension type except the timestamp (-1), which it
     # decodes to a datetime; the walk catches that one.
@@ -271,7 +322,8 @@ def _build_decoders(limits: WireLimits) -> _Decoders:
             dict[bounded_str, value],
             msgspec.Meta(max_length=limits.max_keys_per_map),
         ]
-        value = Union[scalar, list[value], nested_map]  # noqa: UP007
+        array = Annotated[list[value], msgspec.Meta(max_length=limits.max_array_length)]
+        value = Union[scalar, array, nested_map]  # noqa: UP007
     # The log map's own keys stay plain str: a constrained key type disables msgspec's key
     # cache and halves the decode rate; their length is checked after decoding instead.
     event = Annotated[
@@ -361,14 +413,61 @@ def _fast(
         and max(map(len, set().union(*logs)), default=0) > limit
     ):
         return None
+    if size * RECORD_EXPANSION > limits.max_record_bytes:
+        _refuse_big_records(logs, limits)
     return _new_frame(Frame, (seq, logs))
 
 
-def _check_event(event: dict[Any, Any], limits: WireLimits) -> None:
-    """Walk one log map (no recursion) and raise on the first limit or type it breaks."""
+def _json_size(obj: Any) -> int:
+    """The length of ``obj`` as compact JSON, counted item by item (for what orjson cannot
+    write whole: integers past 64 bits, nesting past its 254 levels)."""
+    size = 0
+    stack = [obj]
+    while stack:
+        obj = stack.pop()
+        t = type(obj)
+        if t is dict:
+            n = len(obj)
+            size += 2 * n + 1 if n else 2  # braces, colons, commas
+            for key, value in obj.items():
+                size += len(orjson.dumps(key))
+                stack.append(value)
+        elif t is list:
+            size += len(obj) + 1 if obj else 2  # brackets, commas
+            stack.extend(obj)
+        elif t is int:
+            size += len(str(obj))
+        else:
+            size += len(orjson.dumps(obj))
+    return size
+
+
+def _refuse_big_records(logs: list[Any], limits: WireLimits) -> None:
+    """Replace each log map whose compact JSON is longer than ``max_record_bytes`` by a
+    :class:`RefusedEvent` (called only when the payload could hold one)."""
+    limit = limits.max_record_bytes
+    try:
+        if len(orjson.dumps(logs)) <= limit:
+            return  # the whole batch fits: so does each of its log maps
+    except orjson.JSONEncodeError:
+        pass
+    for i, item in enumerate(logs):
+        if type(item) is dict:
+            try:
+                size = len(orjson.dumps(item))
+            except orjson.JSONEncodeError:
+                size = _json_size(item)
+            if size > limit:
+                logs[i] = _record_too_big(size, limits)
+
+
+def _check_event(event: dict[Any, Any], limits: WireLimits) -> RefusedEvent | None:
+    """Walk one log map (no recursion) and raise on the first limit or type it breaks, or
+    return the refusal of the event alone (``array_too_long``: the rest is not walked)."""
     max_depth = limits.max_depth
     max_str = limits.max_string_length
     max_keys = limits.max_keys_per_map
+    max_array = limits.max_array_length
     stack: list[tuple[Any, int]] = [(event, 1)]
     while stack:
         obj, depth = stack.pop()
@@ -387,6 +486,8 @@ def _check_event(event: dict[Any, Any], limits: WireLimits) -> None:
                 if len(key) > max_str:
                     raise _string_too_long(len(key), limits)
             values: Iterable[Any] = obj.values()
+        elif len(obj) > max_array:
+            return _array_too_long(len(obj), limits)
         else:
             values = obj
         for value in values:
@@ -398,6 +499,7 @@ def _check_event(event: dict[Any, Any], limits: WireLimits) -> None:
                 stack.append((value, depth + 1))
             elif t is not int and t is not float and t is not bool and value is not None:
                 _refuse_value(value)
+    return None
 
 
 def _refuse_value(value: Any) -> NoReturn:
@@ -410,8 +512,9 @@ def _refuse_value(value: Any) -> NoReturn:
     raise DecodeError("bad_payload", f"unexpected value of type {type(value).__name__}")
 
 
-def _frame_from(obj: Any, limits: WireLimits) -> Frame:
-    """Shape an untyped payload into a :class:`Frame` and check every log map in it."""
+def _frame_from(obj: Any, size: int, limits: WireLimits) -> Frame:
+    """Shape an untyped payload of ``size`` bytes into a :class:`Frame` and check every log
+    map in it."""
     seq: int | None = None
     if type(obj) is list:
         logs: list[Any] = obj
@@ -437,16 +540,20 @@ def _frame_from(obj: Any, limits: WireLimits) -> Frame:
         )
     if len(logs) > limits.max_events_per_frame:
         raise _too_many_events(len(logs), limits)
-    for item in logs:
+    for i, item in enumerate(logs):
         if type(item) is dict:
-            _check_event(item, limits)
+            refused = _check_event(item, limits)
+            if refused is not None:
+                logs[i] = refused
+    if size * RECORD_EXPANSION > limits.max_record_bytes:
+        _refuse_big_records(logs, limits)
     return Frame(seq, logs)
 
 
 _UTF8_ERROR: Final = re.compile(r"utf-?8", re.IGNORECASE)
 
 
-def _decode_slow(data: bytes | str, is_text: bool, limits: WireLimits) -> Frame:
+def _decode_slow(data: bytes | str, size: int, is_text: bool, limits: WireLimits) -> Frame:
     """The reference decoder: untyped decode, then a Python walk over every log map."""
     try:
         obj = (
@@ -472,7 +579,7 @@ def _decode_slow(data: bytes | str, is_text: bool, limits: WireLimits) -> Frame:
             raise DecodeError("bad_utf8", f"invalid UTF-8: {exc}") from exc
         reason = "bad_json" if is_text else "bad_msgpack"
         raise DecodeError(reason, str(exc)) from exc
-    return _frame_from(obj, limits)
+    return _frame_from(obj, size, limits)
 
 
 # --------------------------------------------------------------------------- public API
@@ -493,12 +600,15 @@ def decode_msgpack(data: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
             ``too_deep``, ``string_too_long``, ``too_many_keys``.
         DecodeError: ``bad_msgpack``, ``bad_utf8``, ``msgpack_ext``, ``msgpack_bin``,
             ``bad_key``, ``bad_envelope``, ``bad_payload``.
+
+    A log map refused alone (``array_too_long``, ``record_too_big``) is replaced in the
+    frame's logs by a :class:`~async_logging.model.RefusedEvent`, which the engine refuses.
     """
     size = len(data)
     if size > limits.max_message_bytes:
         raise _too_big(size, limits)
     frame = _fast(_decoders(limits).fast_msgpack.decode, data, size, limits, True)
-    return frame if frame is not None else _decode_slow(data, False, limits)
+    return frame if frame is not None else _decode_slow(data, size, False, limits)
 
 
 def decode_json(data: bytes | str, limits: WireLimits = DEFAULT_LIMITS) -> Frame:
@@ -515,6 +625,8 @@ def decode_json(data: bytes | str, limits: WireLimits = DEFAULT_LIMITS) -> Frame
         LimitExceeded: ``message_too_big`` (before decoding), ``too_many_events``,
             ``too_deep``, ``string_too_long``, ``too_many_keys``.
         DecodeError: ``bad_json``, ``bad_utf8``, ``bad_envelope``, ``bad_payload``.
+
+    Log maps refused alone are replaced as :func:`decode_msgpack` says.
     """
     size = len(data)
     if type(data) is str and size * 4 > limits.max_message_bytes:
@@ -522,7 +634,7 @@ def decode_json(data: bytes | str, limits: WireLimits = DEFAULT_LIMITS) -> Frame
         size = len(data.encode("utf-8", "surrogatepass"))
     _check_size(size, limits)
     frame = _fast(_decoders(limits).fast_json.decode, data, size, limits, False)
-    return frame if frame is not None else _decode_slow(data, True, limits)
+    return frame if frame is not None else _decode_slow(data, size, True, limits)
 
 
 _BRACKETS: Final = re.compile(r"logs((?:\[[^\[\]]*\])+)")
@@ -540,9 +652,11 @@ def _decode_brackets(pairs: Iterable[tuple[str, str]], limits: WireLimits) -> Fr
     max_keys = limits.max_keys_per_map
     max_events = limits.max_events_per_frame
     events: dict[int, dict[str, Any]] = {}
+    size = 0  # characters of the fields taken (RECORD_EXPANSION bounds their JSON too)
     for name, value in pairs:
         if not name.startswith("logs["):
             continue  # other fields are not ours
+        size += len(name) + len(value)
         match = _BRACKETS.fullmatch(name)
         if match is None:
             raise _bad_form(f"malformed field name {name!r:.80}")
@@ -591,7 +705,10 @@ def _decode_brackets(pairs: Iterable[tuple[str, str]], limits: WireLimits) -> Fr
             node[last] = value
     if not events:
         raise _bad_form("no logs field and no logs[i][key] fields")
-    return Frame(None, [events[i] for i in sorted(events)])
+    logs: list[Any] = [events[i] for i in sorted(events)]
+    if size * RECORD_EXPANSION > limits.max_record_bytes:
+        _refuse_big_records(logs, limits)
+    return Frame(None, logs)
 
 
 def decode_multipart_fields(

@@ -163,6 +163,8 @@ class NativePath:
                     limits.max_depth,
                     limits.max_string_length,
                     limits.max_keys_per_map,
+                    limits.max_array_length,
+                    limits.max_record_bytes,
                     self.max_depth,
                     self.max_events_per_tx,
                 ),

@@ -224,6 +224,8 @@ class LogCluster:
                 max_depth=c.max_depth,
                 max_string_length=c.max_string_length,
                 max_keys_per_map=c.max_keys_per_map,
+                max_array_length=c.max_array_length,
+                max_record_bytes=c.max_record_bytes,
             ),
         )
         self.pipeline.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..buffer import BufferLimits
 from ..exceptions import ConfigError, UsageError
+from ..wire import DEFAULT_MAX_ARRAY_LENGTH, DEFAULT_MAX_RECORD_BYTES
 
 __all__ = ["ENGINE_OPTIONS", "ServerConfig", "announcement", "load_config_file"]
 
@@ -93,6 +94,9 @@ class ServerConfig:
         max_events_per_frame, max_depth, max_string_length, max_keys_per_map: input limits
             of the wire decoder (see :class:`async_logging.wire.WireLimits`); ``max_depth``
             is the nesting of maps and lists inside one event.
+        max_array_length, max_record_bytes: wire limits that refuse one event, not the
+            frame: items in any array inside an event (``array_too_long``), and an event's
+            size as compact JSON (``record_too_big``).
         max_open, max_events_per_tx, max_tree_depth, max_published_memory: caps of the
             reassembly engine (see :class:`async_logging.buffer.BufferLimits`, where
             ``max_tree_depth`` is called ``max_depth``): open trees held, events held for
@@ -156,6 +160,8 @@ class ServerConfig:
     max_depth: int = 32
     max_string_length: int = 64 * 1024
     max_keys_per_map: int = 256
+    max_array_length: int = DEFAULT_MAX_ARRAY_LENGTH
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     max_open: int = _ENGINE.max_open
     max_events_per_tx: int = _ENGINE.max_events_per_tx
     max_tree_depth: int = _ENGINE.max_depth
@@ -217,6 +223,8 @@ class ServerConfig:
             "max_depth",
             "max_string_length",
             "max_keys_per_map",
+            "max_array_length",
+            "max_record_bytes",
             "max_open",
             "max_events_per_tx",
             "max_tree_depth",
