@@ -455,12 +455,14 @@ enum {
     K_KIND,
     K_CHILDREN,
     K_COMPLETE,
+    K_CHILDCOUNT,
     NK
 };
 
 static const char *const KNOWN[NK] = {
     "clazz", "uuid", "event", "parent", "type", "timestamp", "duration", "status", "ip",
     "ipAddress", "tid", "pid", "request", "name", "msg", "kind", "children", "complete",
+    "childCount",
 };
 
 typedef struct {
@@ -1288,6 +1290,19 @@ static int group_events(Ctx *c) {
             p->kids_n++;
         }
         if (g->roots_first < 0) return NO; /* no root: incomplete */
+    }
+    /* exact completeness: an end's childCount more than the children here means some are
+     * still on their way (the reference path holds the tree open); a count that is not a
+     * non-negative integer is refused there */
+    for (int32_t s = 0; s < c->nslots; s++) {
+        const Slot *slot = &c->slots[s];
+        const Value *n = field_value(c, &c->events[slot->end], K_CHILDCOUNT);
+        if (n == NULL || n->type == T_NIL) continue;
+        if (n->type == T_UINT) {
+            if (n->n.u > (uint64_t)slot->kids_n) return NO;
+        } else if (n->type != T_INT || n->n.i < 0 || n->n.i > (int64_t)slot->kids_n) {
+            return NO;
+        }
     }
     return OK;
 }

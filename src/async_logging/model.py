@@ -263,6 +263,13 @@ def map_events(
                     raise InvalidEvent("missing_uuid", f"a {clazz} needs a uuid")
                 if not eid:
                     raise InvalidEvent("missing_event", f"a {clazz} needs an event id")
+                if clazz == END:
+                    count = get("childCount")
+                    if count is not None and (count.__class__ is not int or count < 0):
+                        raise InvalidEvent(
+                            "bad_child_count",
+                            f"childCount must be a non-negative integer, not {count!r:.40}",
+                        )
             if "type" not in e:
                 e["type"] = DEFAULT_TYPE
             ts = get("timestamp")
