@@ -411,6 +411,8 @@ async def test_a_torn_record_ends_the_replay_without_a_crash(tmp_path: Path) -> 
     )
     await cluster.start()
     try:
+        assert cluster.replaying is not None
+        await asyncio.wait_for(cluster.replaying, TIMEOUT)
         got = await asyncio.to_thread(
             pub.wait_for, lambda p: len(p.transactions) == 2 and p.transactions, TIMEOUT
         )

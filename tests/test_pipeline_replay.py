@@ -52,7 +52,7 @@ async def test_native_batches_stay_encoded_after_a_replay_and_the_memory_expires
     pipeline.clock = lambda: now[0]
     pipeline.start()
     try:
-        assert pipeline.adopt(Spool(root / "w-1", 1 << 20)) == 1
+        assert await pipeline.adopt(Spool(root / "w-1", 1 << 20)) == 1
         await pipeline.accept_msgpack(msgpack.packb(tx("fresh")))
         await pipeline.accept(tx("open-1")[1:])
         assert pipeline._replayed  # the open tree's uuid, until the timeout

@@ -585,6 +585,35 @@ class LogBuffer:
             out.extend(self._publish(g, reason))
         return out
 
+    def feed_late(self, events: Iterable[Any]) -> Fed:
+        """Publish log maps each on its own, flagged ``late``: events of trees published
+        before this buffer began, which only the caller knows of (a write-ahead log's
+        replay: see :mod:`async_logging.server.spool`). Each is remembered like any late
+        event (a resend is then a duplicate); a top-level atomic event stays stand-alone.
+        Refusals as in :meth:`feed_many`.
+        """
+        now = self._now = self._clock()
+        rejected: list[tuple[int, InvalidEvent]] = []
+        if self._mapper is not None:
+            events = self._premap(events, rejected)
+        out: list[Record] = []
+        for e in map_events(events, now, rejected):
+            clazz, uuid, parent = e["clazz"], e.get("uuid"), e["parent"]
+            self.stats["events"] += 1
+            if not uuid or (parent == ROOT_PARENT and clazz in (ATOMIC, HEARTBEAT)):
+                e["kind"] = e.pop("clazz")
+                self.stats["standalone"] += 1
+                out.append(e)
+                continue
+            eid = e.get("event")
+            key = _atomic_key(e, eid, parent) if clazz in (ATOMIC, HEARTBEAT) else None
+            self._published.remember_late(uuid, clazz, eid, key, now)
+            out.append(self._flagged(e, "late"))
+        for _, exc in rejected:
+            self.rejected[exc.reason] += 1
+        self.stats["rejected"] += len(rejected)
+        return Fed(out, rejected)
+
     # ------------------------------------------------------------------ ingest
 
     def _new_group(self, e: Event, now: int, out: list[Record]) -> _Group | None:

@@ -22,13 +22,12 @@ import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from .. import wire
 from ..buffer import LogBuffer
 from ..emitter import EventEmitter
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, LimitExceeded
 from ..publishers import (
     BasePublisher,
     JsonLinesPublisher,
@@ -48,7 +47,7 @@ from .live import LiveHub
 from .loopwatch import LoopWatch
 from .monapp import MonApp
 from .pipeline import Pipeline, Stats, process_rss
-from .spool import Spool
+from .spool import Spool, SpoolFormatError
 from .supervisor import Supervisor
 from .viewer import Viewer
 
@@ -114,6 +113,8 @@ class LogCluster:
         self._lifecycle = Service("LogCluster")
         self.recycle_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Replays the spools of stopped processes while the server serves (with a spool).
+        self.replaying: asyncio.Task[None] | None = None
         self._shared_output = False
         self._started_at = time.monotonic()
         #: The store's follower and the live hub (one process only; a supervisor runs
@@ -204,12 +205,9 @@ class LogCluster:
             self.followers.start()
         buffer = self._make_buffer()
         publisher = self._make_publisher()
-        spool = None
-        if c.spool:
-            try:
-                spool = Spool(Path(c.spool) / f"w-{os.getpid()}", c.spool_max_bytes)
-            except OSError as exc:
-                raise ConfigError(f"cannot use spool directory {c.spool}: {exc}") from exc
+        # A spool the disk refuses does not stop the server: it serves and refuses batches
+        # (spool_unavailable, logged, in /ecv) until the disk takes them.
+        spool = Spool.for_process(c.spool, c.spool_max_bytes) if c.spool else None
         self.pipeline = Pipeline(
             buffer,
             publisher,
@@ -229,14 +227,6 @@ class LogCluster:
             ),
         )
         self.pipeline.start()
-        if spool is not None:
-            for orphan in Spool.orphans(c.spool):
-                try:
-                    old = Spool(orphan, c.spool_max_bytes)
-                except OSError:
-                    continue  # another process adopted it first
-                n = self.pipeline.adopt(old)
-                log.warning("replayed %d events from the spool of a stopped process", n)
         self.listener = self._make_listener(self.pipeline)
         try:
             self.port = await self.listener.start(reuse_port=reuse_port)
@@ -254,6 +244,10 @@ class LogCluster:
             self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         if c.max_life > 0 or c.max_messages > 0:
             self._tasks.append(asyncio.create_task(self._recycle_watch(), name="recycle"))
+        if spool is not None:
+            # After listening: the port opens at once, however much there is to replay.
+            self.replaying = asyncio.create_task(self._replay_spools(), name="spool-replay")
+            self._tasks.append(self.replaying)
 
     async def stop(self, reason: str = "shutdown") -> None:
         """Drain: stop accepting, close connections, publish everything, stop publishers.
@@ -327,6 +321,38 @@ class LogCluster:
         return self.followers.health() if self.followers is not None else None
 
     # ------------------------------------------------------------------ background tasks
+
+    async def _replay_spools(self) -> None:
+        """Adopt and replay the spool of every stopped process (see Pipeline.adopt)."""
+        c, pipeline = self.config, self.pipeline
+        assert pipeline is not None and pipeline.spool is not None
+        for orphan in Spool.orphans(c.spool):
+            if pipeline.spool.error is not None:
+                log.error("spool %s left for a later start: %s", orphan, pipeline.spool.error)
+                continue
+            try:
+                old = Spool(orphan, c.spool_max_bytes)
+            except OSError:
+                continue  # another process adopted it first
+            log.warning("replaying the spool of a stopped process (%s) while serving", orphan)
+            began = time.monotonic()
+            try:
+                n = await pipeline.adopt(old)
+            except (SpoolFormatError, LimitExceeded) as exc:
+                log.error("spool %s left for a later start: %s", orphan, exc)
+                continue
+            except Exception:  # never expected; the server serves on
+                log.exception("spool %s left for a later start", orphan)
+                continue
+            log.warning(
+                "replayed %d events from %s in %.1f s%s",
+                n,
+                orphan,
+                time.monotonic() - began,
+                f"; {old.torn} damaged records skipped ({old.skipped_bytes} bytes)"
+                if old.torn
+                else "",
+            )
 
     async def _clean_loop(self) -> None:
         c = self.config

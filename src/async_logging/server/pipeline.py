@@ -43,7 +43,16 @@ from ..exceptions import BadInput, LimitExceeded
 from ..publishers import Publisher
 from .delivery import DeadLetters, Delivery
 from .lifecycle import Lifecycle
-from .spool import JSON, MSGPACK, Spool
+from .spool import (
+    JSON,
+    MSGPACK,
+    REBASE,
+    REPLAY_SLICE_BYTES,
+    SETTLED,
+    Spool,
+    settled_uuids,
+    split_settled,
+)
 
 __all__ = ["LATENCY_BUCKETS", "Pipeline", "PipelineState", "Stats"]
 
@@ -220,6 +229,13 @@ class Pipeline:
         # (buffer batch number, spool position before it) of spooled batches not yet
         # known to be published, oldest first.
         self._spooled: deque[tuple[int, int]] = deque()
+        # Spool bytes of the last rebase record (the open trees when last written again).
+        self._rebased_bytes = 0
+        # After a rebase the spool could not write: the position the checkpoint must not
+        # pass (the open trees' events are only there) until a rebase succeeds or no tree
+        # is open; and the spool size before which no rebase is tried again.
+        self._pinned: int | None = None
+        self._rebase_after = 0
         # uuids of trees replayed from a spool: their records are flagged ``replayed``.
         # uuid -> when it was replayed (the clock's seconds); forgotten once every tree
         # opened by the replay has been published (the engine's timeout, at the latest).
@@ -259,7 +275,8 @@ class Pipeline:
     def refusing(self) -> str | None:
         """Why the proxy does not ack now, or None: ``publish_queue_full`` (ingest waits for
         the publisher), ``publisher_stalled`` (records waiting and none published for
-        :attr:`stall_after` seconds) or ``spool_full`` (the spool refuses batches). What
+        :attr:`stall_after` seconds), ``spool_unavailable`` (the spool cannot be written:
+        disk full, directory unusable) or ``spool_full`` (the spool refuses batches). What
         ``/ecv`` answers 503 for: a load balancer's signal to send traffic elsewhere."""
         if self._queued >= self.publish_queue:
             return "publish_queue_full"
@@ -268,6 +285,8 @@ class Pipeline:
         if waiting and now - self._progress_at > self.stall_after:
             return "publisher_stalled"
         spool = self.spool
+        if spool is not None and spool.error is not None:
+            return "spool_unavailable"
         if spool is not None and (
             spool.pending_bytes >= spool.max_bytes or now - self._spool_refused_at < SPOOL_FULL_HOLD
         ):
@@ -326,7 +345,7 @@ class Pipeline:
         """
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
-        fed = self._feed(functools.partial(self.buffer.feed_many, logs), raw)
+        fed = self._feed(functools.partial(self.buffer.feed_many, logs), raw, logs)
         self.stats.events += len(logs) - len(fed.rejected)
         return fed
 
@@ -355,7 +374,8 @@ class Pipeline:
         prepared = buffer.prepare_reassembled(result) if result is not None else None
         if prepared is None:
             frame = wire.decode_msgpack(payload, self.wire_limits)
-            fed = self._feed(functools.partial(buffer.feed_many, frame.logs), (MSGPACK, payload))
+            feed = functools.partial(buffer.feed_many, frame.logs)
+            fed = self._feed(feed, (MSGPACK, payload), frame.logs)
             self.stats.events += len(frame.logs) - len(fed.rejected)
             return frame.seq, len(frame.logs), fed
         fed = self._feed(functools.partial(buffer.feed_prepared, prepared), (MSGPACK, payload))
@@ -363,15 +383,25 @@ class Pipeline:
         self.stats.native_frames += 1
         return prepared.seq, prepared.events, fed
 
-    def _feed(self, feed: Callable[[], Fed], raw: tuple[int, bytes] | None) -> Fed:
-        """Run ``feed`` (which feeds the buffer) after spooling ``raw``; queue what it publishes."""
+    def _feed(
+        self, feed: Callable[[], Fed], raw: tuple[int, bytes] | None, logs: list[Any] | None = None
+    ) -> Fed:
+        """Run ``feed`` (which feeds the buffer) after spooling ``raw``; queue what it publishes.
+
+        ``logs`` (the batch's log maps, when the reference path takes it) lets the spool
+        note beside the batch the uuids of trees already published (a ``SETTLED`` record),
+        so that a replay never makes their late events or resends a new incomplete tree.
+        """
         spool = self.spool
         if spool is not None and raw is not None:
             before = spool.position
+            memory = getattr(self.buffer, "published_memory", None) if logs is not None else None
+            settled = settled_uuids(logs, memory) if logs is not None and memory else None
             try:
-                spool.append(*raw)
-            except LimitExceeded:
-                self._spool_refused_at = self.clock()
+                spool.append(*raw, settled=settled)
+            except LimitExceeded as exc:
+                if exc.reason == "spool_full":  # spool_unavailable: spool.error says it
+                    self._spool_refused_at = self.clock()
                 raise
             fed = feed()
             self._spooled.append((getattr(self.buffer, "batches", 0), before))
@@ -385,13 +415,17 @@ class Pipeline:
     def _checkpoint(self) -> int | None:
         """The spool position before which every batch is published once queued records are.
 
-        That is the start of the oldest batch that opened a tree still held open; with no
-        open tree, the end of the spool.
+        That is the start of the oldest batch that opened a tree still held open (or of the
+        rebase record that holds their events again); with no open tree, the end of the
+        spool. When what a restart would replay from there passes the spool's
+        :meth:`~async_logging.server.spool.Spool.rebase_threshold`, the open trees' events
+        are written again at the tail first and the checkpoint moves to them.
         """
         spool = self.spool
         assert spool is not None
         if self.buffer.open_count == 0:
             self._spooled.clear()
+            self._pinned = None
             return spool.position
         oldest = getattr(self.buffer, "oldest_open_batch", None)
         if oldest is None:  # a buffer plug-in that cannot tell: only when empty
@@ -400,52 +434,123 @@ class Pipeline:
         while spooled and spooled[0][0] < oldest:
             spooled.popleft()
         rebase = getattr(self.buffer, "rebase_open", None)
-        if spooled and rebase is not None and spool.pending_bytes > spool.max_bytes // 2:
-            # A long-open tree pins old batches: write what is still open again at the
-            # tail and let everything before it go.
-            before = spool.position
-            spool.append(MSGPACK, msgspec.msgpack.encode(rebase()), force=True)
-            spooled.clear()
-            spooled.append((getattr(self.buffer, "batches", 0), before))
-            self.stats.spool_rebases += 1
-        return spooled[0][1] if spooled else None
+        if spooled and rebase is not None:
+            needed = spooled[0][1] if self._pinned is None else self._pinned
+            if (
+                spool.bytes_since(needed) > spool.rebase_threshold(self._rebased_bytes)
+                and spool.written >= self._rebase_after
+            ):
+                # A long-open tree pins old batches: write what is still open again at
+                # the tail and let everything before it go.
+                payload = msgspec.msgpack.encode(rebase())
+                before = spool.position
+                try:
+                    spool.append(REBASE, payload, force=True)
+                except LimitExceeded:
+                    # rebase_open() counted the open trees as fed now, but their events
+                    # are only where they were: the checkpoint stays there, and the next
+                    # try waits for as much again.
+                    self._pinned = needed
+                    self._rebase_after = spool.written + spool.rebase_threshold(self._rebased_bytes)
+                else:
+                    spooled.clear()
+                    spooled.append((getattr(self.buffer, "batches", 0), before))
+                    self._pinned = None
+                    self._rebased_bytes = len(payload)
+                    self.stats.spool_rebases += 1
+        checkpoint = spooled[0][1] if spooled else None
+        if self._pinned is not None:
+            checkpoint = self._pinned if checkpoint is None else min(checkpoint, self._pinned)
+        return checkpoint
 
-    def adopt(self, orphan: Spool) -> int:
+    async def adopt(self, orphan: Spool) -> int:
         """Take over a dead process's spool: re-spool, feed and publish its unpublished
         batches (records flagged ``replayed``), then delete it. Returns the events replayed.
+
+        The server serves meanwhile: every :data:`~async_logging.server.spool.REPLAY_SLICE_BYTES`
+        of spool it yields to the event loop, and it waits while the publish queue is full.
+        An event of a uuid its batch's ``SETTLED`` record names, which the replay has not
+        met before, is published on its own flagged ``late`` (its tree came out before the
+        replayed part began), not as a new incomplete tree.
+
+        Cancelled, or stopped by an error, it leaves ``orphan`` on disk for the next start
+        (what it replayed already then comes out again, flagged ``replayed``).
+
+        Raises:
+            SpoolFormatError: a segment of ``orphan`` is in no format this version reads.
+            LimitExceeded: ``spool_unavailable``: this process's spool cannot be written.
         """
         spool = self.spool
         assert spool is not None
         events = 0
-        for kind, payload, _ in orphan.replay():
-            before = spool.position
-            position = spool.append(kind, payload, force=True)
-            try:
-                frame = (
-                    wire.decode_json(payload, self.wire_limits)
-                    if kind == JSON
-                    else wire.decode_msgpack(payload, self.wire_limits)
-                )
-            except BadInput:  # it was accepted once with these limits; never expected
-                log.error("spool record at %d no longer decodes; skipped", position)
-                continue
-            replayed = self._replayed
-            now = self.clock()
-            for e in frame.logs:
-                uuid = e.get("uuid") if isinstance(e, dict) else None
-                if uuid is not None:
-                    replayed[str(uuid)] = now
-            while len(replayed) > REPLAYED_MEMORY:
-                replayed.popitem(last=False)
-            fed = self.buffer.feed_many(frame.logs)
-            self._spooled.append((getattr(self.buffer, "batches", 0), before))
-            events += len(frame.logs) - len(fed.rejected)
-            for record in fed.records:
-                record["replayed"] = True
-            self.emit(fed.records, self._checkpoint())
+        seen: set[str] = set()  # uuids the replay has fed into the buffer
+        settled: bytes | None = None
+        since_yield = 0
+        try:
+            for kind, payload, position in orphan.replay():
+                if kind == SETTLED:  # it names the uuids of the record that follows
+                    settled = payload
+                    continue
+                before = spool.position
+                spool.append(kind, payload, force=True, settled=settled)
+                marker, settled = settled, None
+                logs = self._spooled_logs(kind, payload, position)
+                if logs is not None:
+                    feed, late = split_settled(logs, marker, seen)
+                    events += self._replay_batch(feed, late, before)
+                since_yield += len(payload)
+                if since_yield >= REPLAY_SLICE_BYTES or self._queued >= self.publish_queue:
+                    since_yield = 0
+                    await asyncio.sleep(0)  # let the listeners serve
+                    if self._queued >= self.publish_queue:
+                        await self._room_to_feed()
+        except BaseException:
+            orphan.close()  # left for the next start
+            raise
         orphan.remove()
-        self.stats.spool_replayed += events
         return events
+
+    def _spooled_logs(self, kind: int, payload: bytes, position: int) -> list[Any] | None:
+        """The log maps of a replayed record (None: it no longer decodes, logged)."""
+        try:
+            if kind == REBASE:  # our own record of mapped events: no wire limits apply
+                return msgspec.msgpack.decode(payload, type=list[dict[str, Any]])
+            if kind == JSON:
+                return wire.decode_json(payload, self.wire_limits).logs
+            return wire.decode_msgpack(payload, self.wire_limits).logs
+        except (BadInput, msgspec.DecodeError, msgspec.ValidationError):
+            # It was accepted once with these limits: never expected.
+            log.error("spool record ending at %d no longer decodes; skipped", position)
+            return None
+
+    def _replay_batch(self, logs: list[Any], late: list[Any], before: int) -> int:
+        """Feed one replayed batch (``late``: events of trees published before the replay
+        began), publish what it completes flagged ``replayed``; return the events taken."""
+        replayed = self._replayed
+        now = self.clock()
+        for e in logs:
+            uuid = e.get("uuid") if isinstance(e, dict) else None
+            if uuid is not None:
+                replayed[str(uuid)] = now
+        while len(replayed) > REPLAYED_MEMORY:
+            replayed.popitem(last=False)
+        feed_late = getattr(self.buffer, "feed_late", None)
+        if late and feed_late is None:  # a buffer plug-in that cannot: fed like the rest
+            logs, late = logs + late, []
+        fed = self.buffer.feed_many(logs)
+        self._spooled.append((getattr(self.buffer, "batches", 0), before))
+        records = list(fed.records)
+        taken = len(logs) - len(fed.rejected)
+        if late:
+            assert feed_late is not None
+            was_late = feed_late(late)
+            records.extend(was_late.records)
+            taken += len(late) - len(was_late.rejected)
+        for record in records:
+            record["replayed"] = True
+        self.emit(records, self._checkpoint())
+        self.stats.spool_replayed += taken
+        return taken
 
     def expire(self) -> None:
         """Run the buffer's clean cycle and publish what it lets go."""
