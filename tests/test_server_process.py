@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,30 @@ async def send_acked(port: int, batches: list[list[dict[str, Any]]], pace: float
     return reconnects
 
 
+async def post_acked(port: int, batches: list[list[dict[str, Any]]]) -> int:
+    """``POST /log`` each batch until it is answered 200, retrying on any failure (a
+    connection closed by a draining worker); returns the retries."""
+    retries = 0
+    deadline = time.monotonic() + TIMEOUT * 6
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
+        for batch in batches:
+            while True:
+                assert time.monotonic() < deadline, "a batch was never acked"
+                try:
+                    async with session.post(
+                        f"http://127.0.0.1:{port}/log",
+                        data=msgpack.packb(batch),
+                        headers={"Content-Type": "application/x-msgpack"},
+                    ) as r:
+                        if r.status == 200:
+                            break
+                except (TimeoutError, aiohttp.ClientError, OSError):
+                    pass
+                retries += 1
+                await asyncio.sleep(0.01)
+    return retries
+
+
 def test_sigterm_publishes_an_open_transaction_incomplete(
     tmp_path: Path, procs: list[Served]
 ) -> None:
@@ -258,6 +283,40 @@ def test_recycled_workers_lose_no_accepted_event(tmp_path: Path, procs: list[Ser
     assert len(uuids) == len(set(uuids)) == n, (len(uuids), len(set(uuids)))
     assert all(r["complete"] for r in recs)
     assert state["recycles"] >= 1 and reconnects >= 1
+
+
+def test_many_recycles_publish_every_acked_tree_exactly_once(
+    tmp_path: Path, procs: list[Served]
+) -> None:
+    """The stress version: workers recycled every 20 frames, at least 8 times under load
+    from two WebSockets and an HTTP poster at once; every acked tree is in the file
+    exactly once."""
+    s = serve(tmp_path, "--workers", "2", "--max-messages", "20")
+    procs.append(s)
+    assert s.mon_port
+    sent, reconnects, clients, rounds = 0, 0, 3, 0
+    deadline = time.monotonic() + TIMEOUT * 6
+    while ecv(s.mon_port)["recycles"] < 8:
+        rounds += 1
+        assert time.monotonic() < deadline, f"{ecv(s.mon_port)['recycles']} recycles in {rounds}"
+        shares = [[tx(f"s-{sent + c * 30 + i}") for i in range(30)] for c in range(clients)]
+        sent += 30 * clients
+
+        async def load(shares: list[list[list[dict[str, Any]]]] = shares) -> int:
+            *ws, http = shares  # the last share goes over HTTP posts
+            done = await asyncio.gather(
+                *(send_acked(s.port, share, 0.002) for share in ws), post_acked(s.port, http)
+            )
+            return sum(done)
+
+        reconnects += asyncio.run(load())
+    assert s.stop() == 0
+    uuids = Counter(r["uuid"] for r in s.records())
+    twice = {u: k for u, k in uuids.items() if k > 1}
+    assert not twice, f"{len(twice)} trees written more than once: {list(twice)[:5]}"
+    missing = {f"s-{i}" for i in range(sent)} - set(uuids)
+    assert not missing, f"acked but not written: {sorted(missing)[:10]} {''.join(s.stderr)}"
+    assert reconnects >= 1  # recycles caught connections mid-stream
 
 
 def test_bad_option_exits_2_with_a_clear_error(tmp_path: Path) -> None:

@@ -104,6 +104,11 @@ class LogListener:
         # WebSockets taking a frame right now (set once its answer is sent): a drain lets
         # them answer before it closes them, so an accepted frame is never left unacked.
         self._busy: dict[web.WebSocketResponse, asyncio.Event] = {}
+        # POST /log requests being answered, and the event set when there are none: a drain
+        # waits for them before the pipeline closes (a batch fed is answered 200).
+        self._posts = 0
+        self._no_posts = asyncio.Event()
+        self._no_posts.set()
         # Loop time of each open WebSocket's last frame, for the idle watchdog.
         self._last_frame: dict[web.WebSocketResponse, float] = {}
         self._watchdog: asyncio.Task[None] | None = None
@@ -215,6 +220,8 @@ class LogListener:
         """
         sockets = list(self._sockets)
         answering = [self._busy[ws] for ws in sockets if ws in self._busy]
+        if self._posts:
+            answering.append(self._no_posts)
         if answering:
             await asyncio.wait(
                 [asyncio.ensure_future(done.wait()) for done in answering], timeout=timeout
@@ -362,7 +369,29 @@ class LogListener:
     # ------------------------------------------------------------------ HTTP
 
     async def handle_post(self, request: web.Request) -> web.Response:
-        """``POST /log``: one batch per request."""
+        """``POST /log``: one batch per request.
+
+        While the server drains, a request is answered 503 ``shutting_down`` and its
+        connection closed, untaken: the client sends it again, to another worker or after
+        the restart. A request taken before is answered before the pipeline closes.
+        """
+        if self.draining:
+            self.stats.connections_refused["shutting_down"] += 1
+            response = _json_error(
+                503, "shutting_down", "the server is shutting down; send it again"
+            )
+            response.force_close()
+            return response
+        self._posts += 1
+        self._no_posts.clear()
+        try:
+            return await self._handle_post(request)
+        finally:
+            self._posts -= 1
+            if not self._posts:
+                self._no_posts.set()
+
+    async def _handle_post(self, request: web.Request) -> web.Response:
         stats = self.stats
         stats.frames["http"] += 1
         ctype = request.content_type

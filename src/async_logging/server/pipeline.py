@@ -341,11 +341,13 @@ class Pipeline:
                 before the buffer sees the batch.
 
         Raises:
-            LimitExceeded: ``spool_full``; the batch was not taken.
+            LimitExceeded: ``spool_full``, or ``shutting_down`` (503) once :meth:`close`
+                began; the batch was not taken.
         """
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
-        fed = self._feed(functools.partial(self.buffer.feed_many, logs), raw, logs)
+        self._check_open()
+        fed = self._feed(functools.partial(_feed_owned(self.buffer), logs), raw, logs)
         self.stats.events += len(logs) - len(fed.rejected)
         return fed
 
@@ -361,10 +363,12 @@ class Pipeline:
 
         Raises:
             BadInput: the payload does not decode or breaks a wire limit.
-            LimitExceeded: ``spool_full``; the batch was not taken.
+            LimitExceeded: ``spool_full``, or ``shutting_down`` (503) once :meth:`close`
+                began; the batch was not taken.
         """
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
+        self._check_open()
         buffer = self.buffer
         reassemble = getattr(buffer, "reassemble_msgpack", None)
         # Inline on the event loop: handing frames to a worker thread, with the GIL released
@@ -374,7 +378,7 @@ class Pipeline:
         prepared = buffer.prepare_reassembled(result) if result is not None else None
         if prepared is None:
             frame = wire.decode_msgpack(payload, self.wire_limits)
-            feed = functools.partial(buffer.feed_many, frame.logs)
+            feed = functools.partial(_feed_owned(buffer), frame.logs)
             fed = self._feed(feed, (MSGPACK, payload), frame.logs)
             self.stats.events += len(frame.logs) - len(fed.rejected)
             return frame.seq, len(frame.logs), fed
@@ -382,6 +386,14 @@ class Pipeline:
         self.stats.events += prepared.events
         self.stats.native_frames += 1
         return prepared.seq, prepared.events, fed
+
+    def _check_open(self) -> None:
+        """Refuse a batch once :meth:`close` began: what it would publish could reach the
+        queue after the publisher thread's last look, and be acked but never written."""
+        if self.closed:
+            raise LimitExceeded(
+                "shutting_down", "the server is shutting down; send it again", status=503
+            )
 
     def _feed(
         self, feed: Callable[[], Fed], raw: tuple[int, bytes] | None, logs: list[Any] | None = None
@@ -537,7 +549,7 @@ class Pipeline:
         feed_late = getattr(self.buffer, "feed_late", None)
         if late and feed_late is None:  # a buffer plug-in that cannot: fed like the rest
             logs, late = logs + late, []
-        fed = self.buffer.feed_many(logs)
+        fed = _feed_owned(self.buffer)(logs)
         self._spooled.append((getattr(self.buffer, "batches", 0), before))
         records = list(fed.records)
         taken = len(logs) - len(fed.rejected)
@@ -668,6 +680,13 @@ class Pipeline:
             # A closed loop raises RuntimeError: then nobody is waiting any more.
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._room.set)
+
+
+def _feed_owned(buffer: Any) -> Callable[[list[Any]], Fed]:
+    """How to feed ``buffer`` maps the pipeline decoded and hands over: ``feed_owned``
+    (no copy), or ``feed_many`` for a buffer plug-in without it."""
+    feed: Callable[[list[Any]], Fed] = getattr(buffer, "feed_owned", None) or buffer.feed_many
+    return feed
 
 
 def _runs(batches: Iterable[Sequence[Record]]) -> list[Sequence[Record]]:
