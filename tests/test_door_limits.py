@@ -444,13 +444,13 @@ def test_numbers_only_json_carries_are_refused_too(key: str, number: str, reason
 IN_RANGE: Final[list[tuple[str, Any, Any]]] = [
     ("timestamp", 0, 0),
     ("timestamp", -0.0, 0),
-    ("timestamp", 0.25, 0),
-    ("timestamp", T0 + 0.123, T0),  # microseconds as a float fraction (taken, truncated)
+    ("timestamp", 0.25, 0.25),
+    ("timestamp", T0 + 0.123, T0 + 0.123),  # microseconds as a float fraction: kept
     ("timestamp", MAX_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
     ("timestamp", float(MAX_TIMESTAMP_MS), MAX_TIMESTAMP_MS),
-    ("timestamp", MAX_TIMESTAMP_MS - 0.5, MAX_TIMESTAMP_MS - 1),
+    ("timestamp", MAX_TIMESTAMP_MS - 0.5, MAX_TIMESTAMP_MS - 0.5),
     ("duration", 0, 0),
-    ("duration", 0.5, 0),
+    ("duration", 0.5, 0.5),
     ("duration", MAX_DURATION_MS, MAX_DURATION_MS),
     ("uuid", "u" * MAX_ID_LENGTH, "u" * MAX_ID_LENGTH),
     ("uuid", "é" * MAX_ID_LENGTH, "é" * MAX_ID_LENGTH),  # 512 bytes, 256 characters

@@ -735,7 +735,8 @@ typedef struct {
     const Value *uuid;  /* mapped uuid (T_STR), NULL when none or empty */
     const Value *eid;   /* mapped event id (T_STR), NULL when none */
     const Value *parent; /* mapped parent (T_STR) */
-    int64_t ts;
+    double ts;        /* its timestamp in ms (an int below 2**53 is exact as a double) */
+    uint8_t ts_float; /* the timestamp was sent as a float (kept so: microseconds) */
     uint8_t clazz;
     int32_t uuid_ix;  /* index in the uuid table, -1 without a uuid */
     int32_t slot;     /* begin / end: its id slot */
@@ -923,6 +924,14 @@ static Value *new_int(Ctx *c, int64_t i) {
     return v;
 }
 
+static Value *new_float(Ctx *c, double f) {
+    Value *v = new_value(c);
+    if (v == NULL) return NULL;
+    v->type = T_FLOAT;
+    v->n.f = f;
+    return v;
+}
+
 static char DIGIT_PAIRS[200];
 
 static void digit_pairs_init(void) {
@@ -993,18 +1002,18 @@ static int map_id(Ctx *c, const Value *v, const Value **out) {
     return OK;
 }
 
-/* ms_in_range() for ints and finite floats from 0 to high (compared as sent, then
- * truncated); strings decline. */
-static int map_ms(const Value *v, int64_t high, int64_t *ms) {
+/* ms_in_range() for ints and finite floats from 0 to high, kept as sent (a float keeps
+ * its microseconds); strings decline. */
+static int map_ms(const Value *v, int64_t high, double *ms) {
     if (v->type == T_INT) {
         if (v->n.i > high || v->n.i < 0) return NO;
-        *ms = v->n.i;
+        *ms = (double)v->n.i; /* high < 2**53: exact as a double */
         return OK;
     }
     if (v->type == T_FLOAT) {
-        double f = v->n.f; /* high < 2**53: exact as a double */
+        double f = v->n.f;
         if (!(f >= 0.0 && f <= (double)high)) return NO; /* NaN and infinities too */
-        *ms = (int64_t)f;
+        *ms = f;
         return OK;
     }
     return NO;
@@ -1074,29 +1083,21 @@ static int map_event(Ctx *c, Event *ev) {
     }
     if (ev->at[K_TYPE] < 0) ev->app_type = &V_URL;
     v = field_value(c, ev, K_TIMESTAMP);
+    ev->ts_float = 0;
     if (v == NULL || v->type == T_NIL) {
-        ev->ts = c->prm.now;
+        ev->ts = (double)c->prm.now;
         const Value *now = new_int(c, c->prm.now);
         if (now == NULL) return ERR;
         if (v == NULL) ev->app_timestamp = now;
         else ev->ov[K_TIMESTAMP] = now;
     } else {
         TRY(map_ms(v, MAX_TIMESTAMP_MS, &ev->ts));
-        if (v->type != T_INT) {
-            const Value *ts = new_int(c, ev->ts);
-            if (ts == NULL) return ERR;
-            ev->ov[K_TIMESTAMP] = ts;
-        }
+        ev->ts_float = v->type == T_FLOAT;
     }
     v = field_value(c, ev, K_DURATION);
     if (v != NULL && v->type != T_NIL) {
-        int64_t ms;
+        double ms;
         TRY(map_ms(v, MAX_DURATION_MS, &ms));
-        if (v->type != T_INT) {
-            const Value *d = new_int(c, ms);
-            if (d == NULL) return ERR;
-            ev->ov[K_DURATION] = d;
-        }
     }
     v = field_value(c, ev, K_STATUS);
     if (v != NULL && v->type != T_NIL && v->type != T_STR) {
@@ -1202,6 +1203,16 @@ static inline uint64_t fmix64(uint64_t x) {
     return x ^ (x >> 33);
 }
 
+/* The timestamp as the duplicate key compares it (5.0 equals 5, as in Python): an
+ * integral value as its int64, another as its double's bits (marked apart). */
+static inline uint64_t ts_key(const Event *ev) {
+    double t = ev->ts;
+    if (t == (double)(int64_t)t) return (uint64_t)(int64_t)t;
+    uint64_t bits;
+    memcpy(&bits, &t, 8);
+    return bits ^ 0xD1B54A32D192ED03ULL;
+}
+
 /* NO when the atomic event's duplicate key (event, parent, timestamp, str msg) was seen
  * in its group: the reference path then compares the events themselves. Only a 64-bit
  * hash of the key is kept, so a collision declines too (safe, just slower); each part is
@@ -1211,7 +1222,7 @@ static int atomic_unique(Ctx *c, const Event *ev, int32_t group) {
     uint64_t h = fmix64((uint64_t)group + 0x9E3779B97F4A7C15ULL);
     h = fmix64(h ^ (ev->eid ? key_hash(ev->eid->s, ev->eid->len) : 0x51ED270B27D6A1F3ULL));
     h = fmix64(h + key_hash(ev->parent->s, ev->parent->len));
-    h = fmix64(h ^ (uint64_t)ev->ts);
+    h = fmix64(h ^ ts_key(ev));
     const Value *msg = field_value(c, ev, K_MSG);
     if (msg && msg->type == T_STR) h = fmix64(h + key_hash(msg->s, msg->len) + 1);
     if (h == 0) h = 1;
@@ -1319,7 +1330,7 @@ static void sort_kids(Ctx *c, Slot *s) {
     if (n <= 32) { /* insertion sort */
         for (int32_t k = 1; k < n; k++) {
             int32_t x = a[k];
-            int64_t ts = ev[x].ts;
+            double ts = ev[x].ts;
             int32_t j = k - 1;
             while (j >= 0 && ev[a[j]].ts > ts) {
                 a[j + 1] = a[j];
@@ -1620,7 +1631,9 @@ static int merge_end(Ctx *c, Entries *node, const Event *begin, const Event *end
         if (en.e[j].key == K_STATUS) has_status = 1;
     }
     if (!has_duration) {
-        const Value *d = new_int(c, end->ts - begin->ts);
+        const Value *d = end->ts_float || begin->ts_float
+                             ? new_float(c, end->ts - begin->ts)
+                             : new_int(c, (int64_t)end->ts - (int64_t)begin->ts);
         if (d == NULL) return ERR;
         node->e[node->n].key = K_DURATION;
         node->e[node->n].v = d;
@@ -1685,8 +1698,17 @@ static int put_part(Buf *b, const Value *v) {
 static int64_t atomic_digest(Ctx *c, const Event *ev, Buf *key) {
     const Value *msg = field_value(c, ev, K_MSG);
     if (msg != NULL && msg->type != T_STR) msg = NULL;
+    /* as memory.atomic_digest: 'i' and an int64 for an integral value, else 'd' and the
+     * double's bits */
     uint8_t ts[9] = {'i'};
-    for (int k = 0; k < 8; k++) ts[1 + k] = (uint8_t)((uint64_t)ev->ts >> (8 * k));
+    uint64_t bits;
+    if (ev->ts == (double)(int64_t)ev->ts) {
+        bits = (uint64_t)(int64_t)ev->ts;
+    } else {
+        ts[0] = 'd';
+        memcpy(&bits, &ev->ts, 8);
+    }
+    for (int k = 0; k < 8; k++) ts[1 + k] = (uint8_t)(bits >> (8 * k));
     key->len = 0;
     if (put_part(key, ev->eid) != OK || put_part(key, ev->parent) != OK ||
         buf_put(key, ts, 9) != OK || put_part(key, msg) != OK)

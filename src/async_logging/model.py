@@ -162,9 +162,10 @@ def coerce_ms(value: object, key: str) -> int:
     return int(_number(value, key))
 
 
-def ms_in_range(value: object, key: str, high: int, low: int = 0) -> int:
-    """:func:`coerce_ms` of a value from ``low`` to ``high`` (compared as sent, before it
-    is truncated: a float timestamp keeps its fraction until then).
+def ms_in_range(value: object, key: str, high: int, low: int = 0) -> int | float:
+    """A number of milliseconds from ``low`` to ``high``, as sent: an int stays an int and
+    a float keeps its fraction (microseconds); a numeric string becomes the number it
+    spells.
 
     Raises:
         InvalidEvent: ``bad_<key>`` when the value is not a finite number, or is out of range.
@@ -172,7 +173,7 @@ def ms_in_range(value: object, key: str, high: int, low: int = 0) -> int:
     number = _number(value, key)
     if not low <= number <= high:
         raise InvalidEvent(f"bad_{key}", f"{key} {value!r:.40} is outside {low}..{high}")
-    return int(number)
+    return number
 
 
 @lru_cache(maxsize=TID_CACHE_SIZE)

@@ -44,6 +44,7 @@ __all__ = ["PublishedMemory", "Remembered", "atomic_digest", "id_digest", "pack_
 _COUNTS: Final = struct.Struct("<3I")
 _U32: Final = struct.Struct("<I")
 _I64: Final = struct.Struct("<q")
+_F64: Final = struct.Struct("<d")
 #: Stands for "no value" where a length would be (an atomic event without an id or a
 #: string ``msg``): no string is that long.
 _NONE: Final = b"\xff\xff\xff\xff"
@@ -71,6 +72,8 @@ def _atomic_digest(eid: Any, parent: str, timestamp: Any, msg: Any) -> int:
         ts = int(ts)
     if ts.__class__ is int and _I64_MIN <= ts <= _I64_MAX:
         stamp = b"i" + _I64.pack(ts)
+    elif ts.__class__ is float:
+        stamp = b"d" + _F64.pack(ts)
     else:
         stamp = b"f" + repr(ts).encode()
     return hash(_part(eid) + _part(parent) + stamp + _part(msg))
@@ -86,8 +89,9 @@ def atomic_digest(eid: Any, parent: str, timestamp: Any, msg: Any) -> int:
     The canonical bytes: the id, the parent and a string ``msg`` each as a little-endian
     u32 length and its UTF-8 bytes (a missing id or a ``msg`` that is not a string as
     ``ff ff ff ff``), the timestamp as ``i`` and an int64 when it is an integer (or an
-    integral float) in range, else ``f`` and its ``repr``. The native path writes the
-    same bytes for the integer timestamps it takes, and computes this digest faster
+    integral float) in range, as ``d`` and its little-endian double for another float
+    (microseconds), else ``f`` and its ``repr``. The native path writes the same bytes for
+    the timestamps it takes, and computes this digest faster
     (``_speedups.atomic_digest``) where it is built.
     """
     if _native_digest is not None:
