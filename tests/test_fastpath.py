@@ -958,6 +958,7 @@ tight_buffer_limits = st.fixed_dictionaries(
         "max_events_per_tx": st.sampled_from([2, 4, 8, 10_000]),
         "max_open": st.sampled_from([1, 2, 3, 100_000]),
         "max_published_memory": st.sampled_from([1, 2, 100_000]),
+        "compact": st.booleans(),
     }
 )
 tight_wire_limits = st.builds(
@@ -1013,6 +1014,24 @@ def test_native_and_reference_agree_on_generated_frames() -> None:
     total = taken["True"] + taken["False"]
     assert total > 0, taken
     assert taken["True"] >= 0.5 * total or total < 10, taken
+
+
+def test_compact_records_are_the_same_in_both_paths() -> None:
+    """With ``compact`` on, the native path publishes what the reference path publishes
+    (fields equal to the root's dropped below it), and still takes most whole frames."""
+    taken: Counter[bool] = Counter()
+
+    @settings(SETTINGS, max_examples=150)
+    @given(frames(perturb=0.0, max_trees=4))
+    def run(frame: Frame) -> None:
+        a, b = pair(compact=True)
+        native = check_frame(a, b, frame.data)
+        taken[native] += 1
+        if native:
+            check_later_behaviour(a, b, frame.data, DEFAULT_LIMITS)
+
+    run()
+    assert taken[True] >= 0.5 * (taken[True] + taken[False]), taken
 
 
 def test_unperturbed_frames_in_any_packing_are_mostly_taken() -> None:

@@ -76,6 +76,7 @@ typedef struct {
     Py_ssize_t max_array, max_record; /* max_array_length, max_record_bytes */
     Py_ssize_t tree_depth;  /* BufferLimits.max_depth */
     Py_ssize_t tx_events;   /* BufferLimits.max_events_per_tx */
+    int compact;            /* BufferLimits.compact */
     int64_t now;
 } Params;
 
@@ -456,14 +457,22 @@ enum {
     K_CHILDREN,
     K_COMPLETE,
     K_CHILDCOUNT,
+    K_MACHINE,
+    K_POOL,
+    K_RLOGID,
     NK
 };
 
 static const char *const KNOWN[NK] = {
     "clazz", "uuid", "event", "parent", "type", "timestamp", "duration", "status", "ip",
     "ipAddress", "tid", "pid", "request", "name", "msg", "kind", "children", "complete",
-    "childCount",
+    "childCount", "machine", "pool", "rlogid",
 };
+
+/* engine.COMPACT_KEYS: a compact record keeps them below its root only where they differ */
+#define NCOMPACT 9
+static const int32_t COMPACT[NCOMPACT] = {K_UUID, K_REQUEST, K_TID,  K_PID,   K_MACHINE,
+                                          K_IPADDRESS, K_IP, K_POOL, K_RLOGID};
 
 typedef struct {
     const uint8_t *p;
@@ -797,6 +806,7 @@ typedef struct {
     KeySlot key_cache[KEY_CACHE]; /* by position in a log map (see read_key) */
     Buf out;
     int32_t n_tx, n_atomic, n_heartbeat;
+    const Value *root_vals[NCOMPACT]; /* compact: the root's value of each COMPACT key */
 } Ctx;
 
 /* ------------------------------------------------------------------ parsing */
@@ -1572,22 +1582,64 @@ static Entry *entries_alloc(Ctx *c, int32_t n) {
 #define MAX_JSON_LEVEL 200
 
 /* An atomic event as a record; `level` is the JSON level of its object (1 at top). */
+/* engine._compact()'s test: whether the value of key k below a root equals the root's
+ * (the same Python type, equal): OK to write it, NO to skip it; ERR when it cannot tell
+ * (two arrays or maps: the reference path compares them). */
+static int keep_below_root(Ctx *c, int32_t k, const Value *v) {
+    if (!c->prm.compact || k >= NK) return OK;
+    const Value *r = NULL;
+    for (int i = 0; i < NCOMPACT; i++) {
+        if (COMPACT[i] == k) {
+            r = c->root_vals[i];
+            break;
+        }
+    }
+    if (r == NULL) return OK;
+    int vi = v->type == T_INT || v->type == T_UINT, ri = r->type == T_INT || r->type == T_UINT;
+    if (vi && ri) {
+        if (v->type == r->type) return v->n.u == r->n.u ? NO : OK;
+        const Value *neg = v->type == T_INT ? v : r; /* the other is a T_UINT */
+        return neg->n.i >= 0 && (uint64_t)neg->n.i == (neg == v ? r : v)->n.u ? NO : OK;
+    }
+    if (v->type != r->type) return OK;
+    switch (v->type) {
+        case T_STR:
+            return v->len == r->len && memcmp(v->s, r->s, v->len) == 0 ? NO : OK;
+        case T_FLOAT:
+            return v->n.f == r->n.f ? NO : OK;
+        case T_NIL:
+        case T_TRUE:
+        case T_FALSE:
+            return NO;
+        default:
+            return ERR; /* arrays, maps */
+    }
+}
+
+/* write_entry(), but below a root in a compact record, skip what the root says already */
+static inline int write_below(Ctx *c, int32_t k, const Value *v) {
+    int keep = keep_below_root(c, k, v);
+    if (keep == ERR) return NO; /* the frame declines */
+    return keep == OK ? write_entry(c, k, v) : OK;
+}
+
 static int write_atomic(Ctx *c, const Event *ev, int level) {
     if (level - 1 + ev->vdepth > MAX_JSON_LEVEL) return NO;
     /* what write_entries(mapped_entries(ev)) writes, without building the entries */
     TRY(buf_put(&c->out, "{", 1));
     const Field *f = ev->fields;
+    int (*put)(Ctx *, int32_t, const Value *) = level > 1 ? write_below : write_entry;
     for (int32_t i = 0; i < ev->nf; i++) {
         int32_t k = f[i].key;
         if (k == K_CLAZZ) continue;
-        TRY(write_entry(c, k, (k < NK && ev->ov[k] != NULL) ? ev->ov[k] : &f[i].v));
+        TRY(put(c, k, (k < NK && ev->ov[k] != NULL) ? ev->ov[k] : &f[i].v));
     }
-    if (ev->app_request != NULL) TRY(write_entry(c, K_REQUEST, ev->app_request));
-    if (ev->app_parent != NULL) TRY(write_entry(c, K_PARENT, ev->app_parent));
-    if (ev->app_type != NULL) TRY(write_entry(c, K_TYPE, ev->app_type));
-    if (ev->app_timestamp != NULL) TRY(write_entry(c, K_TIMESTAMP, ev->app_timestamp));
-    if (ev->app_ipaddress != NULL) TRY(write_entry(c, K_IPADDRESS, ev->app_ipaddress));
-    if (ev->app_tid != NULL) TRY(write_entry(c, K_TID, ev->app_tid));
+    if (ev->app_request != NULL) TRY(put(c, K_REQUEST, ev->app_request));
+    if (ev->app_parent != NULL) TRY(put(c, K_PARENT, ev->app_parent));
+    if (ev->app_type != NULL) TRY(put(c, K_TYPE, ev->app_type));
+    if (ev->app_timestamp != NULL) TRY(put(c, K_TIMESTAMP, ev->app_timestamp));
+    if (ev->app_ipaddress != NULL) TRY(put(c, K_IPADDRESS, ev->app_ipaddress));
+    if (ev->app_tid != NULL) TRY(put(c, K_TID, ev->app_tid));
     if (ev->clazz == C_HEARTBEAT) return PUT_LIT(&c->out, "\"kind\":\"heartbeat\"}");
     return PUT_LIT(&c->out, "\"kind\":\"atomicEvent\"}");
 }
@@ -1659,7 +1711,20 @@ static int write_transaction(Ctx *c, Group *g, int32_t bi, int depth) {
     if (node.e == NULL) return ERR;
     mapped_entries(c, begin, &node);
     TRY(merge_end(c, &node, begin, end));
-    TRY(write_entries(c, &node));
+    if (depth == 0) {
+        TRY(write_entries(c, &node));
+        if (c->prm.compact) {
+            for (int i = 0; i < NCOMPACT; i++) c->root_vals[i] = NULL;
+            for (int32_t j = 0; j < node.n; j++) {
+                for (int i = 0; i < NCOMPACT; i++) {
+                    if (COMPACT[i] == node.e[j].key) c->root_vals[i] = node.e[j].v;
+                }
+            }
+        }
+    } else {
+        TRY(buf_put(&c->out, "{", 1));
+        for (int32_t j = 0; j < node.n; j++) TRY(write_below(c, node.e[j].key, node.e[j].v));
+    }
     TRY(PUT_LIT(&c->out, "\"kind\":\"transaction\",\"complete\":true,\"children\":["));
     g->visited += 2;
     sort_kids(c, slot);
@@ -1973,12 +2038,12 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (now == -1 && PyErr_Occurred()) return NULL;
     if (now > TS_BOUND || now < -TS_BOUND) Py_RETURN_NONE;
     c.prm.now = now;
-    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 9) {
-        PyErr_SetString(PyExc_TypeError, "limits must be a tuple of 9 ints");
+    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 10) {
+        PyErr_SetString(PyExc_TypeError, "limits must be a tuple of 10 ints");
         return NULL;
     }
-    Py_ssize_t lim[9];
-    for (int i = 0; i < 9; i++) {
+    Py_ssize_t lim[10];
+    for (int i = 0; i < 10; i++) {
         lim[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[2], i));
         if (lim[i] == -1 && PyErr_Occurred()) return NULL;
     }
@@ -1991,6 +2056,7 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     c.prm.max_record = lim[6];
     c.prm.tree_depth = lim[7];
     c.prm.tx_events = lim[8];
+    c.prm.compact = lim[9] != 0;
     c.dumps_fn = args[3];
     /* bytes only: the frames the server receives; anything else takes the reference path */
     if (!PyBytes_Check(args[0])) Py_RETURN_NONE;

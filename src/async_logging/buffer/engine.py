@@ -31,12 +31,47 @@ from ..wire import DEFAULT_LIMITS, WireLimits
 from .memory import PublishedMemory, atomic_digest, id_digest
 from .native import TRANSACTION, NativePath, Prepared, Reassembled, prepare
 
-__all__ = ["BufferLimits", "Fed", "LogBuffer", "Record", "wall_clock_ms"]
+__all__ = [
+    "INCOMPLETE_REASONS",
+    "MAPPER_ERROR",
+    "BufferLimits",
+    "Fed",
+    "LogBuffer",
+    "Record",
+    "wall_clock_ms",
+]
 
 Record = dict[str, Any]
+#: Fields a compact record keeps only where they differ from its root's (where the event
+#: comes from: docs/design.md §2).
+COMPACT_KEYS: Final = (
+    "uuid",
+    "request",
+    "tid",
+    "pid",
+    "machine",
+    "ipAddress",
+    "ip",
+    "pool",
+    "rlogid",
+)
 #: Status given to a transaction that never said one (CAL: anything but "0" is a failure).
 UNKNOWN_STATUS: Final = "-1"
+#: The reason a custom mapper's exception refuses its event with (``bad_input{reason}``).
+MAPPER_ERROR: Final = "mapper_error"
+#: Why incomplete trees are published (``incomplete{reason}``, exported at 0 from the
+#: start): the engine's own reasons, then the reasons the server flushes with
+#: (:meth:`LogBuffer.flush_all`).
+INCOMPLETE_REASONS: Final = (
+    "timeout",
+    "evicted",
+    "cycle",
+    "missing_children",
+    "shutdown",
+    "recycled",
+)
 _TS = itemgetter("timestamp")
+_MISSING: Final = object()
 _FIRST = itemgetter(0)
 
 
@@ -63,6 +98,8 @@ class BufferLimits:
         max_published_digests: digests (8 bytes each) remembered of published trees in all;
             past it the oldest uuid is forgotten.
         published_memory_age: seconds a published uuid is remembered.
+        compact: drop from every node below a root the fields of :data:`COMPACT_KEYS` whose
+            value is the root's (same type, equal): smaller records, the same information.
     """
 
     clean_duration: float = 60.0
@@ -75,6 +112,7 @@ class BufferLimits:
     max_open_bytes: int = 256 * 1024 * 1024
     max_published_digests: int = 8_000_000
     published_memory_age: float = 900.0
+    compact: bool = False
 
     def __post_init__(self) -> None:
         for name in ("clean_duration", "settle", "published_memory_age"):
@@ -229,7 +267,11 @@ class LogBuffer:
         # The native fast path: only for the default mapper and no settle time (both
         # change what a frame publishes in ways only the reference path knows).
         self._native = (
-            NativePath.load(max_depth=limits.max_depth, max_events_per_tx=limits.max_events_per_tx)
+            NativePath.load(
+                max_depth=limits.max_depth,
+                max_events_per_tx=limits.max_events_per_tx,
+                compact=limits.compact,
+            )
             if native and mapper is None and not self._settle_ms
             else None
         )
@@ -557,7 +599,7 @@ class LogBuffer:
                 rejected.append((i, exc))
                 out.append(None)  # refused again by map_events; deduplicated
             except Exception as exc:  # a custom mapper must never stop the engine
-                rejected.append((i, InvalidEvent("mapper_error", f"{type(exc).__name__}: {exc}")))
+                rejected.append((i, InvalidEvent(MAPPER_ERROR, f"{type(exc).__name__}: {exc}")))
                 out.append(None)  # refused again by map_events; deduplicated
         return out
 
@@ -692,6 +734,9 @@ class LogBuffer:
             reason = reason or "incomplete"
             records = self._build_incomplete(g, reason)
         stats = self.stats
+        if self.limits.compact:
+            for r in records:
+                _compact(r)
         for r in records:
             if r.get("complete") is True:
                 stats["published_complete"] += 1
@@ -894,6 +939,27 @@ class LogBuffer:
             if "missing_end" in node:
                 node["duration"] = last - node["timestamp"]
         return head
+
+
+def _compact(root: Record) -> None:
+    """Drop from the nodes below ``root`` the :data:`COMPACT_KEYS` fields equal to the
+    root's (same type and value)."""
+    children = root.get("children")
+    if not children:
+        return
+    same = [(k, root[k]) for k in COMPACT_KEYS if k in root]
+    if not same:
+        return
+    stack = list(children)
+    while stack:
+        node = stack.pop()
+        for k, v in same:
+            w = node.get(k, _MISSING)
+            if w.__class__ is v.__class__ and w == v:
+                del node[k]
+        below = node.get("children")
+        if below:
+            stack.extend(below)
 
 
 def _expect_kids(g: _Group, eid: str, expected: int) -> None:

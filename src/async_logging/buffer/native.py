@@ -131,24 +131,33 @@ class NativePath:
         module: the extension.
         max_depth: the engine's tree depth (``BufferLimits.max_depth``).
         max_events_per_tx: the engine's cap on events per uuid.
+        compact: whether records are compact (``BufferLimits.compact``).
     """
 
-    __slots__ = ("_cache", "_module", "max_depth", "max_events_per_tx")
+    __slots__ = ("_cache", "_module", "compact", "max_depth", "max_events_per_tx")
 
-    def __init__(self, module: NativeModule, *, max_depth: int, max_events_per_tx: int) -> None:
+    def __init__(
+        self, module: NativeModule, *, max_depth: int, max_events_per_tx: int, compact: bool
+    ) -> None:
         self._module = module
         self.max_depth = max_depth
         self.max_events_per_tx = max_events_per_tx
+        self.compact = compact
         self._cache: tuple[WireLimits, tuple[int, ...]] | None = None
 
     @classmethod
-    def load(cls, *, max_depth: int, max_events_per_tx: int) -> NativePath | None:
+    def load(
+        cls, *, max_depth: int, max_events_per_tx: int, compact: bool = False
+    ) -> NativePath | None:
         """The fast path, or None when the extension is not there (or turned off)."""
         module = native_module()
         if module is None:
             return None
         return cls(
-            cast(NativeModule, module), max_depth=max_depth, max_events_per_tx=max_events_per_tx
+            cast(NativeModule, module),
+            max_depth=max_depth,
+            max_events_per_tx=max_events_per_tx,
+            compact=compact,
         )
 
     def reassemble(self, payload: bytes, now: int, limits: WireLimits) -> Reassembled | None:
@@ -167,6 +176,7 @@ class NativePath:
                     limits.max_record_bytes,
                     self.max_depth,
                     self.max_events_per_tx,
+                    int(self.compact),
                 ),
             )
         return self._module.reassemble(payload, now, cached[1], orjson.dumps)
