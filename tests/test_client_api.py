@@ -65,20 +65,22 @@ def by_clazz(events: list[dict[str, Any]], clazz: str) -> list[dict[str, Any]]:
 
 
 class FakeClock:
-    """Replaces the perf counter: each call returns the next value."""
+    """Replaces the perf counter (ns): each call returns the next value."""
 
-    def __init__(self, *values: float) -> None:
+    def __init__(self, *values: int) -> None:
         self.values = list(values)
 
-    def __call__(self) -> float:
+    def __call__(self) -> int:
         return self.values.pop(0)
 
 
 def test_transaction_logs_begin_and_end_with_duration_and_success(
     client: LogClient, capture: CaptureTransport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A `with transaction()` logs a begin and an end sharing one id, status "0" and the measured ms."""
-    monkeypatch.setattr(scopes, "_perf", FakeClock(10.0, 10.25))
+    """A `with transaction()` logs a begin and an end sharing one id, status "0", no child,
+    and the measured time in float ms with microseconds: 123.999 µs is 0.123 ms, not 0."""
+    monkeypatch.setattr(scopes, "_perf_ns", FakeClock(10_000_000_000, 10_000_123_999))
+    monkeypatch.setattr(scopes, "new_epoch", lambda: 1_700_000_000_000_000_000)
     with transaction("URL", "/home", page=1) as tx:
         pass
     begin, end = sent(client, capture)
@@ -87,8 +89,10 @@ def test_transaction_logs_begin_and_end_with_duration_and_success(
     assert begin["uuid"] == end["uuid"] == tx.uuid and len(tx.uuid) == 32
     assert begin["parent"] == end["parent"] == 0
     assert (begin["type"], begin["name"], begin["page"]) == ("URL", "/home", 1)
-    assert end["status"] == "0" and end["duration"] == 250
-    assert tx.duration == pytest.approx(250.0)
+    assert end["status"] == "0" and end["duration"] == 0.123 and end["childCount"] == 0
+    assert tx.duration == 0.123
+    assert begin["timestamp"] == 1_700_000_010_000.0  # (epoch + perf) ns as ms
+    assert end["timestamp"] == 1_700_000_010_000.123
 
 
 def test_failed_transaction_reports_the_exception_class_or_the_status_set(
@@ -231,7 +235,7 @@ def test_stand_alone_events_heartbeats_and_raw_maps(
     assert ev["clazz"] == "atomicEvent" and "uuid" not in ev and ev["version"] == "1.2"
     assert (ev["level"], ev["msg"]) == ("INFO", "up")
     assert hb["clazz"] == "heartbeat" and hb["name"] == "svc" and hb["cpu_percent"] == 3.5
-    assert raw["type"] == "RAW" and raw["custom"] == [1, 2] and isinstance(raw["timestamp"], int)
+    assert raw["type"] == "RAW" and raw["custom"] == [1, 2] and isinstance(raw["timestamp"], float)
     for e in (ev, hb, raw):
         assert e["machine"] == client.machine and isinstance(e["pid"], int)
 

@@ -25,11 +25,12 @@ from async_logging.client.transports import (
 from async_logging.exceptions import UsageError
 from async_logging.model import ATOMIC, BEGIN, END, map_events
 
-T0 = 1_700_000_000.0
+#: A time in ns since the epoch (whole ms), as items carry it.
+T0 = 1_700_000_000_000_000_000
 
 
 def tree(
-    uuid: str, children: int = 2, ts: float = T0, data: dict[str, Any] | None = None
+    uuid: str, children: int = 2, ts: int = T0, data: dict[str, Any] | None = None
 ) -> list[Item]:
     """The items of one root transaction (id 1) with ``children`` atomic events."""
     tx = Scope(uuid, 1, itertools.count(2))
@@ -247,13 +248,16 @@ def test_frames_over_the_byte_limit_are_split_and_a_huge_event_is_refused() -> N
     assert drain(huge) == [] and huge.rejected == 1
 
 
-def test_long_messages_are_cut_to_the_string_limit() -> None:
-    """A message longer than max_string_length is cut (the proxy would refuse the frame)."""
+def test_long_messages_and_extra_strings_are_cut_to_the_string_limit() -> None:
+    """A message, or a string value of extra data (an exception text), longer than
+    max_string_length is cut (the proxy would refuse the frame)."""
     c = core(max_string_length=10)
-    c.feed([lone("z" * 50)], now=0.0)
+    extra = {"exception": "e" * 50, "short": "ok"}
+    c.feed([lone("z" * 50), make_item(ATOMIC, None, "LOG", "x", None, None, extra, T0)], 0.0)
     c.tick(now=0.0)
     [env] = drain(c)
     assert env["logs"][0]["msg"] == "z" * 10
+    assert (env["logs"][1]["exception"], env["logs"][1]["short"]) == ("e" * 10, "ok")
 
 
 def test_wire_events_follow_the_design_keys_and_pass_the_server_decoder() -> None:
@@ -277,7 +281,7 @@ def test_wire_events_follow_the_design_keys_and_pass_the_server_decoder() -> Non
     assert child["rows"] == 3 and child["when"] == "2024-01-02 00:00:00"
     assert child["tags"] == [1, 2] and child["ids"] == "{7}"
     for e in (begin, child, end):
-        assert e["timestamp"] == int(T0 * 1000)
+        assert e["timestamp"] == T0 // 1_000_000
         assert (e["pid"], e["machine"], e["uuid"]) == (42, "box", "w")
 
 

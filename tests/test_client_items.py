@@ -38,10 +38,10 @@ def test_an_atomic_event_is_a_child_of_its_scope_or_stand_alone() -> None:
     """In a scope an event draws the tree's next id under the scope's transaction (or the
     parent given, "0" read as 0); with none it is stand-alone at the top."""
     scope = Scope("u", 4, itertools.count(7))
-    child = make_item(ATOMIC, scope, "DB", "q", "INFO", "m", {"rows": 1}, 1.5)
+    child = make_item(ATOMIC, scope, "DB", "q", "INFO", "m", {"rows": 1}, 1_500)
     assert (child.uuid, child.event, child.parent) == ("u", 7, 4)
     assert (child.type, child.name, child.level, child.msg) == ("DB", "q", "INFO", "m")
-    assert (child.timestamp, child.data) == (1.5, {"rows": 1})
+    assert (child.timestamp, child.data) == (1_500, {"rows": 1})
     elsewhere = make_item(ATOMIC, scope, "DB", "q", None, None, None, None, "0")
     assert (elsewhere.event, elsewhere.parent) == (8, 0)
     alone = make_item(HEARTBEAT, None, "heartbeat", "svc", None, None, {})
@@ -52,8 +52,8 @@ def test_an_atomic_event_is_a_child_of_its_scope_or_stand_alone() -> None:
 def test_begin_and_end_are_the_record_of_the_transaction_they_are_made_in() -> None:
     """A begin or end takes its scope's own id (no id drawn) and the parent it is given."""
     tx = Scope("u", 3, itertools.count(10))
-    begin = make_item(BEGIN, tx, "URL", "/", None, None, None, 1.0, 2)
-    end = make_item(END, tx, "URL", "/", None, "done", None, 2.0, 2, "0", 12)
+    begin = make_item(BEGIN, tx, "URL", "/", None, None, None, 1_000, 2)
+    end = make_item(END, tx, "URL", "/", None, "done", None, 2_000, 2, "0", 12)
     assert (begin.uuid, begin.event, begin.parent) == (end.uuid, end.event, end.parent)
     assert (begin.event, begin.parent) == (3, 2)
     assert (end.msg, end.status, end.duration) == ("done", "0", 12)
@@ -61,9 +61,10 @@ def test_begin_and_end_are_the_record_of_the_transaction_they_are_made_in() -> N
 
 
 def test_a_raw_map_travels_whole_and_gets_a_timestamp_in_ms_when_it_has_none() -> None:
-    """A RAW item carries the map as its data; only a missing timestamp is added (in ms)."""
-    raw = make_item(RAW, None, None, None, None, None, {"msg": "x"}, 1.25)
-    assert raw.clazz is RAW and raw.data == {"msg": "x", "timestamp": 1250}
+    """A RAW item carries the map as its data; only a missing timestamp is added (in ms,
+    with microseconds)."""
+    raw = make_item(RAW, None, None, None, None, None, {"msg": "x"}, 1_250_123_999)
+    assert raw.clazz is RAW and raw.data == {"msg": "x", "timestamp": 1250.123}
     kept = make_item(RAW, None, None, None, None, None, {"timestamp": 7})
     assert kept.data == {"timestamp": 7}
 
@@ -167,3 +168,37 @@ def test_a_transaction_enqueues_the_builders_begin_child_and_end(
     assert [it.clazz for it in built] == [BEGIN, ATOMIC, END]
     assert queued[:3] == built and all(a is b for a, b in zip(queued, built, strict=False))
     assert isinstance(queued[3], Release) and len(queued) == 4
+
+
+def test_a_child_is_counted_in_its_scope_unless_placed_elsewhere() -> None:
+    """An atomic event made in a scope counts as one of its transaction's children, with no
+    parent given or with the scope's own id; one given another parent is not counted (the
+    count may fall short, never over); a begin or an end counts nothing."""
+    scope = Scope("u", 4, itertools.count(7))
+    make_item(ATOMIC, scope, "DB", "q", None)
+    make_item(ATOMIC, scope, "DB", "q", None, None, None, None, 4)
+    make_item(ATOMIC, scope, "DB", "q", None, None, None, None, 9)
+    make_item(BEGIN, scope, "URL", "/", None, None, None, None, 4)
+    make_item(END, scope, "URL", "/", None, None, None, None, 4)
+    assert next(scope.kids) == 2
+
+
+def test_a_nested_transaction_counts_in_its_enclosing_one_only_when_it_is_its_child(
+    unstarted: LogClient,
+) -> None:
+    """A transaction opened inside another is one of its children; given another parent
+    (or another tree's uuid) it is not; each end carries its own count."""
+    with transaction("URL", "/") as outer:
+        with transaction("API", "child"):
+            event("DB", "grandchild")
+        with transaction("API", "placed", parent=99):
+            pass
+        with transaction("API", "other tree", uuid="elsewhere"):
+            pass
+        event("DB", "child")
+    ends = {
+        it.name: it for it in unstarted.inbox.take() if isinstance(it, Item) and it.clazz == END
+    }
+    assert ends["/"].child_count == 2 and outer.event == ends["/"].event
+    assert (ends["child"].child_count, ends["placed"].child_count) == (1, 0)
+    assert ends["other tree"].child_count == 0

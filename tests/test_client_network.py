@@ -350,6 +350,31 @@ async def test_aiohttp_middleware_logs_one_transaction_per_request(
     assert next(t for t in txs if t["name"] == "/boom")["status"] == "ValueError"
 
 
+async def test_a_root_end_a_frame_ahead_of_its_children_waits_for_them(
+    server: LogCluster, publisher: MemoryPublisher, make_client: Callable[..., LogClient]
+) -> None:
+    """The root logs through one client, its children through another flushed later, so the
+    root's end reaches the proxy a frame before the children it counted (childCount): the
+    proxy holds the tree instead of publishing it, then publishes it whole, nothing late."""
+    url = f"ws://127.0.0.1:{server.port}/"
+    roots = make_client(url)
+    make_client(url)  # the default one now: event() and the nested transaction use it
+    with transaction("URL", "/split", client=roots) as root:
+        event("DB", "select")
+        with transaction("API", "inner"):
+            event("HTTP", "call")
+    assert await roots.aflush(TIMEOUT)  # begin and end of the root: acked, so fed
+    assert server.pipeline is not None and server.pipeline.buffer.open_count == 1
+    assert publisher.records == []
+    assert await registry.default.client.aflush(TIMEOUT)  # type: ignore[union-attr]
+    [tx] = await wait_for(publisher, lambda p: p.transactions)
+    assert tx["uuid"] == root.uuid and tx["complete"] is True and tx["childCount"] == 2
+    assert sorted(c["name"] for c in tx["children"]) == ["inner", "select"]
+    inner = next(c for c in tx["children"] if c["kind"] == "transaction")
+    assert [c["name"] for c in inner["children"]] == ["call"] and inner["complete"] is True
+    assert len(publisher.records) == 1 and not any(r.get("late") for r in publisher.records)
+
+
 # --------------------------------------------------------------------------- delivery
 
 

@@ -17,6 +17,18 @@ entirely under the GIL). A tree started here counts ``1, 2, 3, …``; a scope co
 uuid that came from elsewhere (an ``X-Request-ID``, a message from another service) draws
 ``"<process tag>.<n>"`` strings from a process-wide iterator instead, so two processes
 logging into the same uuid never reuse each other's ids.
+
+A scope also carries what makes a tree's records exact (docs/client.md, "Exact trees"):
+
+- ``kids``, the count of its transaction's direct children, one ``next()`` per child emitted
+  (an ``itertools.count``: atomic under the GIL, so children emitted from several tasks and
+  threads are each counted once); the transaction's ``end`` sends the total as
+  ``childCount``;
+- ``epoch``, the tree's clock: ``epoch + perf_counter_ns()`` is the time in nanoseconds since
+  the epoch. Every timestamp and duration of a tree comes from the one monotonic counter,
+  set against the wall clock once, when the tree's first scope in this process opens, so a
+  child's interval always lies within its parent's (a wall-clock step in between moves
+  neither) and a long-lived process does not drift from the wall clock from tree to tree.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import contextvars
 import functools
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ParamSpec, TypeVar
@@ -34,12 +47,22 @@ __all__ = [
     "current_scope",
     "current_uuid",
     "foreign_ids",
+    "new_epoch",
     "new_uuid",
     "reset_scope",
     "set_scope",
     "use_scope",
     "wrap",
 ]
+
+_perf_ns = time.perf_counter_ns
+_wall_ns = time.time_ns
+
+
+def new_epoch() -> int:
+    """A clock for a new tree: ``new_epoch() + perf_counter_ns()`` is the wall time in ns."""
+    return _wall_ns() - _perf_ns()
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,18 +71,31 @@ R = TypeVar("R")
 class Scope:
     """A position in a transaction tree.
 
+    Args:
+        uuid: the tree's request id.
+        event: id of the enclosing transaction (``0``: top).
+        ids: where new event ids come from.
+        epoch: the tree's clock (default: a new one, :func:`new_epoch`).
+
     Attributes:
         uuid: the tree's request id.
         event: id of the enclosing transaction, the ``parent`` of new events (``0``: top).
         ids: where new event ids come from (shared by every scope of the tree in this process).
+        kids: counts the direct children emitted in this scope (one ``next()`` each).
+        epoch: the tree's clock: ``epoch + perf_counter_ns()`` is the time in ns since the
+            epoch (shared by every scope of the tree in this process).
     """
 
-    __slots__ = ("event", "ids", "uuid")
+    __slots__ = ("epoch", "event", "ids", "kids", "uuid")
 
-    def __init__(self, uuid: str, event: int | str, ids: Iterator[int | str]) -> None:
+    def __init__(
+        self, uuid: str, event: int | str, ids: Iterator[int | str], epoch: int | None = None
+    ) -> None:
         self.uuid = uuid
         self.event = event
         self.ids = ids
+        self.kids: Iterator[int] = itertools.count()
+        self.epoch = new_epoch() if epoch is None else epoch
 
     def __repr__(self) -> str:
         return f"Scope(uuid={self.uuid!r}, event={self.event!r})"

@@ -66,7 +66,7 @@ DEFAULT_MAX_FRAME_BYTES: Final = 1024 * 1024
 #: The server refuses frames with more events (``wire.DEFAULT_MAX_EVENTS_PER_FRAME``).
 SERVER_MAX_EVENTS_PER_FRAME: Final = 10_000
 #: The server refuses a frame holding a longer string (``wire.DEFAULT_MAX_STRING_LENGTH``):
-#: messages and exception texts are cut to this many characters.
+#: messages and string values of extra data (tracebacks too) are cut to this many characters.
 DEFAULT_MAX_STRING_LENGTH: Final = 64 * 1024
 #: First guess of an encoded event's size, refined by every envelope encoded.
 INITIAL_EVENT_BYTES: Final = 200
@@ -93,7 +93,8 @@ class CoreLimits:
         max_queue_bytes: estimated bytes queued at most; same treatment.
         max_frame_bytes: largest encoded envelope; bigger ones are split, and a single
             event bigger than this is refused (counted in ``rejected``).
-        max_string_length: longest message or exception text sent; longer ones are cut.
+        max_string_length: longest message, or string value of extra data, sent; longer
+            ones are cut (a traceback keeps its end, ``items.cut_traceback``).
 
     Raises:
         UsageError: when a limit is not positive.
@@ -170,11 +171,12 @@ class _Wire(msgspec.Struct, omit_defaults=True, gc=False):
 
     Cheaper to build than a dict and not tracked by the garbage collector (it only holds
     strings and numbers), which matters at hundreds of thousands of events per second.
+    ``timestamp`` and ``duration`` are milliseconds with microseconds (floats).
     """
 
     clazz: str
     parent: Any
-    timestamp: int
+    timestamp: float
     pid: int
     machine: str
     type: Any = None
@@ -185,6 +187,7 @@ class _Wire(msgspec.Struct, omit_defaults=True, gc=False):
     duration: Any = None
     uuid: Any = None
     event: Any = None
+    childCount: Any = None
 
 
 def _cut_text(msg: Any, max_len: int) -> str:
@@ -192,18 +195,25 @@ def _cut_text(msg: Any, max_len: int) -> str:
     return text if len(text) <= max_len else text[:max_len]
 
 
-def _wire_dict(it: Item, msg: Any, data: dict[str, Any], pid: int, machine: str) -> dict[str, Any]:
-    """The wire map of an item that carries extra data."""
+def _wire_dict(
+    it: Item, msg: Any, data: dict[str, Any], pid: int, machine: str, *, max_str: int
+) -> dict[str, Any]:
+    """The wire map of an item that carries extra data (string values cut to ``max_str``)."""
     e: dict[str, Any] = {
         "clazz": it.clazz,
         "parent": it.parent,
-        "timestamp": int(it.timestamp * 1000),
+        "timestamp": it.timestamp // 1000 / 1000,
         "pid": pid,
         "machine": machine,
     }
     for k, v in data.items():
         if k not in RESERVED_KEYS:
-            e[k if k.__class__ is str else str(k)] = v if v.__class__ in _PLAIN_TYPES else plain(v)
+            if v.__class__ is str:
+                # A longer string would make the server refuse the frame.
+                value = v if len(v) <= max_str else v[:max_str]
+            else:
+                value = v if v.__class__ in _PLAIN_TYPES else plain(v)
+            e[k if k.__class__ is str else str(k)] = value
     # Explicit arguments win over extra data of the same name, except where only the
     # data says it (an event's ``status=`` or ``duration=``).
     for k, v in (
@@ -219,6 +229,8 @@ def _wire_dict(it: Item, msg: Any, data: dict[str, Any], pid: int, machine: str)
     if it.uuid is not None:
         e["uuid"] = it.uuid
         e["event"] = it.event
+    if it.child_count is not None:
+        e["childCount"] = it.child_count
     return e
 
 
@@ -348,7 +360,7 @@ class ClientCore:
                         e = wire(
                             clazz,
                             parent,
-                            int(it.timestamp * 1000),
+                            it.timestamp // 1000 / 1000,  # items.wire_ms(), without the call
                             pid,
                             machine,
                             it.type,
@@ -359,9 +371,10 @@ class ClientCore:
                             it.duration,
                             uuid,
                             it.event,
+                            it.child_count,
                         )
                     else:
-                        e = _wire_dict(it, msg, data, pid, machine)
+                        e = _wire_dict(it, msg, data, pid, machine, max_str=max_str)
                     fed += 1
                     if uuid is None or (parent == 0 and (clazz is ATOMIC or clazz is HEARTBEAT)):
                         standalone.append(e)

@@ -16,6 +16,12 @@ Where an item goes in its tree (its ``uuid``, ``event`` id and ``parent``) follo
   uuid, its own id, the ``parent`` given;
 - a heartbeat and a raw log map are always stand-alone.
 
+An atomic event made in its scope's transaction (no other ``parent`` given) is counted as one
+of that transaction's direct children (the scope's ``kids``), for the ``childCount`` of its
+``end``. Its time is read from the tree's clock (the scope's ``epoch`` plus
+``perf_counter_ns()``), a stand-alone event's from the wall clock: nanoseconds since the
+epoch either way, sent as milliseconds with microseconds (a float).
+
 Besides items the queue carries markers: :class:`Release` (from here) and the sender's own
 flush requests.
 """
@@ -23,21 +29,48 @@ flush requests.
 from __future__ import annotations
 
 import time
+import traceback
+from asyncio import CancelledError
 from typing import Any, Final
 
 import msgspec
 
 from ..model import ATOMIC
-from .context import Scope, _scope, foreign_ids
+from .context import Scope, _scope, foreign_ids, new_epoch
 
-__all__ = ["RAW", "Item", "Release", "make_item", "placement"]
+__all__ = [
+    "EXCEPTION_TYPE",
+    "NOT_ERRORS",
+    "RAW",
+    "Item",
+    "Release",
+    "cut_traceback",
+    "exception_item",
+    "make_item",
+    "placement",
+    "wire_ms",
+]
 
 #: The ``clazz`` of an item that carries a raw log map (``client.log(map)``) in ``data``, to
 #: be sent as it is; no wire event has this clazz.
 RAW: Final = "<raw log map>"
 
-_time = time.time
+#: The CAL type of the child that reports an exception leaving a transaction.
+EXCEPTION_TYPE: Final = "Exception"
+#: Exceptions that end a transaction without being errors (a cancelled task, a generator
+#: closed): the transaction's status names them, but no ``Exception`` child is logged.
+NOT_ERRORS: Final = (CancelledError, GeneratorExit)
+#: What stands for the head of a traceback cut to the client's ``max_string_length``.
+TRACEBACK_CUT: Final = "[traceback cut: its first {} characters are not sent]\n"
+
+_perf_ns = time.perf_counter_ns
+_wall_ns = time.time_ns
 _get_scope = _scope.get
+
+
+def wire_ms(ns: int) -> float:
+    """Nanoseconds as the wire's milliseconds: a float, cut to whole microseconds."""
+    return ns // 1000 / 1000
 
 
 class Item(msgspec.Struct, frozen=True, gc=False):
@@ -61,9 +94,11 @@ class Item(msgspec.Struct, frozen=True, gc=False):
         level: a log level name.
         msg: a message (any value; the core makes it a string and cuts it).
         status: an ``end``'s status.
-        duration: an ``end``'s duration in ms.
-        timestamp: seconds since the epoch when the call was made (the core sends ms).
+        duration: an ``end``'s duration in ms, with microseconds.
+        timestamp: nanoseconds since the epoch when the call was made (the core sends ms
+            with microseconds, :func:`wire_ms`).
         data: extra keys, or the raw map of a :data:`RAW` item.
+        child_count: an ``end``'s ``childCount``, its transaction's direct children.
     """
 
     clazz: str
@@ -75,9 +110,10 @@ class Item(msgspec.Struct, frozen=True, gc=False):
     level: str | None
     msg: Any
     status: str | None
-    duration: int | None
-    timestamp: float
+    duration: float | None
+    timestamp: int
     data: dict[str, Any] | None
+    child_count: int | None = None
 
 
 class Release:
@@ -97,10 +133,11 @@ def make_item(  # noqa: PLR0917 (the hot path's positional call)
     level: str | None,
     msg: Any = None,
     data: dict[str, Any] | None = None,
-    timestamp: float | None = None,
+    timestamp: int | None = None,
     parent: int | str | None = None,
     status: str | None = None,
-    duration: int | None = None,
+    duration: float | None = None,
+    child_count: int | None = None,
 ) -> Item:
     """Make the item of one event: the only place items are built.
 
@@ -108,46 +145,66 @@ def make_item(  # noqa: PLR0917 (the hot path's positional call)
         clazz: the wire ``clazz``, or :data:`RAW` (then ``data`` is the raw map, which gets
             a ``timestamp`` in ms when it has none, and ``scope`` must be ``None``).
         scope: where the event goes: an atomic event becomes a child of it (stand-alone when
-            ``None``); a ``begin`` or ``end`` is the record of the transaction ``scope`` is.
+            ``None``), counted in the scope's ``kids`` unless another ``parent`` is given; a
+            ``begin`` or ``end`` is the record of the transaction ``scope`` is.
         type: CAL type.
         name: CAL name.
         level: a log level name.
         msg: a message.
         data: extra keys (an empty dict counts as none).
-        timestamp: seconds since the epoch (default: now).
+        timestamp: nanoseconds since the epoch (default: now, on the scope's clock when
+            there is a scope, else on the wall clock).
         parent: the parent's id when it is not the scope's transaction (an explicit
             ``parent=``); a ``begin`` or ``end`` gives its transaction's. ``"0"`` means ``0``.
         status: an ``end``'s status.
         duration: an ``end``'s duration in ms.
+        child_count: an ``end``'s count of direct children.
 
     Returns:
         The item, ready for the client's queue.
     """
-    if timestamp is None:
-        timestamp = _time()
     if parent is not None and parent == "0":
         parent = 0  # every spelling of the top level is 0, so the core can test parent == 0
     uuid: str | None
     eid: int | str | None
     if scope is None:
+        if timestamp is None:
+            timestamp = _wall_ns()
         if clazz is RAW:
             raw: dict[str, Any] = {} if data is None else data
             if "timestamp" not in raw:
-                raw["timestamp"] = int(timestamp * 1000)
+                raw["timestamp"] = wire_ms(timestamp)
             return Item(RAW, None, None, 0, None, None, None, None, None, None, timestamp, raw)
         uuid = eid = None
         parent = parent or 0
     elif clazz is ATOMIC:
         uuid = scope.uuid
         eid = next(scope.ids)
-        if parent is None:
+        if parent is None or parent == scope.event:
             parent = scope.event
+            next(scope.kids)  # one more direct child of the scope's transaction
+        if timestamp is None:
+            timestamp = scope.epoch + _perf_ns()
     else:
+        if timestamp is None:
+            timestamp = scope.epoch + _perf_ns()
         uuid = scope.uuid
         eid = scope.event
         parent = parent or 0
     return Item(
-        clazz, uuid, eid, parent, type, name, level, msg, status, duration, timestamp, data or None
+        clazz,
+        uuid,
+        eid,
+        parent,
+        type,
+        name,
+        level,
+        msg,
+        status,
+        duration,
+        timestamp,
+        data or None,
+        child_count,
     )
 
 
@@ -160,4 +217,46 @@ def placement(uuid: str | None) -> Scope | None:
     s = _get_scope()
     if uuid is None or (s is not None and s.uuid == uuid):
         return s
-    return Scope(uuid, 0, foreign_ids())
+    return Scope(uuid, 0, foreign_ids(), s.epoch if s is not None else new_epoch())
+
+
+def exception_item(scope: Scope, exc: BaseException, timestamp: int, max_length: int) -> Item:
+    """The ``Exception`` child that reports ``exc`` leaving the transaction ``scope``.
+
+    An atomic event of type :data:`EXCEPTION_TYPE`, level ``ERROR``, with the exception's
+    class name in ``name``, its message in ``msg`` and the formatted traceback in
+    ``traceback``: the whole chain, so a cause (``raise ... from``) or a context is kept.
+    A traceback longer than ``max_length`` characters keeps its end (where the error was
+    raised) behind a :data:`TRACEBACK_CUT` line. Never raises: an exception whose message
+    or traceback cannot be formatted is reported by what can be.
+    """
+    name = exc.__class__.__name__
+    try:
+        msg = str(exc)
+    except Exception:
+        msg = f"<unprintable {name}>"
+    try:
+        text = "".join(traceback.format_exception(exc)).rstrip("\n")
+    except Exception:  # a broken __str__ deep in the chain: say at least what it was
+        text = f"{name}: {msg}"
+    return make_item(
+        ATOMIC,
+        scope,
+        EXCEPTION_TYPE,
+        name,
+        "ERROR",
+        msg,
+        {"traceback": cut_traceback(text, max_length)},
+        timestamp,
+    )
+
+
+def cut_traceback(text: str, max_length: int) -> str:
+    """``text`` in at most ``max_length`` characters, keeping its end (where the error was
+    raised, and the last exception of a chain) behind a :data:`TRACEBACK_CUT` line."""
+    if len(text) <= max_length:
+        return text
+    keep = max_length - len(TRACEBACK_CUT.format(len(text)))
+    if keep <= 0:
+        return text[-max_length:]
+    return TRACEBACK_CUT.format(len(text) - keep) + text[-keep:]

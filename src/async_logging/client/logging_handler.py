@@ -4,7 +4,9 @@
 they become its atomic children (so a request's log lines land in its tree), outside one
 they are stand-alone events. Each event carries ``level`` (the level name), ``msg`` (the
 formatted message), ``name`` and ``logger`` (the logger's name), ``type`` ``"LOG"``, the
-record's time, and ``exception`` (the traceback text) when the record has one::
+time (inside a transaction the time it is handed over, on the tree's clock, so it lies
+within its parent; outside, the record's own), and ``exception`` (the traceback text,
+keeping its end when cut to the client's ``max_string_length``) when the record has one::
 
     import logging
     from async_logging.client import LogClient, LogHandler
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..model import ATOMIC
 from .context import _scope
-from .items import make_item
+from .items import cut_traceback, make_item
 from .registry import default as _default
 
 if TYPE_CHECKING:
@@ -99,25 +101,24 @@ class LogHandler(logging.Handler):
         try:
             msg = record.getMessage()
             data: dict[str, Any] = {"logger": name}
-            if record.exc_info:
-                if not record.exc_text:
-                    fmt = self.formatter or self._exc_formatter
-                    record.exc_text = fmt.formatException(record.exc_info)
-                data["exception"] = record.exc_text
-            elif record.exc_text:
-                data["exception"] = record.exc_text
+            if record.exc_info and not record.exc_text:
+                fmt = self.formatter or self._exc_formatter
+                record.exc_text = fmt.formatException(record.exc_info)
+            if record.exc_text:
+                data["exception"] = cut_traceback(record.exc_text, client.limits.max_string_length)
             if record.stack_info:
                 data["stack"] = record.stack_info
+            scope = _get_scope()
             client.inbox.put(
                 make_item(
                     ATOMIC,
-                    _get_scope(),
+                    scope,
                     self.type,
                     name,
                     record.levelname,
                     msg,
                     data,
-                    record.created,
+                    None if scope is not None else int(record.created * 1e9),
                 )
             )
         except Exception:
@@ -158,8 +159,9 @@ def structlog_processor(
 def loguru_sink(message: Any, client: LogClient | None = None) -> None:
     """A loguru sink sending each record as an event: ``logger.add(loguru_sink)``.
 
-    Uses ``message.record``: level name, message, logger name, time, ``extra`` (as extra
-    data) and the exception (as ``exception`` text).
+    Uses ``message.record``: level name, message, logger name, time (outside a
+    transaction; inside, the tree's clock), ``extra`` (as extra data) and the exception (as
+    ``exception`` text).
     """
     client = client or _default.client
     if client is None:
@@ -174,16 +176,18 @@ def loguru_sink(message: Any, client: LogClient | None = None) -> None:
         data.update(extra)
     exc = record.get("exception")
     if exc is not None and getattr(exc, "type", None) is not None:
-        data["exception"] = "".join(
-            traceback.format_exception(exc.type, exc.value, exc.traceback)
-        ).rstrip()
+        data["exception"] = cut_traceback(
+            "".join(traceback.format_exception(exc.type, exc.value, exc.traceback)).rstrip(),
+            client.limits.max_string_length,
+        )
+    scope = _get_scope()
     when = record.get("time")
-    created = when.timestamp() if hasattr(when, "timestamp") else None
+    created = int(when.timestamp() * 1e9) if scope is None and hasattr(when, "timestamp") else None
     level = record.get("level")
     client.inbox.put(
         make_item(
             ATOMIC,
-            _get_scope(),
+            scope,
             LOG_TYPE,
             name,
             str(getattr(level, "name", level)),

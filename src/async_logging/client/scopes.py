@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 from ..exceptions import UsageError
 from ..model import ATOMIC, BEGIN, END
 from . import registry
-from .context import Scope, _scope, foreign_ids, new_uuid
-from .items import Release, make_item
+from .context import Scope, _scope, foreign_ids, new_epoch, new_uuid
+from .items import NOT_ERRORS, Release, exception_item, make_item
 
 if TYPE_CHECKING:
     from .client import LogClient
@@ -33,10 +33,12 @@ __all__ = ["Bound", "Transaction"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_perf = time.perf_counter
+_perf_ns = time.perf_counter_ns
 _get_scope = _scope.get
 #: The ids of a transaction not entered yet: none (one exhausted iterator for all of them).
 _NO_IDS: Final[Iterator[int | str]] = iter(())
+#: The child counter of a transaction not entered yet (it gets its own when it starts).
+_NO_KIDS: Final[Iterator[int]] = iter(())
 
 
 def _norm_parent(parent: int | str | None) -> int | str | None:
@@ -48,10 +50,14 @@ class Transaction(Scope):
     """A transaction: a context manager (``with``/``async with``) and a decorator.
 
     Entering logs a ``begin``, leaving logs an ``end`` with the same ``event`` id, the
-    measured ``duration`` (ms) and a ``status``: ``"0"`` on success, the exception's class
-    name when the block raised, or whatever was set on :attr:`status` meanwhile. Inside,
-    the transaction is the current scope: events and nested transactions are its children,
-    in this task, in the tasks it starts and in threads given :func:`wrap`-ped callables.
+    measured ``duration`` (ms, with microseconds), ``childCount`` (how many direct children
+    it emitted) and a ``status``: ``"0"`` on success, the exception's class name when the
+    block raised, or whatever was set on :attr:`status` meanwhile. An exception that leaves
+    the block is also logged as a child just before the ``end``: an atomic event of type
+    ``Exception``, level ``ERROR``, the class name in ``name``, the message in ``msg`` and
+    the formatted traceback (causes and contexts included) in ``traceback``. Inside, the
+    transaction is the current scope: events and nested transactions are its children, in
+    this task, in the tasks it starts and in threads given :func:`wrap`-ped callables.
 
     Used as a decorator, each call of the function runs in a new transaction (named after
     the function unless a name was given). :func:`~async_logging.client.transaction` is
@@ -85,10 +91,15 @@ class Transaction(Scope):
         status: set it to report a status of your own.
         msg: message of the ``end``.
         data: extra keys sent with the ``end`` (``set()`` adds to it).
+        exception: an exception to report at the end as if it had left the block, for one
+            that was turned into a response before it could (a framework's 500 page): the
+            ``Exception`` child, and the class name as status unless one was set.
+        duration: the measured duration in ms (known once left).
     """
 
     __slots__ = (
         "_client",
+        "_done",
         "_foreign",
         "_parent_arg",
         "_t0",
@@ -97,6 +108,7 @@ class Transaction(Scope):
         "begin_data",
         "data",
         "duration",
+        "exception",
         "level",
         "msg",
         "name",
@@ -128,13 +140,17 @@ class Transaction(Scope):
         self.data: dict[str, Any] | None = None
         self.status: str | None = None
         self.duration: float | None = None
+        self.exception: BaseException | None = None
         self._token: contextvars.Token[Scope | None] | None = None
-        self._t0 = 0.0
+        self._t0 = -1  # perf_counter_ns() at the start; -1: not started
+        self._done = False
         self._foreign = False
         self.uuid = ""
         self.event: int | str = 0
         self.parent: int | str = 0
         self.ids: Iterator[int | str] = _NO_IDS
+        self.kids: Iterator[int] = _NO_KIDS
+        self.epoch = 0
 
     def __repr__(self) -> str:
         return (
@@ -144,8 +160,17 @@ class Transaction(Scope):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> Transaction:
-        if self._token is not None:
+    def start(self) -> Transaction:
+        """Log the ``begin`` without making this the current scope (see :meth:`finish`).
+
+        For integrations that cannot wrap the work in one ``with`` block (a WSGI body
+        iterated after the application returned): make it current where its children are
+        emitted (:func:`~async_logging.client.context.use_scope`), then :meth:`finish` it.
+
+        Raises:
+            UsageError: it was started before (create one transaction per use).
+        """
+        if self._t0 >= 0:
             raise UsageError("a Transaction cannot be entered twice; create one per use")
         outer = _get_scope()
         uuid = self._uuid_arg
@@ -161,12 +186,21 @@ class Transaction(Scope):
         elif outer is not None:
             self.uuid = outer.uuid
             self.ids = outer.ids
-            self.parent = parent if parent is not None else outer.event
+            if parent is None or parent == outer.event:
+                self.parent = outer.event
+                next(outer.kids)  # a direct child of the enclosing transaction
+            else:
+                self.parent = parent
         else:
             self.uuid = new_uuid()
             self.ids = itertools.count(1)
             self.parent = parent if parent is not None else 0
         self.event = next(self.ids)
+        self.kids = itertools.count()
+        # One clock per tree (context.py): the begin's time and the duration's start are
+        # the one reading, so the children, read later, lie inside.
+        self.epoch = epoch = outer.epoch if outer is not None else new_epoch()
+        self._t0 = t0 = _perf_ns()
         client = self._client or registry.default.client
         self._client = client
         if client is not None:
@@ -179,12 +213,60 @@ class Transaction(Scope):
                     self.level,
                     None,
                     self.begin_data,
-                    None,
+                    epoch + t0,
                     self.parent,
                 )
             )
+        return self
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """Log the ``end`` of a transaction :meth:`start`-ed (once; later calls do nothing).
+
+        Args:
+            exc: the exception that ended it, if any (else :attr:`exception`, if set).
+        """
+        t1 = _perf_ns()
+        if self._done:
+            return
+        if self._t0 < 0:
+            raise UsageError("a Transaction must be entered before it is left")
+        self._done = True
+        epoch = self.epoch
+        end = epoch + t1
+        # Both ends cut to whole microseconds first: a child's cut ends lie inside these.
+        self.duration = (end // 1000 - (epoch + self._t0) // 1000) / 1000
+        if exc is None:
+            exc = self.exception
+        if self.status is None:
+            self.status = "0" if exc is None else exc.__class__.__name__
+        client = self._client
+        if client is None:
+            return
+        if exc is not None and not isinstance(exc, NOT_ERRORS):
+            client.inbox.put(exception_item(self, exc, end, client.limits.max_string_length))
+        client.inbox.put(
+            make_item(
+                END,
+                self,
+                self.type,
+                self.name,
+                self.level,
+                self.msg,
+                self.data,
+                end,
+                self.parent,
+                self.status,
+                self.duration,
+                next(self.kids),  # every child emitted so far, from any task or thread
+            )
+        )
+        if self._foreign and self.parent != 0:
+            # No root end will come through this process: send what is held now.
+            client.inbox.put(Release(self.uuid))
+
+    def __enter__(self) -> Transaction:
+        self.start()
         self._token = _scope.set(self)
-        self._t0 = _perf()
         return self
 
     def __exit__(
@@ -196,35 +278,15 @@ class Transaction(Scope):
         token = self._token
         if token is None:
             raise UsageError("a Transaction must be entered before it is left")
-        self.duration = duration = (_perf() - self._t0) * 1000.0
         try:
             _scope.reset(token)
         except ValueError:
             # Left in another context than it was entered in (e.g. a generator resumed
             # elsewhere): restore by value instead.
             _scope.set(token.old_value if token.old_value is not token.MISSING else None)
-        if self.status is None:
-            self.status = "0" if exc_type is None else exc_type.__name__
-        client = self._client
-        if client is not None:
-            client.inbox.put(
-                make_item(
-                    END,
-                    self,
-                    self.type,
-                    self.name,
-                    self.level,
-                    self.msg,
-                    self.data,
-                    None,
-                    self.parent,
-                    self.status,
-                    int(duration + 0.5),
-                )
-            )
-            if self._foreign and self.parent != 0:
-                # No root end will come through this process: send what is held now.
-                client.inbox.put(Release(self.uuid))
+        if exc is None and exc_type is not None and self.status is None:
+            self.status = exc_type.__name__  # a class without its instance (a manual call)
+        self.finish(exc)
 
     async def __aenter__(self) -> Transaction:
         return self.__enter__()
