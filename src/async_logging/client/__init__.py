@@ -14,8 +14,9 @@ Pieces: :class:`LogClient` (``client.py``: its inbox, ``inbox.py``, its sender t
 (``items.py``), :class:`Transaction` and bound scopes (``scopes.py``), :func:`transaction` /
 :func:`event` / :func:`heartbeat` (``api.py``, the module-level API on the default client of
 ``registry.py``), :func:`wrap` (``context.py``: carry the context into threads),
-:class:`LogHandler` (stdlib ``logging``, structlog, loguru), :class:`AsyncLoggingMiddleware`
-and :func:`aiohttp_middleware` (one ``URL`` transaction per request),
+:class:`LogHandler` (stdlib ``logging``, structlog, loguru), the web middlewares (one ``URL``
+transaction per request: :class:`AsyncLoggingMiddleware` for ASGI, :func:`aiohttp_setup`,
+:class:`WSGIMiddleware` and :func:`flask_setup`, :class:`DjangoMiddleware`),
 :class:`HeartbeatMonitor` (CPU, memory and GC heartbeats). The states of a client and its
 sender are in ``lifecycle.py``.
 """
@@ -36,8 +37,9 @@ from .api import (
 from .client import ClientStats, LogClient
 from .context import current_scope, current_uuid, new_uuid, wrap
 from .core import CoreLimits
+from .django_middleware import DjangoMiddleware
 from .logging_handler import LogHandler, loguru_sink, structlog_processor
-from .middleware import AsyncLoggingMiddleware, aiohttp_middleware
+from .middleware import AsyncLoggingMiddleware, aiohttp_middleware, aiohttp_setup
 from .monitor import HeartbeatMonitor
 from .scopes import Transaction
 from .transports import (
@@ -51,12 +53,14 @@ from .transports import (
     backoff,
     is_retryable,
 )
+from .wsgi import WSGIMiddleware, flask_setup
 
 __all__ = [
     "AsyncLoggingMiddleware",
     "ClientStats",
     "ConnectionLost",
     "CoreLimits",
+    "DjangoMiddleware",
     "HeartbeatMonitor",
     "HttpTransport",
     "LogClient",
@@ -65,9 +69,11 @@ __all__ = [
     "Transaction",
     "Transport",
     "TransportError",
+    "WSGIMiddleware",
     "WebSocketOtherwiseHttpTransport",
     "WebSocketTransport",
     "aiohttp_middleware",
+    "aiohttp_setup",
     "backoff",
     "bind",
     "close",
@@ -75,6 +81,7 @@ __all__ = [
     "current_scope",
     "current_uuid",
     "event",
+    "flask_setup",
     "flush",
     "get_client",
     "heartbeat",
