@@ -127,8 +127,9 @@ class Metrics:
         return self.samples.get(name, {}).get(frozenset(labels.items()), 0.0)
 
     def by_label(self, name: str, label: str) -> dict[str, float]:
-        """Every sample of ``name`` keyed by the value of ``label``."""
-        return {dict(k)[label]: v for k, v in self.samples.get(name, {}).items()}
+        """The samples of ``name`` that counted something, keyed by the value of ``label``
+        (a labelled counter lists every value it knows at 0 from the start)."""
+        return {dict(k)[label]: v for k, v in self.samples.get(name, {}).items() if v}
 
     def total(self, name: str) -> float:
         """The sum of every sample of ``name`` (over all label values)."""

@@ -207,6 +207,7 @@ async def test_the_page_is_served_with_a_strict_content_security_policy(
     for path, ctype, needle in (
         ("/ui/", "text/html", 'id="waterfall"'),
         ("/ui/app.js", "text/javascript", "EventSource"),
+        ("/ui/format.js", "text/javascript", "ViewerFormat"),
         ("/ui/style.css", "text/css", ".wf-bar"),
     ):
         async with session.get(base + path) as resp:
@@ -214,6 +215,27 @@ async def test_the_page_is_served_with_a_strict_content_security_policy(
             assert needle in await resp.text()
             csp = resp.headers["Content-Security-Policy"]
             assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+
+
+@pytest.mark.parametrize(
+    ("server_options", "path"),
+    [
+        ({}, "/"),
+        ({}, "/?name=a&failures=1"),
+        ({"viewer_tokens": ("v-s3cret",)}, "/"),  # asks for no token to say where the page is
+        ({"viewer_tokens": ("v-s3cret",)}, "/?token=v-s3cret"),  # a sign-in link, passed on
+    ],
+)
+async def test_the_root_of_the_monitoring_port_redirects_to_the_page(
+    server: LogCluster, session: aiohttp.ClientSession, path: str
+) -> None:
+    """GET / on the monitoring port answers 302 to /ui/, its query kept; also when the port asks for a token."""
+    async with session.get(
+        f"http://127.0.0.1:{server.mon_port}{path}", allow_redirects=False
+    ) as resp:
+        assert resp.status == 302
+        query = path.partition("?")[2]
+        assert resp.headers["Location"] == "/ui/" + (f"?{query}" if query else "")
 
 
 @pytest.mark.parametrize(

@@ -45,11 +45,11 @@ UNAUTHORIZED = "the server responded with a status of 401 (Unauthorized)"
 T0 = int(time.time() * 1000) - 30_000
 
 
-def request_tree(uuid: str, status: str = "0") -> list[dict[str, Any]]:
+def request_tree(uuid: str, status: str = "0", name: str = "/checkout") -> list[dict[str, Any]]:
     """A URL request: a log line, an auth call, a payment call holding an error event."""
     e = {"uuid": uuid}
     return [
-        {**e, "clazz": "begin", "event": "1", "parent": "0", "type": "URL", "name": "/checkout", "timestamp": T0},
+        {**e, "clazz": "begin", "event": "1", "parent": "0", "type": "URL", "name": name, "timestamp": T0},
         {**e, "clazz": "atomicEvent", "event": "2", "parent": "1", "type": "INFO", "name": "req", "msg": "POST", "timestamp": T0 + 1},
         {**e, "clazz": "begin", "event": "3", "parent": "1", "type": "API", "name": "auth", "timestamp": T0 + 2},
         {**e, "clazz": "end", "event": "3", "parent": "1", "status": "0", "timestamp": T0 + 20},
@@ -199,7 +199,8 @@ async def test_a_protected_viewer_shows_the_login_form_then_works_signed_in(
     """With a viewer token the page is a login form; a wrong token says so; the right one opens the viewer, whose search and live tail work on the cookie; a ?token= link leaves a clean URL."""
     await stored(server, {"req-auth"}, post_logs(server, request_tree("req-auth")))
     base = f"http://127.0.0.1:{server.mon_port}/ui/"
-    await page.goto(base)
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/")  # the port's root: to the page
+    assert page.url == base
     await page.fill("#login-form input[name=token]", "wrong")
     await page.click("#login-form button[type=submit]")
     assert "not valid" in await page.locator("#login-error").inner_text()
@@ -226,3 +227,174 @@ async def test_a_protected_viewer_shows_the_login_form_then_works_signed_in(
     await page.goto(base + "?token=browser-s3cret#summary")
     assert page.url == base + "#summary"  # the token is in neither the address bar nor history
     await page.locator("#summary tr.type-row").first.wait_for()
+
+
+# ------------------------------------------------------------------ issue 13: the viewer
+
+
+async def rows_are(page: Any, uuids: list[str]) -> None:
+    """Wait until the search results list exactly these uuids, in this order."""
+    await page.wait_for_function(
+        "want => [...document.querySelectorAll('#results tbody tr td.uuid')]"
+        ".map(td => td.textContent).join(',') === want.join(',')",
+        arg=uuids,
+        timeout=MS,
+    )
+
+
+async def test_the_search_is_in_the_address_so_links_bookmarks_and_the_back_button_work(
+    server: LogCluster, page: Any
+) -> None:
+    """A search writes its fields into the page's address and an opened tree its id; back and forward walk through them (form, results and tree following); the address opened afresh shows the same search and tree."""
+    await stored(
+        server,
+        {"a-1", "a-ok", "b-1"},
+        post_logs(
+            server,
+            request_tree("a-1", "5", name="/a")
+            + request_tree("a-ok", name="/a")
+            + request_tree("b-1", name="/b"),
+        ),
+    )
+    base = f"http://127.0.0.1:{server.mon_port}/ui/"
+    await page.goto(base)
+    await page.fill("#search-form input[name=name]", "/a")
+    await page.check("#search-form input[name=failures]")
+    await page.click("#search-form button[type=submit]")
+    await rows_are(page, ["a-1"])
+    searched = page.url
+    assert searched == base + "?name=%2Fa&failures=1"
+    await page.locator("#results tbody tr", has_text="a-1").click()
+    await page.locator("#tree-head", has_text="uuid a-1").wait_for()
+    opened = page.url
+    assert opened.startswith(searched + "#tree=")
+
+    await page.fill("#search-form input[name=name]", "/b")
+    await page.uncheck("#search-form input[name=failures]")
+    await page.click("#search-form button[type=submit]")
+    await rows_are(page, ["b-1"])
+    assert page.url == base + "?name=%2Fb"
+    assert await page.locator("#tree-pane").is_hidden()  # a new search: no tree open yet
+
+    await page.go_back()  # the tree opened from the first search, and that search
+    await page.locator("#tree-head", has_text="uuid a-1").wait_for()
+    await rows_are(page, ["a-1"])
+    assert page.url == opened
+    assert await page.input_value("#search-form input[name=name]") == "/a"
+    assert await page.is_checked("#search-form input[name=failures]")
+    await page.go_back()  # the first search, before the tree was opened
+    await page.locator("#tree-pane").wait_for(state="hidden")
+    assert page.url == searched
+    await page.go_forward()
+    await page.go_forward()
+    await rows_are(page, ["b-1"])
+    assert await page.input_value("#search-form input[name=name]") == "/b"
+    assert not await page.is_checked("#search-form input[name=failures]")
+
+    # A bookmark, or a link shared: the same search and the same tree, loaded afresh.
+    browser = page.context.browser
+    assert browser is not None
+    fresh = await browser.new_page()
+    try:
+        await fresh.goto(opened)
+        await fresh.locator("#tree-head", has_text="uuid a-1").wait_for()
+        await rows_are(fresh, ["a-1"])
+        assert await fresh.input_value("#search-form input[name=name]") == "/a"
+        assert await fresh.is_checked("#search-form input[name=failures]")
+    finally:
+        await fresh.close()
+
+
+async def test_the_live_tail_and_a_tree_opened_from_search_keep_apart(
+    server: LogCluster, page: Any
+) -> None:
+    """A tree opened from the search is not shown under the live tail, nor replaced by one opened from it: each tab shows its own, side by side with its list, never over it."""
+    await stored(server, {"s-1"}, post_logs(server, request_tree("s-1")))
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/?uuid=s-1")
+    await page.locator("#results tbody tr", has_text="s-1").click()
+    await page.locator("#tree-head", has_text="uuid s-1").wait_for()
+
+    await page.click("#tab-btn-live")
+    assert await page.locator("#tree-pane").is_hidden()  # the search's tree stays with it
+    await page.click("#live-form button[type=submit]")
+    await page.locator("#live-state.on").wait_for()
+    await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
+    await post_logs(server, request_tree("l-1", status="9"))
+    await page.locator("#live tbody tr", has_text="l-1").click()
+    await page.locator("#tree-head", has_text="uuid l-1").wait_for()
+    live_box = await page.locator("#panel-live").bounding_box()
+    tree_box = await page.locator("#tree-pane").bounding_box()
+    assert live_box is not None and tree_box is not None
+    assert live_box["y"] + live_box["height"] <= tree_box["y"]  # below the list, not over it
+
+    await page.click("#tab-btn-search")
+    await page.locator("#tree-head", has_text="uuid s-1").wait_for()
+    assert "#tree=" in page.url
+    await page.click("#tab-btn-live")
+    await page.locator("#tree-head", has_text="uuid l-1").wait_for()
+
+
+async def test_the_legend_names_every_marker_the_waterfall_draws(
+    server: LogCluster, page: Any
+) -> None:
+    """Atomic events are drawn as plain, error, warning and late markers, and the legend shows a swatch of each."""
+    e = {"uuid": "mk-1", "clazz": "atomicEvent", "parent": "1", "type": "LOG"}
+    tree = request_tree("mk-1")
+    tree.insert(1, {**e, "event": "7", "name": "slow", "level": "WARN", "timestamp": T0 + 3})
+    await stored(server, {"mk-1"}, post_logs(server, tree))
+    late = {**e, "event": "8", "name": "after", "timestamp": T0 + 95}  # after its tree went out
+    await stored(server, {"mk-1"}, post_logs(server, [late]))
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/?uuid=mk-1&kind=any")
+    await page.locator("#results tbody tr", has_text="tx").click()
+    await page.locator("#waterfall .wf-marker.late").wait_for()
+
+    def modifiers(base: str) -> str:
+        return f"els => els.map(e => [...e.classList].filter(c => c !== '{base}').sort().join(' '))"
+
+    drawn = set(await page.locator("#waterfall .wf-marker").evaluate_all(modifiers("wf-marker")))
+    assert drawn == {"", "error", "warn", "late"}
+    legend = set(await page.locator(".legend .mk").evaluate_all(modifiers("mk")))
+    assert drawn <= legend
+    for swatch in await page.locator(".legend .mk").all():
+        assert await swatch.is_visible()
+
+
+async def test_times_are_local_dates_with_ms_and_short_durations_are_in_microseconds(
+    server: LogCluster, page: Any
+) -> None:
+    """Durations below 1 ms are written in µs, others in ms or s; timestamps as local dates with ms, in the lists and in a node's details (with the number sent beside)."""
+    await stored(server, {"t-1"}, post_logs(server, request_tree("t-1")))
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/?uuid=t-1")
+    durations = await page.evaluate(
+        "[0.34, 0.0004, 0.9999, 0, 12.34, 1500].map(ViewerFormat.duration)"
+    )
+    assert durations == ["340 µs", "0 µs", "1 ms", "0 ms", "12.3 ms", "1.50 s"]
+    moment = T0 + 0.25  # µs precision: the date keeps its ms
+    local = time.localtime(moment / 1000)
+    date = time.strftime("%Y-%m-%d %H:%M:%S", local) + f".{int(moment) % 1000:03d}"
+    assert await page.evaluate(f"ViewerFormat.time({moment})") == date
+
+    row = page.locator("#results tbody tr", has_text="t-1")
+    assert await row.locator("td.time").inner_text() == date
+    await row.click()
+    stamp = page.locator("#detail tr[data-key=timestamp] td")
+    await stamp.wait_for()
+    assert await stamp.evaluate("td => td.firstChild.textContent") == date
+    assert await stamp.locator(".raw").inner_text() == str(T0)  # the number sent, beside
+    assert await page.locator("#detail tr[data-key=duration] td").inner_text() == "100 ms"
+
+
+async def test_the_results_list_takes_the_height_of_the_page(server: LogCluster, page: Any) -> None:
+    """With no tree open, the results list reaches down to the bottom of the window, however few rows it holds; a tree opened leaves it a good part of the window."""
+    await stored(server, {"h-1"}, post_logs(server, request_tree("h-1")))
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/")
+    assert page.url.endswith("/ui/")  # GET / on the monitoring port: the page
+    await rows_are(page, ["h-1"])
+    viewport = page.viewport_size
+    box = await page.locator("#panel-search .results-box").bounding_box()
+    assert box is not None
+    assert box["y"] + box["height"] >= viewport["height"] - 40, box  # the page's padding only
+    await page.locator("#results tbody tr").click()
+    await page.locator(".wf-row").first.wait_for()
+    box = await page.locator("#panel-search .results-box").bounding_box()
+    assert box is not None and box["height"] >= 100, box

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 __all__ = [
+    "ACCESS_REASONS",
     "FrameHead",
     "FrameScan",
     "InflightBudget",
@@ -39,6 +40,11 @@ __all__ = [
     "TokenBucket",
     "check_access",
 ]
+
+
+#: Every reason :func:`check_access` refuses a request with (counted by the listener in
+#: ``connections_refused{reason}``, by the monitoring port in ``auth_failures``).
+ACCESS_REASONS: Final = ("origin", "unauthorized", "bad_token")
 
 
 class Refusal(NamedTuple):

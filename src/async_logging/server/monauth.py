@@ -60,10 +60,13 @@ if TYPE_CHECKING:
     from .config import ServerConfig
 
 __all__ = [
+    "AUTH_FAILURES",
+    "CHECK_REASONS",
     "COOKIE",
     "MAX_SIGN_IN_BYTES",
     "MAX_TOKEN_LENGTH",
     "SESSION_MAX_AGE",
+    "SIGN_IN_REASONS",
     "AuthFailures",
     "MonitorAuth",
     "auth_required",
@@ -86,8 +89,22 @@ COOKIE: Final = "async_logging_viewer"
 #: How far ahead of the server's clock a cookie's issue time may be (clock steps back).
 _CLOCK_SLACK: Final = 60
 #: Paths that never ask for a token: the health check, the login form and its stylesheet
-#: (the package's own CSS, no data).
-_OPEN: Final = frozenset({"/ecv", "/ui/login", "/ui/style.css"})
+#: (the package's own CSS, no data), and ``/``, which only redirects to the page.
+_OPEN: Final = frozenset({"/ecv", "/ui/login", "/ui/style.css", "/"})
+
+#: Why a request to a protected path is refused (:meth:`MonitorAuth.check`; a ``?token=``
+#: link: ``bad_token``).
+CHECK_REASONS: Final = ("unauthorized", "bad_token", "bad_session", "expired")
+#: Why the login form is refused (:meth:`MonitorAuth.handle_sign_in`).
+SIGN_IN_REASONS: Final = ("origin", "too_large", "bad_form", "bad_token")
+#: Every (endpoint, reason) ``async_logging_auth_failures_total`` counts, exported at 0
+#: from the start: the endpoints of :func:`endpoint_of` with :data:`CHECK_REASONS`, the
+#: login form with :data:`SIGN_IN_REASONS`.
+AUTH_FAILURES: Final = tuple(
+    (endpoint, reason)
+    for endpoint in ("ui", "api", "live", "metrics", "other")
+    for reason in CHECK_REASONS
+) + tuple(("login", reason) for reason in SIGN_IN_REASONS)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -385,6 +402,7 @@ class AuthFailures(Collector):
             "Requests to the monitoring port refused for want of a valid token.",
             labels=["endpoint", "reason"],
         )
-        for (endpoint, reason), n in sorted(self._auth.failures.items()):
+        counts = dict.fromkeys(AUTH_FAILURES, 0) | self._auth.failures
+        for (endpoint, reason), n in sorted(counts.items()):
             family.add_metric([endpoint, reason], n)
         yield family

@@ -3,7 +3,10 @@
 Routes (mounted on the MonApp, ``mon_port``, next to ``/ecv`` and ``/metrics``):
 
 - ``GET /ui/``: the page (plain HTML, JS and CSS from ``async_logging/ui/``, no build
-  step): search, results, a waterfall of one tree, a live tail, a summary table.
+  step): search, results, a waterfall of one tree, a live tail, a summary table. The
+  search is in the page's address (``/ui/?name=/checkout&failures=1#tree=12``), so it can
+  be shared and bookmarked and the back button walks through it. ``GET /`` (and
+  ``/ui``) redirect to it, a query kept (``/?token=...``: the sign-in link).
 - ``GET /api/search``: stored records, newest first. Query parameters: ``uuid``,
   ``type``, ``name`` (a trailing ``*`` makes it a prefix), ``kind``, ``failures``,
   ``incomplete`` (``1``/``true``), ``min_duration`` (ms), ``since``/``until`` (ms since
@@ -169,6 +172,7 @@ class Viewer:
 
     def add_routes(self, app: web.Application) -> None:
         """Mount the page and the API on ``app``."""
+        app.router.add_get("/", self.handle_ui_redirect)
         app.router.add_get("/ui", self.handle_ui_redirect)
         app.router.add_get("/ui/", self.handle_ui_file)
         app.router.add_get("/ui/{file}", self.handle_ui_file)
@@ -196,7 +200,9 @@ class Viewer:
     # -- the page --------------------------------------------------------------------------
 
     async def handle_ui_redirect(self, request: web.Request) -> web.StreamResponse:
-        raise web.HTTPFound("/ui/")
+        """``/`` and ``/ui``: to the page, with the query (a sign-in link's token too)."""
+        query = request.query_string
+        raise web.HTTPFound("/ui/" + (f"?{query}" if query else ""))
 
     async def handle_ui_file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info.get("file", "index.html")

@@ -1,5 +1,6 @@
 // async-logging viewer: plain JavaScript, no build step, no dependencies.
 // Log data is shown with textContent only (never innerHTML): records come from clients.
+// It needs ViewerFormat (format.js, loaded before it).
 "use strict";
 
 (function () {
@@ -39,24 +40,8 @@
     while (node.firstChild) node.removeChild(node.firstChild);
   }
 
-  function fmtMs(ms) {
-    if (ms === null || ms === undefined || Number.isNaN(ms)) return "";
-    if (ms < 1) return ms.toFixed(2) + " ms";
-    if (ms < 1000) return (Math.round(ms * 10) / 10) + " ms";
-    if (ms < 60000) return (ms / 1000).toFixed(2) + " s";
-    return (ms / 60000).toFixed(1) + " min";
-  }
-
-  function pad(n, w) {
-    return String(n).padStart(w || 2, "0");
-  }
-
-  function fmtTime(ts) {
-    if (typeof ts !== "number") return "";
-    const d = new Date(ts);
-    return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
-      `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
-  }
+  const fmtMs = ViewerFormat.duration;
+  const fmtTime = ViewerFormat.time;
 
   function statusClass(status) {
     if (status === undefined || status === null) return "unknown";
@@ -129,23 +114,48 @@
     return tr;
   }
 
-  // ------------------------------------------------------------------ tabs
+  // ------------------------------------------------------------------ tabs and the tree pane
 
   const tabs = document.querySelectorAll(".tab");
   const panels = document.querySelectorAll(".panel");
   const treePane = document.getElementById("tree-pane");
   let current = "search";
+  // The tree each tab shows: the search's (a stored tree) and the live tail's (a streamed
+  // record) are kept apart, so one never shows under the other's list.
+  const shown = { search: null, live: null };
 
   function showTab(name) {
     current = name;
     for (const t of tabs) t.classList.toggle("active", t.dataset.tab === name);
     for (const p of panels) p.hidden = p.dataset.panel !== name;
-    treePane.hidden = name === "summary" || !treePane.dataset.loaded;
+    const entry = shown[name];
+    if (entry) drawTree(entry.tree, entry.id, entry.extras);
+    else treePane.hidden = true;
     if (name === "summary") loadSummary();
   }
+
+  function showTree(tab, tree, id, extras) {
+    shown[tab] = { tree, id, extras: extras || [] };
+    if (current === tab) drawTree(tree, id, extras);
+  }
+
+  function closeTree(tab) {
+    shown[tab] = null;
+    if (current === tab) treePane.hidden = true;
+  }
+
+  // The address says what the page shows: the search in the query (shareable, and the back
+  // button walks through searches), the tab or the search's open tree in the fragment.
+  function go(query, hash) {
+    const url = location.pathname + (query ? "?" + query : "") + hash;
+    if (url !== location.pathname + location.search + location.hash) history.pushState(null, "", url);
+  }
+
   for (const t of tabs) t.addEventListener("click", () => {
-    showTab(t.dataset.tab);
-    history.replaceState(null, "", "#" + t.dataset.tab);
+    const name = t.dataset.tab;
+    const hash = name !== "search" ? "#" + name : shown.search && shown.search.id ? "#tree=" + shown.search.id : "";
+    go(location.search.slice(1), hash);
+    showTab(name);
   });
 
   // ------------------------------------------------------------------ the waterfall
@@ -166,12 +176,24 @@
     return rows;
   }
 
+  // One value of the detail table: a timestamp as a date, a duration in its unit, each
+  // with the number sent beside it.
+  function detailCell(key, value) {
+    if (key === "timestamp" && typeof value === "number") {
+      return el("td", null, fmtTime(value), el("span", { className: "raw" }, String(value)));
+    }
+    if (key === "duration" && typeof value === "number") {
+      const text = fmtMs(value);
+      return el("td", null, text, text !== value + " ms" ? el("span", { className: "raw" }, value + " ms") : null);
+    }
+    return el("td", null, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
+
   function showDetail(node) {
     clear(detail);
     for (const [key, value] of Object.entries(node)) {
       if (key === "children") continue;
-      const text = typeof value === "object" ? JSON.stringify(value) : String(value);
-      detail.append(el("tr", null, el("th", null, key), el("td", null, text)));
+      detail.append(el("tr", { dataset: { key } }, el("th", null, key), detailCell(key, value)));
     }
     if (Array.isArray(node.children)) {
       detail.append(el("tr", null, el("th", null, "children"), el("td", null, String(node.children.length))));
@@ -179,8 +201,7 @@
   }
 
   function drawTree(tree, storedId, extras) {
-    treePane.dataset.loaded = "1";
-    treePane.hidden = current === "summary";
+    treePane.hidden = false;
     const rows = flatten(tree);
     for (const extra of extras || []) rows.push(...flatten(extra));
     let t0 = Infinity;
@@ -193,7 +214,7 @@
       t1 = Math.max(t1, ts + dur);
     }
     if (!Number.isFinite(t0)) { t0 = 0; t1 = 1; }
-    const span = Math.max(t1 - t0, 1);
+    const span = t1 > t0 ? t1 - t0 : 1; // a tree under 1 ms is drawn on its own scale (µs)
 
     // Header: what this tree is.
     clear(treeHead);
@@ -271,7 +292,12 @@
     showDetail(tree);
   }
 
+  /** The id of the stored tree being fetched, if any. */
+  let loading = null;
+
+  // A stored tree for the search tab, with the records of its request stored apart.
   async function openStored(id) {
+    loading = String(id);
     try {
       const body = await getJSON("tree/" + encodeURIComponent(id));
       let extras = [];
@@ -282,11 +308,18 @@
         const others = same.results.filter((r) => r.id !== body.id).reverse();
         extras = await Promise.all(others.map((r) => getJSON("tree/" + r.id).then((b) => b.record)));
       }
-      drawTree(body.record, body.id, extras);
-      if (current === "search") history.replaceState(null, "", "#tree=" + body.id);
+      if (treeInAddress() !== String(id)) return; // the address moved on while it loaded
+      showTree("search", body.record, body.id, extras);
     } catch (e) {
       note(resultsNote, "cannot load tree " + id + ": " + e.message, true);
+    } finally {
+      if (loading === String(id)) loading = null;
     }
+  }
+
+  function treeInAddress() {
+    const hash = location.hash.replace(/^#/, "");
+    return hash.startsWith("tree=") ? decodeURIComponent(hash.slice(5)) : null;
   }
 
   // ------------------------------------------------------------------ search
@@ -294,6 +327,12 @@
   const searchForm = document.getElementById("search-form");
   const resultsBody = document.querySelector("#results tbody");
   const resultsNote = document.getElementById("results-note");
+  /** Text fields of the search as they appear in the address (defaults left out). */
+  const SEARCH_FIELDS = ["uuid", "type", "name", "kind", "min_duration", "range", "limit"];
+  const SEARCH_FLAGS = ["failures", "incomplete"];
+  const SEARCH_DEFAULTS = { kind: "transaction", limit: "100" };
+  /** The search last run (its address form), so that moving through history reruns only a changed one. */
+  let lastSearch = null;
 
   function note(node, text, error) {
     node.textContent = text;
@@ -306,26 +345,70 @@
     return Number.isFinite(t) ? t : null;
   }
 
-  async function search() {
+  // Sorted, so that two spellings of one search compare equal.
+  function canonical(params) {
+    return new URLSearchParams([...params].sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))).toString();
+  }
+
+  // The form as the address holds it: its fields, the flags as 1, the times in ms.
+  function formToParams() {
     const f = new FormData(searchForm);
     const q = new URLSearchParams();
-    for (const key of ["uuid", "type", "name", "kind", "min_duration", "limit"]) {
+    for (const key of SEARCH_FIELDS) {
       const v = String(f.get(key) || "").trim();
-      if (v) q.set(key, v);
+      if (v && v !== SEARCH_DEFAULTS[key]) q.set(key, v);
     }
-    if (f.get("failures")) q.set("failures", "1");
-    if (f.get("incomplete")) q.set("incomplete", "1");
-    const range = String(f.get("range") || "");
-    let since = localMs(f.get("since"));
-    const until = localMs(f.get("until"));
-    if (since === null && range) since = Date.now() - Number(range) * 1000;
-    if (since !== null) q.set("since", String(since));
-    if (until !== null) q.set("until", String(until));
+    for (const key of SEARCH_FLAGS) if (f.get(key)) q.set(key, "1");
+    for (const key of ["since", "until"]) {
+      const ms = localMs(f.get(key));
+      if (ms !== null) q.set(key, String(ms));
+    }
+    return q;
+  }
+
+  // The address's search put back in the form (a bookmark, a shared link, the back button).
+  function paramsToForm(q) {
+    const fields = searchForm.elements;
+    for (const key of SEARCH_FIELDS) {
+      const input = fields.namedItem(key);
+      const value = q.get(key) || SEARCH_DEFAULTS[key] || "";
+      input.value = value;
+      if (input.tagName === "SELECT" && input.value !== value) input.value = SEARCH_DEFAULTS[key] || "";
+    }
+    for (const key of SEARCH_FLAGS) fields.namedItem(key).checked = ["1", "true"].includes(q.get(key));
+    for (const key of ["since", "until"]) {
+      const ms = Number(q.get(key));
+      fields.namedItem(key).value = q.get(key) && Number.isFinite(ms) ? ViewerFormat.inputTime(ms) : "";
+    }
+  }
+
+  // The address's search as the API's query (a relative range counted from now).
+  function apiParams(q) {
+    const out = new URLSearchParams();
+    for (const key of ["uuid", "type", "name", "min_duration"]) if (q.get(key)) out.set(key, q.get(key));
+    const kind = q.get("kind") || SEARCH_DEFAULTS.kind;
+    if (kind !== "any") out.set("kind", kind);
+    out.set("limit", q.get("limit") || SEARCH_DEFAULTS.limit);
+    for (const key of SEARCH_FLAGS) if (["1", "true"].includes(q.get(key))) out.set(key, "1");
+    let since = q.get("since");
+    if (!since && Number(q.get("range")) > 0) since = String(Date.now() - Number(q.get("range")) * 1000);
+    if (since) out.set("since", since);
+    if (q.get("until")) out.set("until", q.get("until"));
+    return out;
+  }
+
+  async function search(q) {
+    lastSearch = canonical(q);
     note(resultsNote, "searching…");
     try {
-      const body = await getJSON("search?" + q.toString());
+      const body = await getJSON("search?" + apiParams(q).toString());
       clear(resultsBody);
-      for (const row of body.results) resultsBody.append(resultRow(row, () => openStored(row.id)));
+      for (const row of body.results) {
+        resultsBody.append(resultRow(row, () => {
+          go(location.search.slice(1), "#tree=" + encodeURIComponent(row.id));
+          openStored(row.id);
+        }));
+      }
       const n = body.results.length;
       note(resultsNote, n === 0 ? "nothing matches" :
         `${n} record${n === 1 ? "" : "s"}, newest first` + (n >= body.limit ? ` (the first ${body.limit}; narrow the search for more)` : ""));
@@ -333,7 +416,16 @@
       note(resultsNote, "search failed: " + e.message, true);
     }
   }
-  searchForm.addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
+
+  searchForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const q = formToParams();
+    if (canonical(q) !== canonical(new URLSearchParams(location.search))) {
+      go(q.toString(), ""); // a new search: a new entry in the history, no tree open yet
+      closeTree("search");
+    }
+    search(q);
+  });
 
   // ------------------------------------------------------------------ live tail
 
@@ -393,7 +485,7 @@
         reason: record.reason, uuid: record.uuid, flags: info.flags, nodes: info.nodes,
       };
       received += 1;
-      liveBody.prepend(resultRow(row, () => drawTree(record, null)));
+      liveBody.prepend(resultRow(row, () => showTree("live", record, null)));
       while (liveBody.children.length > LIVE_ROWS) liveBody.removeChild(liveBody.lastChild);
       liveCounts();
     });
@@ -489,25 +581,32 @@
     }
   }
 
-  // Deep links: #tree=ID opens a stored tree, #live starts the live tail, #summary.
-  function route(first) {
+  // Deep links, bookmarks and the back button: the page follows its address. The query is
+  // the search (run again only when it changed); the fragment is the tab, or the search's
+  // tree: #tree=ID opens a stored tree, #live starts the live tail, #summary.
+  function route() {
+    const q = new URLSearchParams(location.search);
+    const changed = canonical(q) !== lastSearch;
+    if (changed) paramsToForm(q);
     const hash = location.hash.replace(/^#/, "");
-    if (hash.startsWith("tree=")) {
-      showTab("search");
-      openStored(hash.slice(5));
-      if (first) search();
-    } else if (hash === "live") {
-      showTab("live");
-      if (!source) startLive();
-    } else if (hash === "summary") {
-      showTab("summary");
-    } else {
-      showTab("search");
-      if (first) search();
+    let tab = "search";
+    if (hash === "live" || hash === "summary") tab = hash;
+    const id = treeInAddress();
+    if (id !== null) {
+      if ((!shown.search || String(shown.search.id) !== id) && loading !== id) {
+        closeTree("search");
+        openStored(id);
+      }
+    } else if (tab === "search") {
+      closeTree("search");
     }
+    showTab(tab);
+    if (tab === "live" && !source) startLive();
+    if (changed) search(q);
   }
-  window.addEventListener("hashchange", () => route(false));
-  route(true);
+  window.addEventListener("popstate", route);
+  window.addEventListener("hashchange", route);
+  route();
   serverStatus();
   setInterval(serverStatus, STATUS_EVERY_MS);
 })();
