@@ -169,23 +169,32 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "async_logging.cli", "tail", *args]
 
 
-async def test_tail_command_prints_json_lines_and_exits_after_count(server: LogCluster) -> None:
-    """`async-logging tail --json --count 2 --type URL` prints the two records as JSON lines and exits 0."""
+async def _run_tail(server: LogCluster, logs: list[dict[str, Any]], *args: str) -> list[str]:
+    """`async-logging tail ARGS` against ``server``, its output into a pipe, once ``logs``
+    are sent after it subscribed; the lines it wrote (it must exit 0)."""
     proc = await asyncio.create_subprocess_exec(
-        *_cli("--url", f"http://127.0.0.1:{server.mon_port}", "--json", "-n", "2", "--type", "URL"),
+        *_cli("--url", f"http://127.0.0.1:{server.mon_port}", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "80"},
     )
     try:
         await asyncio.wait_for(server.live_hub.wait_for_subscribers(1), TIMEOUT)
-        await post_logs(server, wire_tree("c1", "/c") + wire_tree("c2", "/c", status="3"))
+        await post_logs(server, logs)
         out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err
-    records = [orjson.loads(line) for line in out.splitlines()]
+    return out.decode().splitlines()
+
+
+async def test_tail_command_prints_json_lines_and_exits_after_count(server: LogCluster) -> None:
+    """`async-logging tail --json --count 2 --type URL` prints the two records as JSON lines and exits 0."""
+    logs = wire_tree("c1", "/c") + wire_tree("c2", "/c", status="3")
+    lines = await _run_tail(server, logs, "--json", "-n", "2", "--type", "URL")
+    records = [orjson.loads(line) for line in lines]
     assert [(r["uuid"], r["status"]) for r in records] == [("c1", "0"), ("c2", "3")]
 
 
@@ -266,3 +275,47 @@ async def test_tail_reconnects_when_the_stream_ends_and_reports_drops(
         tail(url, TailFilters(), console, count=5, reconnect=False, err=err), TIMEOUT
     )
     assert n == 1 and len(connections) == 3  # without reconnect, the end of the stream ends tail
+
+
+# ------------------------------------------------------------------ issue 13: where and how it writes
+
+
+async def test_tail_pointed_at_the_main_port_says_to_use_the_monitoring_port(
+    server: LogCluster,
+) -> None:
+    """A --url that is the server's main port (where clients send logs) is a usage error (status 2) saying to use the monitoring port, not a bare 404."""
+    console, _ = plain_console()
+    with pytest.raises(TailError) as info:
+        await tail(f"http://127.0.0.1:{server.port}", TailFilters(), console, count=1, err=console)
+    assert info.value.status == 2
+    message = str(info.value)
+    assert f"http://127.0.0.1:{server.port} is the server's main port" in message
+    assert "monitoring port" in message and "--mon-port" in message
+
+
+#: A name longer than a terminal's line.
+LONG_NAME = "/" + "n" * 300
+
+
+async def test_tail_into_a_pipe_writes_one_record_per_line_never_wrapped(
+    server: LogCluster,
+) -> None:
+    """With its output a pipe (not a terminal) tail writes each record as one JSON line, however long, whatever the terminal's width."""
+    logs = wire_tree("p1", LONG_NAME) + wire_tree("p2", LONG_NAME)
+    lines = await _run_tail(server, logs, "-n", "2")
+    assert len(lines) == 2
+    records = [orjson.loads(line) for line in lines]
+    assert [(r["uuid"], r["name"]) for r in records] == [("p1", LONG_NAME), ("p2", LONG_NAME)]
+
+
+async def test_tail_tree_into_a_pipe_writes_each_node_on_one_line_without_colour(
+    server: LogCluster,
+) -> None:
+    """--tree into a pipe prints the trees with each node on one whole line (not cut or wrapped at 80 columns) and no colour codes."""
+    logs = wire_tree("p1", LONG_NAME) + wire_tree("p2", LONG_NAME)
+    lines = await _run_tail(server, logs, "-n", "2", "--tree")
+    assert len(lines) == 8  # two trees of four nodes
+    assert LONG_NAME + "  10 ms  status 0" in lines[0] and "uuid p1" in lines[0]
+    assert lines[1].startswith("├── ") and "INFO req  hello" in lines[1]
+    assert "uuid p2" in lines[4]
+    assert all("\x1b[" not in line for line in lines)

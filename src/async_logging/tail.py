@@ -16,10 +16,13 @@ When the server's monitoring port asks for a token, ``--token`` (or the environm
 variable ``ASYNC_LOGGING_TOKEN``) is sent as ``Authorization: Bearer``; a viewer token or
 a client token of that server will do.
 
-``--json`` prints the records as JSON lines instead (for ``jq``). The stream reconnects
-with backoff when the server goes away (``--no-reconnect`` to stop instead); the first
-connection failing is an error (exit status 1). With server workers the live tail is not
-available (the supervisor answers 503) and ``tail`` says so.
+``--json`` prints the records as JSON lines instead (for ``jq``): one record per line,
+never wrapped. That is the default when standard output is not a terminal (a pipe, a
+file); ``--tree`` prints trees there anyway, without colours and without wrapping their
+lines (:data:`UNWRAPPED_WIDTH`). The stream reconnects with backoff when the server goes
+away (``--no-reconnect`` to stop instead); the first connection failing is an error (exit
+status 1). A URL that is the server's main port instead of its monitoring port is told so
+(exit status 2).
 
 Limits: one server-sent event may be at most :data:`MAX_EVENT_BYTES` (a longer one is
 skipped and reported); a tree prints at most :data:`MAX_CHILDREN` children per node.
@@ -44,6 +47,7 @@ __all__ = [
     "DEFAULT_URL",
     "MAX_CHILDREN",
     "MAX_EVENT_BYTES",
+    "UNWRAPPED_WIDTH",
     "SseParser",
     "TailError",
     "TailFilters",
@@ -63,6 +67,11 @@ CONNECT_TIMEOUT: Final = 10.0
 #: Backoff between reconnections (seconds): starts here, doubles up to the maximum.
 RECONNECT_MIN: Final = 0.5
 RECONNECT_MAX: Final = 10.0
+#: Width of the console a tree is written to when the output is not a terminal: its lines
+#: are never wrapped nor cut (a label longer than this would be).
+UNWRAPPED_WIDTH: Final = 1 << 22
+#: Seconds to wait for the main port's ``GET /ws`` when telling it from the monitoring port.
+PROBE_TIMEOUT: Final = 3.0
 
 _FLAGS: Final = ("late", "orphan", "missing_end", "missing_begin", "cycle", "depth_cut", "conflict")
 _KINDS: Final = ("transaction", "atomicEvent", "heartbeat")
@@ -181,10 +190,13 @@ def _clock(ts: Any) -> str:
 
 
 def _ms(duration: Any) -> str:
+    """A duration in ms as the viewer shows it: µs below 1 ms, s from 1,000 ms."""
     if not isinstance(duration, int | float) or isinstance(duration, bool):
         return ""
+    if 0 < duration < 1:
+        return f"{round(duration * 1000)} µs"
     if duration < 1000:
-        return f"{duration:g} ms"
+        return f"{round(duration, 1):g} ms"
     return f"{duration / 1000:.2f} s"
 
 
@@ -309,6 +321,8 @@ async def tail(
                     headers=headers,
                 ) as resp:
                     if resp.status != 200:
+                        if await _is_main_port(session, url):
+                            raise TailError(_main_port_message(url), 2)
                         raise TailError(await _refusal(resp), 2 if resp.status == 400 else 1)
                     connected_once = True
                     delay = RECONNECT_MIN
@@ -325,7 +339,10 @@ async def tail(
                                 continue
                             record = orjson.loads(data)
                             if json_lines:
-                                console.out(data, highlight=False)
+                                # One record, one line, whatever the server's line breaks.
+                                line = data if "\n" not in data else orjson.dumps(record).decode()
+                                console.file.write(line + "\n")
+                                console.file.flush()
                             else:
                                 console.print(render(record))
                             printed += 1
@@ -351,6 +368,29 @@ async def tail(
             await session.close()
 
 
+async def _is_main_port(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether ``url`` is a server's main port: its ``GET /ws`` names the log protocol."""
+    try:
+        async with session.get(
+            url.rstrip("/") + "/ws", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
+        ) as resp:
+            if resp.status != 200:
+                return False
+            body = await resp.json(content_type=None)
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+        return False
+    return isinstance(body, dict) and body.get("protocol") == "log-protocol"
+
+
+def _main_port_message(url: str) -> str:
+    base = url.rstrip("/")
+    return (
+        f"{base} is the server's main port, where clients send their logs; tail reads the "
+        "live stream of its monitoring port (serve --mon-port, 3001 by default): "
+        "--url http://HOST:3001"
+    )
+
+
 async def _refusal(resp: aiohttp.ClientResponse) -> str:
     try:
         body = await resp.json(content_type=None)
@@ -369,13 +409,26 @@ def run(
     *,
     count: int | None = None,
     reconnect: bool = True,
-    json_lines: bool = False,
+    json_lines: bool | None = None,
     stdout: TextIO | None = None,
     no_color: bool = False,
     token: str | None = None,
 ) -> int:
-    """Run :func:`tail` until done or interrupted; returns the exit status."""
-    console = Console(file=stdout or sys.stdout, highlight=False, no_color=no_color)
+    """Run :func:`tail` until done or interrupted; returns the exit status.
+
+    ``json_lines`` None: JSON lines when ``stdout`` is not a terminal, trees when it is.
+    Trees written elsewhere than a terminal are not wrapped (:data:`UNWRAPPED_WIDTH`).
+    """
+    out = stdout or sys.stdout
+    terminal = out.isatty()
+    if json_lines is None:
+        json_lines = not terminal
+    console = Console(
+        file=out,
+        highlight=False,
+        no_color=no_color,
+        width=None if terminal else UNWRAPPED_WIDTH,
+    )
     err = Console(stderr=True, highlight=False, no_color=no_color, soft_wrap=True)
     try:
         asyncio.run(
