@@ -31,7 +31,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from async_logging import LogBuffer, wire
+from async_logging import LogBuffer, model, wire
 from async_logging.exceptions import BadInput
 from async_logging.publishers.jsonl import encode_line
 from async_logging.server import LogCluster
@@ -51,32 +51,10 @@ LIMITS: dict[str, int] = {
 }
 WIRE = wire.WireLimits(**LIMITS)
 
-#: Every reason the decoder may give (wire.py's module doc) and the engine's per-event ones.
-FRAME_REASONS = {
-    "message_too_big",
-    "too_many_events",
-    "too_deep",
-    "string_too_long",
-    "too_many_keys",
-    "bad_msgpack",
-    "bad_json",
-    "bad_utf8",
-    "msgpack_ext",
-    "msgpack_bin",
-    "bad_key",
-    "bad_envelope",
-    "bad_payload",
-}
-EVENT_REASONS = {
-    "not_a_map",
-    "unknown_clazz",
-    "bad_id",
-    "bad_timestamp",
-    "bad_duration",
-    "bad_status",
-    "missing_uuid",
-    "missing_event",
-}
+#: Every reason the decoder may give these frames (a form's only come with HTTP bodies),
+#: and those one event is refused with (the mapper's and the decoder's own).
+FRAME_REASONS = set(wire.FRAME_REASONS) - {"bad_form", "unsupported_media_type"}
+EVENT_REASONS = {*model.REFUSAL_REASONS, *wire.EVENT_REASONS}
 
 # ---------------------------------------------------------------------- strategies
 
