@@ -1,0 +1,214 @@
+"""BusIngest: an ingest node's side of the bus (``serve --bus``; docs/design.md §8).
+
+The listener hands it what it would hand the :class:`~async_logging.server.pipeline.Pipeline`
+(the same ``accept`` / ``accept_msgpack`` / ``refusing`` seam), and it does not
+reassemble: it maps each batch (the engine's mapper: refusals, normalised ids, the time
+received), splits it by partition (:func:`~async_logging.bus.partition.split`) and
+publishes one message per partition to ``alog.events.<p>``, each named by its content
+(``Nats-Msg-Id``). It returns only once JetStream stored every one: the client's ack now
+means *durable in the cluster*. A message larger than the bus takes is split; an event
+larger than that alone is refused ``record_too_big`` (the rest of its batch is taken).
+
+When the bus cannot take a batch (unreachable, no quorum, full, too slow) the batch is
+refused ``overloaded`` (503, the detail says ``bus_unavailable`` or ``bus_full``): the
+client keeps it and sends it again. ``/ecv`` says 503 while the bus is down and for
+:data:`REFUSED_HOLD` seconds after a refusal.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+
+from .. import wire
+from ..buffer import Fed, wall_clock_ms
+from ..exceptions import InvalidEvent
+from ..model import map_events
+from ..server.config import ServerConfig
+from ..server.pipeline import Stats
+from ..server.spool import Spool
+from .jetstream import BusLink, BusSettings, BusUnavailable, Outgoing, with_id
+from .partition import events_subject, message_id, split
+
+__all__ = ["REFUSED_HOLD", "BusIngest"]
+
+#: Seconds after the bus refused a batch during which ``/ecv`` still says so.
+REFUSED_HOLD: Final = 5.0
+#: Bytes kept free in a bus message for its headers and subject.
+HEADROOM: Final = 1024
+
+
+class BusIngest:
+    """Publishes accepted batches to the events stream instead of reassembling them.
+
+    Args:
+        settings: the bus options.
+        stats: the node's counters (events, bad input by reason...).
+        wire_limits: the limits the listener decodes frames with.
+        name: the client name the NATS servers show.
+    """
+
+    def __init__(
+        self,
+        settings: BusSettings,
+        *,
+        stats: Stats | None = None,
+        wire_limits: wire.WireLimits = wire.DEFAULT_LIMITS,
+        name: str = "async-logging-ingest",
+    ) -> None:
+        self.settings = settings
+        self.stats = stats or Stats()
+        self.wire_limits = wire_limits
+        self.link = BusLink(settings, name)
+        self.clock: Callable[[], float] = time.monotonic
+        self._spread = 0
+        self._refused_at = -math.inf
+        self._refused_reason = "bus_unavailable"
+        #: Batches and messages published, duplicates JetStream dropped, batches the bus
+        #: refused by reason.
+        self.counts: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
+        #: No spool: the bus is the durable copy (the listener's seam asks).
+        self.spool: Spool | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has begun (nothing more is taken)."""
+        return self._closed
+
+    @classmethod
+    def for_config(cls, c: ServerConfig, stats: Stats, wire_limits: wire.WireLimits) -> BusIngest:
+        """The ingest side of ``serve --bus`` for the server's options."""
+        name = f"async-logging-ingest-{c.machine_name}-{os.getpid()}"
+        return cls(BusSettings.from_config(c), stats=stats, wire_limits=wire_limits, name=name)
+
+    def start(self) -> None:
+        """Begin connecting to the bus (in the background: batches are refused until then)."""
+        self.link.start()
+
+    async def close(self) -> None:
+        """Close the connection (call once nothing is accepted any more)."""
+        self._closed = True
+        await self.link.close()
+
+    def refusing(self) -> str | None:
+        """``bus_unavailable`` while the bus cannot be used, the bus's reason for
+        :data:`REFUSED_HOLD` seconds after it refused a batch, else None."""
+        if not self.link.up:
+            return "bus_unavailable"
+        if self.clock() - self._refused_at < REFUSED_HOLD:
+            return self._refused_reason
+        return None
+
+    async def accept(self, logs: list[Any], raw: tuple[int, bytes] | None = None) -> Fed:
+        """Map a batch and publish it to the bus; returns the refusals (no records: the
+        reassemblers publish them).
+
+        Args:
+            logs: the decoded log maps (handed over: they are mapped in place).
+            raw: ignored (the pipeline's spool record; the bus is the durable copy here).
+
+        Raises:
+            BusUnavailable: the bus did not store the batch (nothing of it is acked).
+        """
+        rejected: list[tuple[int, InvalidEvent]] = []
+        mapped = map_events(logs, wall_clock_ms(), rejected)
+        if mapped:
+            too_big = await self._publish(mapped)
+            if too_big:
+                where = {id(e): i for i, e in enumerate(logs)}
+                rejected.extend((where[id(e)], exc) for e, exc in too_big)
+                rejected.sort(key=lambda r: r[0])
+        bad = self.stats.bad_input
+        for _, exc in rejected:
+            bad[exc.reason] += 1
+        self.stats.events += len(logs) - len(rejected)
+        return Fed([], rejected)
+
+    async def accept_msgpack(self, payload: bytes) -> tuple[int | None, int, Fed]:
+        """Decode a MessagePack payload and :meth:`accept` it.
+
+        Raises:
+            BadInput: the payload does not decode or breaks a wire limit.
+            BusUnavailable: as :meth:`accept`.
+        """
+        frame = wire.decode_msgpack(payload, self.wire_limits)
+        return frame.seq, len(frame.logs), await self.accept(frame.logs)
+
+    async def _publish(self, events: list[Any]) -> list[tuple[Any, InvalidEvent]]:
+        """Publish mapped events, one message per partition (split to fit the bus);
+        returns the events too big for any message, which are not published."""
+        link = self.link
+        publisher = link.publisher
+        if not link.up or publisher is None:
+            self._refused("bus_unavailable")
+            raise BusUnavailable("bus_unavailable", "the bus cannot be reached now")
+        assert link.nc is not None
+        limit = max(link.nc.max_payload - HEADROOM, HEADROOM)
+        self._spread += 1
+        messages: list[Outgoing] = []
+        too_big: list[tuple[Any, InvalidEvent]] = []
+        encode = msgspec.msgpack.encode
+        for part, chunk in split(events, self.settings.partitions, self._spread).items():
+            subject = events_subject(part)
+            for payload in _fit(chunk, limit, encode, too_big):
+                messages.append(with_id(subject, payload, message_id(payload)))
+        try:
+            result = await publisher.publish(messages, self.settings.timeout)
+        except BusUnavailable as exc:
+            self._refused(exc.bus_reason)
+            raise
+        self.counts["batches"] += 1
+        self.counts["messages"] += len(messages)
+        self.counts["duplicates"] += result.duplicates
+        return too_big
+
+    def _refused(self, reason: str) -> None:
+        self.refusals[reason] += 1
+        self._refused_at = self.clock()
+        self._refused_reason = reason
+
+    def snapshot(self) -> dict[str, Any]:
+        """The bus's counters for ``/metrics`` (``bus`` in the node's snapshot)."""
+        return {
+            "up": int(self.link.up),
+            "errors": dict(self.link.errors),
+            "refused": dict(self.refusals),
+            "published_batches": self.counts["batches"],
+            "published_messages": self.counts["messages"],
+            "duplicates": self.counts["duplicates"],
+        }
+
+
+def _fit(
+    events: list[Any],
+    limit: int,
+    encode: Callable[[Any], bytes],
+    too_big: list[tuple[Any, InvalidEvent]],
+) -> list[bytes]:
+    """``events`` encoded as MessagePack arrays of at most ``limit`` bytes each, in order
+    (halved until they fit); an event over the limit alone goes to ``too_big``."""
+    payload = encode(events)
+    if len(payload) <= limit:
+        return [payload]
+    if len(events) == 1:
+        too_big.append(
+            (
+                events[0],
+                InvalidEvent(
+                    "record_too_big",
+                    f"an event of {len(payload)} bytes is over what one bus message holds "
+                    f"({limit} bytes: the NATS servers' max_payload)",
+                ),
+            )
+        )
+        return []
+    half = len(events) // 2
+    return _fit(events[:half], limit, encode, too_big) + _fit(events[half:], limit, encode, too_big)

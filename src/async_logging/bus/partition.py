@@ -1,0 +1,142 @@
+"""Partitions, message ids and ownership: the bus's sans-I/O rules (docs/design.md §8).
+
+Nothing here touches a socket. An ingest node calls :func:`split` to cut a batch of mapped
+events into one list per partition (the partition of an event is :func:`partition_of` its
+uuid: a stable hash, the same in every process and on every machine) and names each bus
+message by its content (:func:`message_id`), so that JetStream drops a resend it already
+holds. A reassembler names each published record the same way (:func:`message_id` of its
+JSON line), which makes a tree published again after a crash a duplicate JetStream drops.
+:func:`parse_member` and :func:`parse_partitions` turn ``--member K/N`` and
+``--partitions 0-3,6`` into the partitions a reassembler owns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterable
+from typing import Any, Final
+
+from ..exceptions import ConfigError
+
+__all__ = [
+    "EVENTS_SUBJECT",
+    "MAX_PARTITIONS",
+    "TREES_SUBJECT",
+    "events_subject",
+    "message_id",
+    "parse_member",
+    "parse_partitions",
+    "partition_of",
+    "split",
+    "trees_subject",
+]
+
+#: Subjects of the events stream: ``alog.events.<partition>``.
+EVENTS_SUBJECT: Final = "alog.events"
+#: Subjects of the trees stream: ``alog.trees.<kind>`` (``transaction``, ``atomicEvent``,
+#: ``heartbeat``), so that a sink knows a record's kind without decoding it.
+TREES_SUBJECT: Final = "alog.trees"
+#: Most partitions a deployment may have (each is a durable consumer and an engine).
+MAX_PARTITIONS: Final = 1024
+
+
+def events_subject(partition: int) -> str:
+    """The subject of one partition's events."""
+    return f"{EVENTS_SUBJECT}.{partition}"
+
+
+def trees_subject(kind: str) -> str:
+    """The subject of a published record of ``kind``."""
+    return f"{TREES_SUBJECT}.{kind}"
+
+
+def partition_of(uuid: str, partitions: int) -> int:
+    """The partition of a uuid: CRC-32 of its UTF-8 bytes modulo ``partitions``.
+
+    Stable across processes, machines and Python versions (unlike :func:`hash`), which is
+    what lets every ingest node send one uuid's events to one reassembler.
+    """
+    return zlib.crc32(uuid.encode("utf-8", "surrogatepass")) % partitions
+
+
+def split(events: Iterable[Any], partitions: int, spread: int = 0) -> dict[int, list[Any]]:
+    """Mapped events by partition, each list in the batch's order.
+
+    An event with a uuid goes to :func:`partition_of` its uuid (the mapper made it a
+    string); one without (a record of its own, nothing to reassemble) goes to partition
+    ``spread % partitions``, so a caller that moves ``spread`` on spreads them.
+    """
+    out: dict[int, list[Any]] = {}
+    other = spread % partitions
+    last_uuid: Any = None
+    last_part = other
+    crc = zlib.crc32
+    for e in events:
+        uuid = e.get("uuid")
+        if uuid.__class__ is not str or not uuid:
+            part = other
+        elif uuid == last_uuid:  # a tree's events mostly come together
+            part = last_part
+        else:
+            part = last_part = crc(uuid.encode("utf-8", "surrogatepass")) % partitions
+            last_uuid = uuid
+        bucket = out.get(part)
+        if bucket is None:
+            out[part] = [e]
+        else:
+            bucket.append(e)
+    return out
+
+
+def message_id(payload: bytes) -> str:
+    """A message's ``Nats-Msg-Id``: a 128-bit BLAKE2b digest of its payload, in hex.
+
+    The same bytes get the same id wherever and whenever they are published, so JetStream
+    drops a copy within its duplicate window.
+    """
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+def parse_member(spec: str, partitions: int) -> list[int]:
+    """The partitions of member ``K/N`` (K from 1 to N): those ``p`` with ``p % N == K - 1``.
+
+    N members share the partitions evenly (at most one apart); the operator runs exactly
+    one process for each K.
+
+    Raises:
+        ConfigError: ``spec`` is not ``K/N`` with 1 ≤ K ≤ N ≤ partitions.
+    """
+    k_text, sep, n_text = spec.partition("/")
+    try:
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        k = n = 0
+    if not sep or not 1 <= k <= n:
+        raise ConfigError(f"--member must be K/N with 1 <= K <= N (e.g. 1/2), not {spec!r}")
+    if n > partitions:
+        raise ConfigError(f"--member {spec}: more members ({n}) than partitions ({partitions})")
+    return [p for p in range(partitions) if p % n == k - 1]
+
+
+def parse_partitions(spec: str, partitions: int) -> list[int]:
+    """Partitions from a list of numbers and ranges: ``0-3``, ``1,5,7``, ``0-1,6``.
+
+    Raises:
+        ConfigError: a malformed item, or a partition outside ``0 .. partitions - 1``.
+    """
+    chosen: set[int] = set()
+    for item in spec.split(","):
+        first, dash, last = item.strip().partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if dash else lo
+        except ValueError:
+            raise ConfigError(f"--partitions: {item.strip()!r} is not N or N-M") from None
+        if not 0 <= lo <= hi < partitions:
+            raise ConfigError(
+                f"--partitions: {item.strip()!r} is outside 0-{partitions - 1} "
+                f"(the bus has {partitions} partitions)"
+            )
+        chosen.update(range(lo, hi + 1))
+    return sorted(chosen)

@@ -1,0 +1,303 @@
+"""The bus end to end on real JetStream (docs/design.md §8): ingest nodes, reassemblers and
+sinks over ``nats-server`` processes that each test starts (one node, or a cluster of
+three) and tears down.
+
+Each test says which failure it survives; all check the same thing: every event a client
+had acked is in exactly one published tree, and no tree is published twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+pytest.importorskip("nats", reason="nats-py is not installed (pip install nats-py)")
+
+from async_logging.bus import Reassembler, partition_of
+from async_logging.bus.sink import make_sink
+from async_logging.server import LogCluster, ServerConfig
+from bus_nats import NatsCluster, needs_nats, wait_trees
+from conftest import TIMEOUT
+from helpers import Metrics, tx, walk
+
+pytestmark = [needs_nats, pytest.mark.timeout(90)]
+
+#: Seconds JetStream waits for a reassembler's ack in these tests (a replacement waits as
+#: long for the messages of the one it replaces).
+ACK_WAIT = 2.0
+
+
+def tree(uuid: str, children: int = 3) -> list[dict[str, Any]]:
+    """A transaction with ``children`` atomic events and a counted end (childCount): its
+    tree is complete however its events are split."""
+    events = tx(uuid, children)
+    events[-1]["childCount"] = children
+    return events
+
+
+def options(urls: str, tmp_path: Path, **more: Any) -> ServerConfig:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "mon_port": 0,
+        "heartbeat_interval": 0,
+        "bus": urls,
+        "partitions": 4,
+        "bus_ack_wait": ACK_WAIT,
+        "bus_timeout": TIMEOUT,
+        "store": "",
+        "log_file": str(tmp_path / "log" / "all.log"),
+    }
+    return ServerConfig(**{**values, **more})
+
+
+@pytest.fixture
+def one_node(tmp_path: Path) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(tmp_path / "nats", size=1).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def three_nodes(tmp_path: Path) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(tmp_path / "nats", size=3).start()
+    yield cluster
+    cluster.stop()
+
+
+async def post(port: int, logs: list[dict[str, Any]], seq: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"logs": logs}
+    if seq is not None:
+        body["seq"] = seq
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.post(f"http://127.0.0.1:{port}/log", json=body) as resp,
+    ):
+        answer: dict[str, Any] = await resp.json()
+        answer["status"] = resp.status
+        return answer
+
+
+async def get_metrics(port: int) -> Metrics:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        return Metrics(await resp.text())
+
+
+async def get_ecv(port: int) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.get(f"http://127.0.0.1:{port}/ecv") as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    """Wait (polling: the condition lives in another process or thread) until ``check()``."""
+    deadline = time.monotonic() + timeout
+    for _ in itertools.count():
+        if check():
+            return
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.05)
+
+
+def atomic_events(records: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    """(uuid, event) of every atomic event in the records, with how often it appears."""
+    return Counter(
+        (str(n["uuid"]), str(n["event"]))
+        for r in records
+        for n in walk(r)
+        if n.get("kind") == "atomicEvent"
+    )
+
+
+@pytest.fixture
+async def nodes() -> AsyncIterator[list[Any]]:
+    """In-process nodes a test starts; stopped at its end, last started first."""
+    started: list[Any] = []
+    yield started
+    for node in reversed(started):
+        await node.stop()
+
+
+async def test_a_tree_split_over_two_ingest_nodes_is_one_tree(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """Half a transaction posted to one ingest node and the rest to another: one reassembler
+    publishes one complete tree, and a sink writes it to its file once."""
+    c = options(one_node.urls, tmp_path)
+    a, b = LogCluster(c), LogCluster(c)
+    for ingest in (a, b):
+        await ingest.start()
+        nodes.append(ingest)
+        assert ingest.bus is not None
+        await ingest.bus.link.wait(TIMEOUT)
+    events = tree("split-1", children=4)
+    first = await post(a.port, events[:3])
+    second = await post(b.port, [*events[3:], {"clazz": "nonsense"}])
+    assert first == {"accepted": 3, "status": 200}
+    assert second["accepted"] == 3 and second["rejected"][0]["error"] == "unknown_clazz"
+    reassembler = Reassembler(c, range(4))
+    await reassembler.start()
+    nodes.append(reassembler)
+    out = tmp_path / "sink" / "all.log"
+    sink = make_sink(c.replace(log_file=str(out)))
+    await sink.start()
+    nodes.append(sink)
+    records = await wait_trees(one_node.urls, {"split-1"})
+    assert len(records) == 1
+    (record,) = records
+    assert record["complete"] is True and len(record["children"]) == 4
+    await until(lambda: out.exists() and bool(out.read_bytes()))
+    lines = out.read_bytes().splitlines()
+    assert [orjson.loads(line)["uuid"] for line in lines] == ["split-1"]
+    metrics = await get_metrics(reassembler.mon_port)
+    assert metrics.get("async_logging_bus_up") == 1
+    assert metrics.total("async_logging_bus_messages_total") == 2  # one per post
+    assert metrics.total("async_logging_bus_held") == 0
+    assert metrics.total("async_logging_bus_published_messages_total") == 1
+
+
+# ---------------------------------------------------------------------- a reassembler process
+
+ANNOUNCED = re.compile(r"reassembling partitions .* monitoring http://[^:]+:(\d+)/ecv")
+
+
+class ReassemblerProcess:
+    """``async-logging reassemble`` as a process of its own (to kill -9)."""
+
+    def __init__(self, urls: str, *args: str) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "async_logging.cli",
+            "reassemble",
+            "--bus",
+            urls,
+            "--mon-port",
+            "0",
+            "--bus-ack-wait",
+            str(ACK_WAIT),
+            *args,
+        ]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        self.lines: list[str] = []
+        deadline = time.monotonic() + TIMEOUT * 2
+        self.mon_port = 0
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = ANNOUNCED.search(line)
+            if m:
+                self.mon_port = int(m.group(1))
+                break
+        assert self.mon_port, f"reassemble did not start: {''.join(self.lines)}"
+
+    def kill(self) -> None:
+        """kill -9: nothing is flushed, nothing handed back."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def terminate(self) -> int:
+        """SIGTERM: the drain; returns the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(TIMEOUT * 2)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ReassemblerProcess]]:
+    started: list[ReassemblerProcess] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def same_partition(count: int, partitions: int, prefix: str) -> list[str]:
+    """``count`` uuids that all land in one partition."""
+    out: list[str] = []
+    for i in itertools.count():
+        uuid = f"{prefix}-{i}"
+        if partition_of(uuid, partitions) == 0:
+            out.append(uuid)
+            if len(out) == count:
+                return out
+    raise AssertionError("unreachable")
+
+
+async def test_a_killed_reassembler_is_replaced_with_nothing_lost_or_twice(
+    tmp_path: Path,
+    three_nodes: NatsCluster,
+    nodes: list[Any],
+    processes: list[ReassemblerProcess],
+) -> None:
+    """kill -9 of a reassembler with trees open and a published tree's message still held
+    (it shares a message with an open tree): its replacement replays the unacked messages,
+    completes the open trees, and the tree published before is dropped as a duplicate by
+    its message id. Every acked event is in exactly one tree; no tree comes out twice."""
+    urls = three_nodes.urls
+    c = options(urls, tmp_path, partitions=2, bus_replicas=3)
+    ingest = LogCluster(c)
+    await ingest.start()
+    nodes.append(ingest)
+    assert ingest.bus is not None
+    await ingest.bus.link.wait(TIMEOUT)
+    first = ReassemblerProcess(urls, "--partitions", "0-1")
+    processes.append(first)
+    mixed, *halves = same_partition(4, 2, "open")
+    whole = [f"whole-{i}" for i in range(30)]
+    # One message holds a whole tree (published at once) and the first half of an open
+    # one: the message stays unacked while the open tree waits.
+    open_tree = tree(halves[0], children=4)
+    assert (await post(ingest.port, tree(mixed) + open_tree[:3]))["accepted"] == 8
+    for uuid in halves[1:]:
+        assert (await post(ingest.port, tree(uuid, children=4)[:3]))["accepted"] == 3
+    for uuid in whole[:15]:
+        assert (await post(ingest.port, tree(uuid)))["accepted"] == 5
+    await wait_trees(urls, {mixed, *whole[:15]})
+    first.kill()
+    # Acked while no reassembler runs: the bus holds them.
+    for uuid in whole[15:]:
+        assert (await post(ingest.port, tree(uuid)))["accepted"] == 5
+    for uuid in halves:
+        assert (await post(ingest.port, tree(uuid, children=4)[3:]))["accepted"] == 3
+    second = ReassemblerProcess(urls, "--partitions", "0-1")
+    processes.append(second)
+    records = await wait_trees(urls, {mixed, *halves, *whole}, timeout=TIMEOUT * 4)
+    by_uuid = Counter(str(r["uuid"]) for r in records)
+    assert by_uuid == Counter({u: 1 for u in (mixed, *halves, *whole)})
+    assert all(r["complete"] is True for r in records)
+    events = atomic_events(records)
+    expected = {(u, str(i + 2)) for u in (mixed, *whole) for i in range(3)} | {
+        (u, str(i + 2)) for u in halves for i in range(4)
+    }
+    assert set(events) == expected and set(events.values()) == {1}
+    metrics = await get_metrics(second.mon_port)
+    # The whole tree that shared a message with an open one was built again and dropped.
+    assert metrics.get("async_logging_bus_duplicates_total") >= 1
+    assert second.terminate() == 0
