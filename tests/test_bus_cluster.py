@@ -32,7 +32,7 @@ from async_logging.bus.sink import make_sink
 from async_logging.server import LogCluster, ServerConfig
 from bus_nats import NatsCluster, needs_nats, wait_trees
 from conftest import TIMEOUT
-from helpers import Metrics, tx, walk
+from helpers import Metrics, serve, tx, walk
 
 pytestmark = [needs_nats, pytest.mark.timeout(90)]
 
@@ -90,6 +90,21 @@ async def post(port: int, logs: list[dict[str, Any]], seq: int | None = None) ->
         answer: dict[str, Any] = await resp.json()
         answer["status"] = resp.status
         return answer
+
+
+async def post_acked(port: int, logs: list[dict[str, Any]]) -> int:
+    """Post until the batch is acked, as a client does (it resends what the bus refused:
+    503 overloaded); returns how many times it was refused."""
+    for refused in range(400):
+        try:
+            answer = await post(port, logs)
+        except (aiohttp.ClientError, TimeoutError):
+            answer = {"status": 0}
+        if answer["status"] == 200:
+            return refused
+        assert answer["status"] in (0, 503), answer
+        await asyncio.sleep(0.05)
+    raise AssertionError("never acked")
 
 
 async def get_metrics(port: int) -> Metrics:
@@ -301,3 +316,117 @@ async def test_a_killed_reassembler_is_replaced_with_nothing_lost_or_twice(
     # The whole tree that shared a message with an open one was built again and dropped.
     assert metrics.get("async_logging_bus_duplicates_total") >= 1
     assert second.terminate() == 0
+
+
+async def test_a_drained_reassembler_hands_its_open_trees_back_at_once(
+    tmp_path: Path,
+    three_nodes: NatsCluster,
+    nodes: list[Any],
+    processes: list[ReassemblerProcess],
+) -> None:
+    """SIGTERM with trees open: the reassembler publishes what it finished and gives the
+    open trees' messages back (nak), so its replacement replays them at once, not after
+    ack_wait (30 s here, longer than this test may take)."""
+    urls = three_nodes.urls
+    c = options(urls, tmp_path, bus_replicas=3)
+    ingest = LogCluster(c)
+    await ingest.start()
+    nodes.append(ingest)
+    assert ingest.bus is not None
+    await ingest.bus.link.wait(TIMEOUT)
+    slow = ("--partitions", "0-3", "--bus-ack-wait", "30")
+    first = ReassemblerProcess(urls, *slow)
+    processes.append(first)
+    halves = [f"drain-{i}" for i in range(8)]
+    for uuid in halves:
+        assert (await post(ingest.port, tree(uuid)[:2]))["accepted"] == 2
+    assert (await post(ingest.port, tree("drain-whole")))["accepted"] == 5
+    await wait_trees(urls, {"drain-whole"})
+    assert first.terminate() == 0
+    began = time.monotonic()
+    second = ReassemblerProcess(urls, *slow)
+    processes.append(second)
+    for uuid in halves:
+        assert (await post(ingest.port, tree(uuid)[2:]))["accepted"] == 3
+    records = await wait_trees(urls, {*halves, "drain-whole"})
+    assert time.monotonic() - began < 25  # no wait for ack_wait: the messages came back
+    assert Counter(str(r["uuid"]) for r in records) == Counter(
+        {u: 1 for u in (*halves, "drain-whole")}
+    )
+    assert all(r["complete"] is True and len(r["children"]) == 3 for r in records)
+
+
+async def test_a_nats_node_killed_and_restarted_under_load_loses_nothing(
+    tmp_path: Path, three_nodes: NatsCluster, nodes: list[Any]
+) -> None:
+    """The events stream's leader is killed -9 under load and started again: batches the
+    bus could not store are refused (overloaded) and resent by the client, and every acked
+    event ends in exactly one tree."""
+    from nats.js.api import ClusterInfo
+
+    from async_logging.bus import EVENTS_STREAM
+
+    urls = three_nodes.urls
+    c = options(urls, tmp_path, bus_replicas=3, bus_timeout=2.0)
+    ingest = LogCluster(c)
+    await ingest.start()
+    nodes.append(ingest)
+    assert ingest.bus is not None
+    await ingest.bus.link.wait(TIMEOUT)
+    reassembler = Reassembler(c, range(4))
+    await reassembler.start()
+    nodes.append(reassembler)
+    uuids = [f"load-{i}" for i in range(240)]
+    acked: set[str] = set()
+    refused = 0
+
+    async def load() -> None:
+        nonlocal refused
+        for i in range(0, len(uuids), 4):
+            batch = uuids[i : i + 4]
+            refused += await post_acked(ingest.port, [e for u in batch for e in tree(u)])
+            acked.update(batch)
+            await asyncio.sleep(0.005)
+
+    sending = asyncio.create_task(load())
+    await until(lambda: len(acked) >= 40)
+    link = ingest.bus.link
+    assert link.js is not None
+    cluster: ClusterInfo | None = (await link.js.stream_info(EVENTS_STREAM)).cluster
+    leader = cluster.leader if cluster is not None else None
+    victim = next(n for n in three_nodes.nodes if n.name == leader)
+    victim.kill()
+    await until(lambda: len(acked) >= 120, timeout=TIMEOUT * 3)
+    victim.start()
+    await asyncio.wait_for(sending, TIMEOUT * 6)
+    assert acked == set(uuids)
+    records = await wait_trees(urls, set(uuids), timeout=TIMEOUT * 4)
+    assert Counter(str(r["uuid"]) for r in records) == Counter({u: 1 for u in uuids})
+    events = atomic_events(records)
+    assert set(events.values()) == {1} and len(events) == 3 * len(uuids)
+    metrics = await get_metrics(ingest.mon_port)
+    assert metrics.get("async_logging_bus_up") == 1
+
+
+async def test_one_uuid_posted_to_different_workers_is_one_tree(
+    tmp_path: Path, three_nodes: NatsCluster, nodes: list[Any]
+) -> None:
+    """serve --workers 2 --bus: each event of a transaction posted on a connection of its
+    own (the kernel spreads them over both workers) comes out in one tree, via the bus."""
+    urls = three_nodes.urls
+    served = serve(
+        tmp_path, "--workers", "2", "--bus", urls, "--partitions", "4", "--bus-replicas", "3"
+    )
+    try:
+        uuids = [f"worker-{i}" for i in range(12)]
+        for uuid in uuids:
+            for event in tree(uuid):
+                await post_acked(served.port, [event])  # a session (connection) each
+        reassembler = Reassembler(options(urls, tmp_path, bus_replicas=3), range(4))
+        await reassembler.start()
+        nodes.append(reassembler)
+        records = await wait_trees(urls, set(uuids))
+        assert Counter(str(r["uuid"]) for r in records) == Counter({u: 1 for u in uuids})
+        assert all(r["complete"] is True and len(r["children"]) == 3 for r in records)
+    finally:
+        served.close()

@@ -62,6 +62,10 @@ FETCH_WAIT: Final = 0.25
 LAG_EVERY: Final = 2.0
 #: Backoff (seconds) between tries to publish trees while the bus does not take them.
 RETRY_BACKOFF: Final = (0.05, 0.2, 0.5, 1.0)
+#: Seconds past a fetch's expiry before held messages are handed back at a stop.
+HAND_BACK_MARGIN: Final = 0.1
+#: Seconds past ``bus_ack_wait`` a partition waits for a previous member's messages.
+REPLAY_MARGIN: Final = 1.0
 #: A message holding a published tree beside an open one is carried after this share of
 #: the duplicate window (see :mod:`async_logging.bus.ledger`).
 CARRY_SHARE: Final = 0.25
@@ -106,6 +110,8 @@ class Partition:
         self.lag = 0
         self.ack_pending = 0
         self._sub: Any = None
+        #: Messages of a previous member being collected before anything is fed.
+        self._replay: _Replay | None = None
         self._next_tick = 0.0
         self._next_progress = 0.0
 
@@ -138,17 +144,23 @@ class Partition:
         self._sub = await js.pull_subscribe_bind(self.durable, stream=EVENTS_STREAM)
         if info.num_ack_pending:
             # Delivered to a member that is gone and never acked: JetStream delivers them
-            # again once their ack_wait is over, before anything new. Wait for that, so the
-            # replay runs in stream order.
+            # again (at once when that member handed them back, else once their ack_wait is
+            # over). Until they are all here (or ack_wait has passed), what is fetched is
+            # kept, not fed: the replay then runs in stream order, before anything new.
             log.warning(
-                "partition %d: %d messages of a previous reassembler are unacked; waiting "
-                "%g s (bus_ack_wait) for them to be delivered again",
+                "partition %d: %d messages of a previous reassembler are unacked; replaying "
+                "them first (waiting up to %g s, bus_ack_wait, for them)",
                 self.number,
                 info.num_ack_pending,
                 settings.ack_wait,
             )
             self.counts["replay_waits"] += 1
-            await self.node.sleep(settings.ack_wait)
+            delivered = info.delivered
+            self._replay = _Replay(
+                info.num_ack_pending,
+                delivered.stream_seq if delivered is not None else 0,
+                self.node.clock() + settings.ack_wait + REPLAY_MARGIN,
+            )
 
     # ------------------------------------------------------------------ the loop
 
@@ -168,6 +180,13 @@ class Partition:
                 log.debug("partition %d: fetch failed: %s", self.number, exc)
                 await node.sleep(FETCH_WAIT)
                 continue
+            replay = self._replay
+            if replay is not None:
+                msgs = replay.collect(msgs, node.clock())
+                if replay.waiting:
+                    msgs = []
+                else:
+                    self._replay = None
             if msgs:
                 await self.take(msgs)
             now = node.clock()
@@ -287,8 +306,10 @@ class Partition:
             stats.records[subject.rpartition(".")[2]] += 1
 
     async def keep_alive(self) -> None:
-        """In-progress acks for every held message (their trees are open)."""
-        for msg in self.ledger.tokens():
+        """In-progress acks for every held message (their trees are open), and for what
+        waits for a replay."""
+        kept = self._replay.kept() if self._replay is not None else []
+        for msg in (*self.ledger.tokens(), *kept):
             with contextlib.suppress(Exception):
                 await msg.in_progress()
 
@@ -331,6 +352,35 @@ class Partition:
 
 def _stream_seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
+
+
+class _Replay:
+    """What a partition fetches while the messages a previous member left unacked come
+    back: ``expected`` of them, all at or below stream sequence ``upto``; the rest (newer)
+    waits with them. Done when all came, or at ``deadline`` (a previous member still alive
+    may have acked some)."""
+
+    def __init__(self, expected: int, upto: int, deadline: float) -> None:
+        self.expected = expected
+        self.upto = upto
+        self.deadline = deadline
+        self._old: dict[int, Msg] = {}
+        self._new: dict[int, Msg] = {}
+        self.waiting = True
+
+    def collect(self, msgs: list[Msg], now: float) -> list[Msg]:
+        """Keep ``msgs``; once the replay is whole (or late), every message kept, in
+        stream order (a message delivered twice meanwhile: the later delivery)."""
+        for msg in msgs:
+            seq = _stream_seq(msg)
+            (self._old if seq <= self.upto else self._new)[seq] = msg
+        if len(self._old) < self.expected and now < self.deadline:
+            return []
+        self.waiting = False
+        return [m for _, m in sorted({**self._old, **self._new}.items())]
+
+    def kept(self) -> list[Msg]:
+        return [*self._old.values(), *self._new.values()]
 
 
 class Reassembler:
@@ -388,7 +438,11 @@ class Reassembler:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.link.up:
+        if self.link.up and any(p.ledger.held for p in self.parts):
+            # Let the last fetch's pull request expire first: JetStream would deliver the
+            # messages handed back to it (to this process, about to go) and they would wait
+            # out their ack_wait before the replacement sees them.
+            await asyncio.sleep(FETCH_WAIT + HAND_BACK_MARGIN)
             for p in self.parts:
                 await p.hand_back()
         await self.link.close()
