@@ -35,9 +35,10 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span, Status
 
 from async_logging import LogBuffer
+from async_logging.buffer import Fed
 from async_logging.server import LogCluster
 from async_logging.server.otlp import PROTOBUF, OtlpIngest, map_traces
-from async_logging.server.pipeline import Pipeline
+from async_logging.server.pipeline import Pipeline, Stats
 from async_logging.server.spool import Spool
 from async_logging.testing import MemoryPublisher
 from async_logging.wire import WireLimits
@@ -578,6 +579,31 @@ async def test_a_drain_feeds_the_held_ends_so_the_trees_come_out_complete() -> N
         await cluster.stop()
     [root] = publisher.transactions
     assert root["complete"] is True and "reason" not in root
+
+
+class BusLike:
+    """An ingest that is not the server's own engine (as ``serve --bus`` hands batches)."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.wire_limits = WireLimits()
+        self.spool = None
+        self.closed = False
+        self.batches: list[list[dict[str, Any]]] = []
+
+    async def accept(self, logs: list[Any], raw: Any = None) -> Fed:
+        self.batches.append(logs)
+        return Fed([], [])
+
+
+async def test_behind_a_bus_every_end_goes_with_its_request() -> None:
+    """With no engine behind the listener (a bus, whose ack says it holds the batch), a root's end is not held back: the request goes whole."""
+    bus = BusLike()
+    ingest = OtlpIngest(bus, settle=60.0)  # type: ignore[arg-type]
+    response = await ingest.take("traces", PROTOBUF, traces(span(1), span(2, 1)))
+    assert response.status == 200 and ingest.settle.count == 0
+    [batch] = bus.batches
+    assert [e["clazz"] for e in batch] == ["begin", "end", "begin", "end"]
 
 
 # ---------------------------------------------------------------------- spool

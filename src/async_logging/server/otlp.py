@@ -964,7 +964,10 @@ class OtlpIngest:
         """Feed held ends (already in the spool with their request: not spooled again)."""
         if self.pipeline.closed:
             return
-        await self.pipeline.accept(ends)
+        try:
+            await self.pipeline.accept(ends)
+        except Exception:  # never expected (nothing is spooled): their trees time out
+            log.exception("OTLP settle: %d held root span ends could not be fed", len(ends))
 
     async def release_all(self) -> None:
         """Feed every held end now (the server drains: trees are published complete)."""
