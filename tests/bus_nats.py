@@ -158,7 +158,8 @@ class NatsCluster:
 
 
 async def read_trees(urls: str) -> list[dict[str, object]]:
-    """Every record on the trees stream now, in order (an ephemeral consumer's read)."""
+    """Every record on the trees stream now, in order (an ephemeral consumer's read; a
+    message holds one JSON line or more)."""
     import nats
     import orjson
     from nats.js.api import AckPolicy, ConsumerConfig
@@ -175,9 +176,11 @@ async def read_trees(urls: str) -> list[dict[str, object]]:
             config=ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=5.0),
         )
         out: list[dict[str, object]] = []
-        while len(out) < total:
-            for msg in await sub.fetch(min(1000, total - len(out)), timeout=TIMEOUT):
-                out.append(orjson.loads(msg.data))
+        read = 0
+        while read < total:
+            for msg in await sub.fetch(min(1000, total - read), timeout=TIMEOUT):
+                read += 1
+                out.extend(orjson.loads(line) for line in msg.data.splitlines())
         return out
     finally:
         await nc.close()

@@ -8,43 +8,60 @@ from async_logging.bus.records import PART_HEADER, Joiner, to_messages
 from async_logging.encoded import EncodedRecords
 from async_logging.publishers.jsonl import encode_line
 
+TX = {"kind": "transaction", "uuid": "u", "children": []}
+HB = {"kind": "heartbeat", "msg": "hi"}
 
-def test_records_become_one_message_each_named_by_their_line() -> None:
-    """Each record is its JSON line (as the file sink writes it) on alog.trees.<kind>,
-    named by the line's digest: the same tree built again gets the same name."""
-    tx = {"kind": "transaction", "uuid": "u", "children": []}
-    hb = {"kind": "heartbeat", "msg": "hi"}
-    messages = to_messages([[tx, hb], [tx]], limit=1 << 20)
+
+def test_a_feeds_records_go_in_one_message_per_kind_named_after_the_feed() -> None:
+    """What feeding one bus message published: one message per kind, of the JSON lines the
+    file sink writes, named after that bus message (a replay publishes the same names)."""
+    other = {**TX, "uuid": "v"}
+    messages = to_messages([("ev-7", [TX, HB, other])], limit=1 << 20)
+    assert [(m.subject, m.headers) for m in messages] == [
+        ("alog.trees.transaction", {"Nats-Msg-Id": "ev-7.transaction"}),
+        ("alog.trees.heartbeat", {"Nats-Msg-Id": "ev-7.heartbeat"}),
+    ]
+    assert messages[0].payload == encode_line(TX) + encode_line(other)
+
+
+def test_a_clean_cycles_records_go_one_per_message_named_by_content() -> None:
+    """Without a name (a clean cycle's timeouts): one record per message, named by its
+    line's digest: the same tree built again gets the same name."""
+    messages = to_messages([(None, [TX, HB]), (None, [TX])], limit=1 << 20)
     assert [m.subject for m in messages] == [
         "alog.trees.transaction",
         "alog.trees.heartbeat",
         "alog.trees.transaction",
     ]
-    assert messages[0].payload == encode_line(tx)
     assert messages[0].headers == messages[2].headers != messages[1].headers
 
 
 def test_encoded_records_are_not_decoded_when_of_one_kind() -> None:
-    """A natively published batch of one kind is cut into its lines as they are."""
+    """A natively published batch of one kind goes as its lines, never decoded."""
     lines = b'{"kind":"transaction","uuid":"a"}\n{"kind":"transaction","uuid":"b"}\n'
     batch = EncodedRecords(lines, {"transaction": 2})
-    messages = to_messages([batch], limit=1 << 20)
-    assert [m.payload for m in messages] == lines.splitlines(keepends=True)
-    assert batch._decoded is None  # never decoded
+    (message,) = to_messages([("ev-1", batch)], limit=1 << 20)
+    assert message.payload == lines
+    assert batch._decoded is None
 
 
-def test_a_record_over_the_limit_is_cut_in_parts_and_joined_whole() -> None:
-    """A line longer than a bus message goes in parts; a sink joins them, in any order and
-    interleaved with other records, and acks every part with its record."""
+def test_a_batch_over_the_limit_is_split_between_lines_then_within_one() -> None:
+    """Lines that do not fit one message go in several (each of whole lines); a line
+    longer than a message is cut in parts; a sink joins the parts, in any order and
+    interleaved with other messages, and acks every part with its record."""
     big = {"kind": "transaction", "uuid": "big", "msg": "x" * 250}
-    small = {"kind": "atomicEvent", "uuid": "s"}
-    messages = to_messages([[big, small]], limit=100)
-    parts = [m for m in messages if m.headers.get(PART_HEADER)]
+    small = [{"kind": "transaction", "uuid": f"s{i}"} for i in range(4)]
+    messages = to_messages([("ev-2", [*small, big])], limit=100)
+    whole = [m for m in messages if PART_HEADER not in m.headers]
+    parts = [m for m in messages if PART_HEADER in m.headers]
+    assert all(m.payload.endswith(b"\n") and len(m.payload) <= 100 for m in whole)
+    assert b"".join(m.payload for m in whole) == b"".join(map(encode_line, small))
     assert len(parts) == 3 and all(len(m.payload) <= 100 for m in parts)
+    assert len({m.headers["Nats-Msg-Id"] for m in messages}) == len(messages)
     joiner = Joiner()
-    shuffled = [parts[2], messages[-1], parts[0]]
+    shuffled = [parts[2], whole[0], parts[0]]
     first = joiner.take((m.subject, m.payload, m.headers, i) for i, m in enumerate(shuffled))
-    assert [orjson.loads(line) for line in first.records.lines.splitlines()] == [small]
+    assert first.records.lines == whole[0].payload
     assert first.tokens == [1] and joiner.waiting == 1
     second = joiner.take([(parts[1].subject, parts[1].payload, parts[1].headers, 9)])
     assert orjson.loads(second.records.lines) == big

@@ -121,7 +121,13 @@ def test_normalise_id_takes_ids_at_the_bounds() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(0, 0), (-0.0, -0.0), (MAX_TIMESTAMP_MS, MAX_TIMESTAMP_MS), ("17.9", 17.9), (T_FLOAT, T_FLOAT)],
+    [
+        (0, 0),
+        (-0.0, -0.0),
+        (MAX_TIMESTAMP_MS, MAX_TIMESTAMP_MS),
+        ("17.9", 17.9),
+        (T_FLOAT, T_FLOAT),
+    ],
 )
 def test_ms_in_range_takes_numbers_in_range_as_sent(value: object, expected: float) -> None:
     """Numbers (and numeric strings) from 0 to the bound come back as the number they are:

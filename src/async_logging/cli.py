@@ -2,7 +2,9 @@
 
 Every option of :class:`~async_logging.server.ServerConfig` is a flag and a TOML key
 (``--config FILE``; flags win over the file). A bad flag, value or config file prints a
-clear error and exits with status 2.
+clear error (a config file's names the file and the key) and exits with status 2; a server
+that cannot start (a port in use, a directory it may not write) says why in one line and
+exits with status 1. On exit ``serve`` says what its drain published.
 """
 
 from __future__ import annotations
@@ -10,13 +12,34 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from .exceptions import ConfigError
 
-__all__ = ["main"]
+__all__ = ["BAD_OPTION", "CANNOT_START", "main"]
+
+#: Exit status of ``serve`` for a bad flag, option value or config file (click's own).
+BAD_OPTION = 2
+#: Exit status of ``serve`` when the options are good but the server cannot start (a port
+#: in use, a directory it may not write, a plug-in that does not import).
+CANNOT_START = 1
+
+
+class _BadOption(click.ClickException):
+    """A bad option value told in one line (``Error: ...``), without click's usage block:
+    the message names the option (and the config file), the usage would only hide it."""
+
+    exit_code = BAD_OPTION
+
+
+class _CannotStart(click.ClickException):
+    """A server that cannot start, told in one line: not a usage error."""
+
+    exit_code = CANNOT_START
+
 
 _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--host", str, "Address of the main port [default: 0.0.0.0]."),
@@ -150,8 +173,60 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
     ("--store", str, "SQLite store behind the viewer ('' = off) [default: ./log/trees.sqlite]."),
     ("--store-max-age", float, "Seconds of trees the store keeps [default: 7 days]."),
     ("--store-max-bytes", int, "Store size past which the oldest trees go [default: 1 GiB]."),
+    (
+        "--otlp-settle",
+        float,
+        "Seconds a root span taken over OTLP (POST /v1/traces) waits for the rest of its "
+        "trace in later requests (0 = none) [default: 2].",
+    ),
+    (
+        "--otlp-endpoint",
+        str,
+        "Also export every published tree as spans to this OTLP/HTTP receiver "
+        "(http://collector:4318) [default: off].",
+    ),
+    (
+        "--otlp-export-queue",
+        int,
+        "Published records waiting for the OTLP exporter; past it the oldest are dropped "
+        "[default: 10000].",
+    ),
     ("--listener", str, "Listener plug-in, module:attr [default: LogListener]."),
     ("--buffer", str, "Buffer plug-in, module:attr [default: LogBuffer]."),
+    (
+        "--bus",
+        str,
+        "NATS JetStream URLs (nats://host:4222, comma-separated): publish accepted batches "
+        "there for reassemblers instead of reassembling here [default: off].",
+    ),
+    (
+        "--partitions",
+        int,
+        "Partitions of the bus's events stream, the same on every node (1-1024) [default: 16].",
+    ),
+    ("--bus-replicas", int, "Copies of each bus stream in the JetStream cluster [default: 1]."),
+    ("--bus-max-bytes", int, "Size of each bus stream [default: 1 GiB]."),
+    ("--bus-max-age", float, "Seconds the trees stream keeps a tree [default: 1 day]."),
+    (
+        "--bus-ack-wait",
+        float,
+        "Seconds JetStream waits for an ack before delivering a message again [default: 30].",
+    ),
+    (
+        "--bus-max-ack-pending",
+        int,
+        "Unacked messages per partition (or sink) [default: 20000].",
+    ),
+    (
+        "--bus-duplicate-window",
+        float,
+        "Seconds JetStream drops copies of a message by its id [default: 120].",
+    ),
+    (
+        "--bus-timeout",
+        float,
+        "Seconds a publish waits for JetStream before the batch is refused [default: 5].",
+    ),
 ]
 
 
@@ -159,6 +234,15 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
 @click.version_option(package_name="async-logging")
 def main() -> None:
     """async-logging: a log proxy that restores transaction trees from async log events."""
+
+
+def _setup_logging(verbose: int) -> None:
+    """Log to standard error: warnings, or more with -v (info) and -vv (debug)."""
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _serve_options(fn: Any) -> Any:
@@ -181,15 +265,29 @@ def _serve_options(fn: Any) -> Any:
     help="Publisher plug-in (module:attr, or jsonl / stdout); repeatable; replaces the file sink.",
 )
 @click.option("--stdout/--no-stdout", default=None, help="Also write records to stdout.")
+@click.option(
+    "--compact/--no-compact",
+    default=None,
+    help="Below a root, keep uuid, request, tid, pid, machine, ... only where they differ.",
+)
+@click.option(
+    "--otlp-header",
+    "otlp_headers",
+    multiple=True,
+    help="K=V header sent with every OTLP export request; repeatable.",
+)
 @click.option("--ecv/--no-ecv", default=None, help="Report healthy on /ecv [default: on].")
 @click.option(
     "--verbose", "-v", count=True, help="Log more (-v info, -vv debug) to standard error."
 )
 @_serve_options
 def serve(
+    *,
     config_file: str | None,
     publisher: tuple[str, ...],
     stdout: bool | None,
+    compact: bool | None,
+    otlp_headers: tuple[str, ...],
     ecv: bool | None,
     verbose: int,
     **flags: Any,
@@ -201,11 +299,7 @@ def serve(
     """
     from .server import LogCluster, ServerConfig, load_config_file
 
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    _setup_logging(verbose)
     try:
         values: dict[str, Any] = load_config_file(config_file) if config_file else {}
         config = ServerConfig.from_mapping(values, source=config_file or "config")
@@ -221,13 +315,22 @@ def serve(
             overrides["publisher"] = list(publisher)
         if stdout is not None:
             overrides["stdout"] = stdout
+        if compact is not None:
+            overrides["compact"] = compact
+        if otlp_headers:
+            overrides["otlp_headers"] = otlp_headers
         if ecv is not None:
             overrides["ecv"] = ecv
         config = config.replace(**overrides)
+        if config.bus:  # an ingest node writes nothing: the store is a sink's (design §8)
+            config = config.replace(store="")
         cluster = LogCluster(config)
+    except ConfigError as exc:  # an option's value: named, without the usage block
+        raise _BadOption(str(exc)) from exc
+    try:
         code = cluster.run()
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+    except ConfigError as exc:  # cannot start: a port in use, a directory refused...
+        raise _CannotStart(str(exc)) from exc
     sys.exit(code)
 
 
@@ -251,7 +354,13 @@ def serve(
     "--min-duration", type=float, default=None, help="Only records lasting at least N ms."
 )
 @click.option("--count", "-n", type=int, default=None, help="Stop after N records.")
-@click.option("--json", "json_lines", is_flag=True, help="Print JSON lines instead of trees.")
+@click.option(
+    "--json/--tree",
+    "json_lines",
+    default=None,
+    help="JSON lines (one record per line) or indented trees [default: trees in a terminal, "
+    "JSON lines into a pipe or a file].",
+)
 @click.option("--no-color", is_flag=True, help="Print without colours.")
 @click.option(
     "--token",
@@ -274,7 +383,7 @@ def tail(
     failures: bool,
     min_duration: float | None,
     count: int | None,
-    json_lines: bool,
+    json_lines: bool | None,
     no_color: bool,
     reconnect: bool,
     token: str | None,
@@ -309,6 +418,222 @@ def tail(
             token=token,
         )
     )
+
+
+# ---------------------------------------------------------------------- the bus (§8)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+#: Options of ``reassemble`` and ``sink`` taken from ``serve``'s, by flag.
+_BUS_FLAGS = (
+    "--bus",
+    "--bus-replicas",
+    "--bus-max-bytes",
+    "--bus-max-age",
+    "--bus-ack-wait",
+    "--bus-max-ack-pending",
+    "--bus-duplicate-window",
+    "--bus-timeout",
+    "--mon-host",
+    "--mon-port",
+    "--machine-name",
+)
+_ENGINE_FLAGS = (
+    "--clean-duration",
+    "--clean-cycles",
+    "--settle",
+    "--max-open",
+    "--max-events-per-tx",
+    "--max-tree-depth",
+    "--max-published-memory",
+    "--max-open-bytes",
+    "--max-published-digests",
+    "--published-memory-age",
+)
+_SINK_FLAGS = (
+    "--heartbeat-interval",
+    "--wait-for-publisher",
+    "--publish-queue",
+    "--log-file",
+    "--log-max-bytes",
+    "--log-backup-count",
+    "--dead-letter",
+    "--store",
+    "--store-max-age",
+    "--store-max-bytes",
+    "--viewer-tokens",
+    "--tokens",
+    "--otlp-endpoint",
+    "--otlp-export-queue",
+)
+
+
+def _some_options(flags: tuple[str, ...]) -> Callable[[_F], _F]:
+    """Click options for some of ``serve``'s flags (same names, types and help)."""
+    chosen = [f for f in _SERVE_FLAGS if f[0] in flags]
+    assert len(chosen) == len(flags), "a flag of _BUS_FLAGS is not a serve flag"
+
+    def decorate(fn: Any) -> Any:
+        for flag, kind, help_ in reversed(chosen):
+            fn = click.option(flag, type=kind, default=None, help=help_)(fn)
+        return fn
+
+    return decorate
+
+
+def _bus_config(config_file: str | None, flags: dict[str, Any], verbose: int) -> Any:
+    """The options of a ``reassemble`` or ``sink`` node: the config file, then the flags
+    (``--bus`` required); logging set up."""
+    from .server import ServerConfig, load_config_file
+
+    _setup_logging(verbose)
+    try:
+        values: dict[str, Any] = load_config_file(config_file) if config_file else {}
+        config = ServerConfig.from_mapping(values, source=config_file or "config")
+        config = config.replace(**{k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        raise _BadOption(str(exc)) from exc
+    if not config.bus:
+        raise _BadOption("--bus (or bus in the config file) is required: nats://host:4222")
+    return config
+
+
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML file with any of these options (snake_case or camelCase keys).",
+)
+_VERBOSE_OPTION = click.option(
+    "--verbose", "-v", count=True, help="Log more (-v info, -vv debug) to standard error."
+)
+
+
+@main.command()
+@_CONFIG_OPTION
+@click.option("--member", default=None, help="K/N: member K (1..N) of N takes every Nth partition.")
+@click.option(
+    "--partitions",
+    "owned",
+    default=None,
+    help="The partitions this node takes: numbers and ranges, e.g. 0-3 or 0,2,5-7.",
+)
+@click.option("--ecv/--no-ecv", default=None, help="Report healthy on /ecv [default: on].")
+@_VERBOSE_OPTION
+@_some_options(_BUS_FLAGS + _ENGINE_FLAGS)
+def reassemble(
+    *,
+    config_file: str | None,
+    member: str | None,
+    owned: str | None,
+    ecv: bool | None,
+    verbose: int,
+    **flags: Any,
+) -> None:
+    """Reassemble trees from the bus: some partitions, one engine each (docs/design.md §8).
+
+    Reads alog.events.<p> with a durable consumer per partition, publishes finished trees
+    to alog.trees.<kind> and acks a partition's messages once the trees holding them are
+    stored: a replacement started with the same --member or --partitions replays what this
+    one had not finished. Run exactly one process per member.
+    """
+    import asyncio
+
+    from .bus import Reassembler, parse_member, parse_partitions
+    from .bus.jetstream import BusSettings, stream_partitions
+
+    if (member is None) == (owned is None):
+        raise _BadOption("give one of --member K/N or --partitions (e.g. 0-3)")
+    config = _bus_config(config_file, flags, verbose)
+    if ecv is not None:
+        config = config.replace(ecv=ecv)
+
+    async def total() -> int:  # the stream's partitions, or the configured ones if none
+        import nats
+
+        settings = BusSettings.from_config(config)
+        try:
+            nc = await nats.connect(
+                list(settings.servers), connect_timeout=2, max_reconnect_attempts=0
+            )
+        except Exception:  # unreachable now: the node waits for it with the configured count
+            return int(config.partitions)
+        try:
+            found = await stream_partitions(nc.jetstream(timeout=settings.timeout))
+        except Exception:
+            found = None
+        finally:
+            await nc.close()
+        return int(found or config.partitions)
+
+    count = asyncio.run(total())
+    config = config.replace(partitions=count)
+    try:
+        parts = parse_member(member, count) if member else parse_partitions(owned or "", count)
+        code = Reassembler(config, parts).run()
+    except ConfigError as exc:
+        raise _BadOption(str(exc)) from exc
+    sys.exit(code)
+
+
+@main.command()
+@_CONFIG_OPTION
+@click.option(
+    "--name",
+    default="default",
+    show_default=True,
+    help="The sink's consumer (alog-sink-NAME): each name gets every tree.",
+)
+@click.option(
+    "--publisher",
+    multiple=True,
+    help="Publisher plug-in (module:attr, or jsonl / stdout); repeatable; replaces the file sink.",
+)
+@click.option("--stdout/--no-stdout", default=None, help="Also write records to stdout.")
+@click.option(
+    "--otlp-header",
+    "otlp_headers",
+    multiple=True,
+    help="K=V header sent with every OTLP export request; repeatable.",
+)
+@_VERBOSE_OPTION
+@_some_options(_BUS_FLAGS + _SINK_FLAGS)
+def sink(
+    *,
+    config_file: str | None,
+    name: str,
+    publisher: tuple[str, ...],
+    stdout: bool | None,
+    otlp_headers: tuple[str, ...],
+    verbose: int,
+    **flags: Any,
+) -> None:
+    """Write the bus's published trees to the publishers of serve (docs/design.md §8).
+
+    Consumes alog.trees.* into the JSON-lines file (--log-file), the store and viewer
+    that follow it (--store, --mon-port), OTLP export (--otlp-endpoint) and plug-ins, and
+    acks what they took. One sink with a store shows the whole fleet in one viewer.
+    """
+    import re
+
+    from .bus.sink import run_sink
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise _BadOption(f"--name must be letters, digits, - and _ (at most 64), not {name!r}")
+    extra: dict[str, Any] = {}
+    if publisher:
+        extra["publisher"] = list(publisher)
+    if stdout is not None:
+        extra["stdout"] = stdout
+    if otlp_headers:
+        extra["otlp_headers"] = otlp_headers
+    config = _bus_config(config_file, {**flags, **extra}, verbose)
+    try:
+        code = run_sink(config, name)
+    except ConfigError as exc:
+        raise _CannotStart(str(exc)) from exc
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

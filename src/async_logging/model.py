@@ -42,6 +42,7 @@ __all__ = [
     "MAX_TIMESTAMP_MS",
     "MIN_INT_ID",
     "MIN_TIMESTAMP_MS",
+    "REFUSAL_REASONS",
     "ROOT_PARENT",
     "Event",
     "Mapper",
@@ -67,6 +68,19 @@ ROOT_PARENT: Final = "0"
 DEFAULT_TYPE: Final = "URL"
 #: How many uuid → tid digits are remembered (a bounded cache; older entries are recomputed).
 TID_CACHE_SIZE: Final = 8192
+#: Every reason the mapper refuses one event with (``bad_input{reason}``, exported at 0
+#: from the start; docs/design.md §2).
+REFUSAL_REASONS: Final = (
+    "not_a_map",
+    "unknown_clazz",
+    "bad_id",
+    "bad_timestamp",
+    "bad_duration",
+    "bad_status",
+    "missing_uuid",
+    "missing_event",
+    "bad_child_count",
+)
 
 # Sane ranges, checked at the door (the native fast path declines outside them too). A value
 # is checked as sent, before it is truncated to whole milliseconds.
@@ -276,11 +290,14 @@ def map_events(
             ts = get("timestamp")
             if ts is None:
                 e["timestamp"] = now_ms
-            elif ts.__class__ is not int or not min_ts <= ts <= max_ts:
+            elif (ts.__class__ is not int and ts.__class__ is not float) or not (
+                min_ts <= ts <= max_ts  # NaN fails it too: refused below
+            ):
                 e["timestamp"] = ms_in_range(ts, "timestamp", max_ts, min_ts)
             duration = get("duration")
             if duration is not None and (
-                duration.__class__ is not int or not 0 <= duration <= max_duration
+                (duration.__class__ is not int and duration.__class__ is not float)
+                or not 0 <= duration <= max_duration
             ):
                 e["duration"] = ms_in_range(duration, "duration", max_duration)
             status = get("status")

@@ -103,7 +103,9 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_RECORD_BYTES",
     "DEFAULT_MAX_STRING_LENGTH",
+    "EVENT_REASONS",
     "FORM_INT_KEYS",
+    "FRAME_REASONS",
     "MAX_SEQ",
     "RECORD_EXPANSION",
     "Frame",
@@ -220,6 +222,28 @@ _new_frame: Final = tuple.__new__
 
 
 # --------------------------------------------------------------------------- errors
+
+#: Every reason this module refuses a whole frame or body with (``bad_input{reason}``,
+#: exported at 0 from the start: docs/design.md §4).
+FRAME_REASONS: Final = (
+    "message_too_big",
+    "too_many_events",
+    "too_deep",
+    "string_too_long",
+    "too_many_keys",
+    "bad_msgpack",
+    "bad_json",
+    "bad_utf8",
+    "msgpack_ext",
+    "msgpack_bin",
+    "bad_key",
+    "bad_envelope",
+    "bad_payload",
+    "bad_form",
+    "unsupported_media_type",
+)
+#: Every reason this module refuses one event with, the others beside it taken.
+EVENT_REASONS: Final = ("array_too_long", "record_too_big")
 
 
 def _too_big(size: int, limits: WireLimits) -> LimitExceeded:

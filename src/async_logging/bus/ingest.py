@@ -17,6 +17,7 @@ client keeps it and sends it again. ``/ecv`` says 503 while the bus is down and 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
@@ -34,7 +35,14 @@ from ..server.config import ServerConfig
 from ..server.pipeline import Stats
 from ..server.spool import Spool
 from .jetstream import BusLink, BusSettings, BusUnavailable, Outgoing, with_id
-from .partition import events_subject, message_id, split
+from .partition import (
+    ARRAY_HEAD_BYTES,
+    array_body,
+    events_subject,
+    join_arrays,
+    message_id,
+    split,
+)
 
 __all__ = ["REFUSED_HOLD", "BusIngest"]
 
@@ -74,6 +82,11 @@ class BusIngest:
         #: refused by reason.
         self.counts: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        # Partition -> MessagePack array bodies waiting for the next flush, and the
+        # batches waiting for it (a group commit: see _flush).
+        self._pending: dict[int, list[tuple[int, bytes]]] = {}
+        self._waiting: list[asyncio.Future[None]] = []
+        self._flushing: asyncio.Task[None] | None = None
         #: No spool: the bus is the durable copy (the listener's seam asks).
         self.spool: Spool | None = None
         self._closed = False
@@ -143,32 +156,70 @@ class BusIngest:
         return frame.seq, len(frame.logs), await self.accept(frame.logs)
 
     async def _publish(self, events: list[Any]) -> list[tuple[Any, InvalidEvent]]:
-        """Publish mapped events, one message per partition (split to fit the bus);
-        returns the events too big for any message, which are not published."""
+        """Publish mapped events with what other batches hand over meanwhile (a group
+        commit: one message per partition per flush); returns the events too big for any
+        message, which are not published.
+
+        Raises:
+            BusUnavailable: the flush holding them was not stored.
+        """
         link = self.link
-        publisher = link.publisher
-        if not link.up or publisher is None:
+        if not link.up or link.nc is None:
             self._refused("bus_unavailable")
             raise BusUnavailable("bus_unavailable", "the bus cannot be reached now")
-        assert link.nc is not None
         limit = max(link.nc.max_payload - HEADROOM, HEADROOM)
         self._spread += 1
-        messages: list[Outgoing] = []
         too_big: list[tuple[Any, InvalidEvent]] = []
         encode = msgspec.msgpack.encode
+        pending = self._pending
         for part, chunk in split(events, self.settings.partitions, self._spread).items():
-            subject = events_subject(part)
-            for payload in _fit(chunk, limit, encode, too_big):
-                messages.append(with_id(subject, payload, message_id(payload)))
-        try:
-            result = await publisher.publish(messages, self.settings.timeout)
-        except BusUnavailable as exc:
-            self._refused(exc.bus_reason)
-            raise
-        self.counts["batches"] += 1
-        self.counts["messages"] += len(messages)
-        self.counts["duplicates"] += result.duplicates
+            bodies = pending.setdefault(part, [])
+            bodies.extend(array_body(p) for p in _fit(chunk, limit, encode, too_big))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush(limit), name="bus-flush")
+        await done
         return too_big
+
+    async def _flush(self, limit: int) -> None:
+        """Publish what is pending, wake its batches; again while more came meanwhile.
+
+        One flush at a time: batches that arrive while one waits for JetStream go in the
+        next, so the busier the node, the fewer and larger its messages.
+        """
+        try:
+            while self._waiting:
+                await asyncio.sleep(0)  # batches taken in the same turn of the loop join
+                pending, self._pending = self._pending, {}
+                waiting, self._waiting = self._waiting, []
+                messages: list[Outgoing] = []
+                for part, bodies in pending.items():
+                    subject = events_subject(part)
+                    for payload in _group(bodies, limit):
+                        messages.append(with_id(subject, payload, message_id(payload)))
+                error: BusUnavailable | None = None
+                publisher = self.link.publisher
+                try:
+                    if publisher is None:
+                        raise BusUnavailable("bus_unavailable", "the bus cannot be reached now")
+                    result = await publisher.publish(messages, self.settings.timeout)
+                except BusUnavailable as exc:
+                    self._refused(exc.bus_reason)
+                    error = exc
+                else:
+                    self.counts["batches"] += len(waiting)
+                    self.counts["flushes"] += 1
+                    self.counts["messages"] += len(messages)
+                    self.counts["duplicates"] += result.duplicates
+                for done in waiting:
+                    if not done.done():
+                        if error is None:
+                            done.set_result(None)
+                        else:
+                            done.set_exception(BusUnavailable(error.bus_reason, error.detail))
+        finally:
+            self._flushing = None
 
     def _refused(self, reason: str) -> None:
         self.refusals[reason] += 1
@@ -182,9 +233,27 @@ class BusIngest:
             "errors": dict(self.link.errors),
             "refused": dict(self.refusals),
             "published_batches": self.counts["batches"],
+            "flushes": self.counts["flushes"],
             "published_messages": self.counts["messages"],
             "duplicates": self.counts["duplicates"],
         }
+
+
+def _group(bodies: list[tuple[int, bytes]], limit: int) -> list[bytes]:
+    """Array bodies joined into as few MessagePack arrays of at most ``limit`` bytes as
+    they fit in, in order (each body fits alone: :func:`_fit` made it)."""
+    out: list[bytes] = []
+    run: list[tuple[int, bytes]] = []
+    size = ARRAY_HEAD_BYTES
+    for body in bodies:
+        if run and size + len(body[1]) > limit:
+            out.append(join_arrays(run))
+            run, size = [], ARRAY_HEAD_BYTES
+        run.append(body)
+        size += len(body[1])
+    if run:
+        out.append(join_arrays(run))
+    return out
 
 
 def _fit(

@@ -20,10 +20,13 @@ from typing import Any, Final
 from ..exceptions import ConfigError
 
 __all__ = [
+    "ARRAY_HEAD_BYTES",
     "EVENTS_SUBJECT",
     "MAX_PARTITIONS",
     "TREES_SUBJECT",
+    "array_body",
     "events_subject",
+    "join_arrays",
     "message_id",
     "parse_member",
     "parse_partitions",
@@ -37,6 +40,8 @@ EVENTS_SUBJECT: Final = "alog.events"
 #: Subjects of the trees stream: ``alog.trees.<kind>`` (``transaction``, ``atomicEvent``,
 #: ``heartbeat``), so that a sink knows a record's kind without decoding it.
 TREES_SUBJECT: Final = "alog.trees"
+#: Bytes of a MessagePack array's header at most (``0xdd`` and a 32-bit count).
+ARRAY_HEAD_BYTES: Final = 5
 #: Most partitions a deployment may have (each is a durable consumer and an engine).
 MAX_PARTITIONS: Final = 1024
 
@@ -87,6 +92,32 @@ def split(events: Iterable[Any], partitions: int, spread: int = 0) -> dict[int, 
         else:
             bucket.append(e)
     return out
+
+
+def array_body(payload: bytes) -> tuple[int, bytes]:
+    """A MessagePack array's item count and the bytes of its items (its header cut off),
+    so that several arrays can be joined into one without decoding them
+    (:func:`join_arrays`)."""
+    head = payload[0]
+    if head & 0xF0 == 0x90:
+        return head & 0x0F, payload[1:]
+    if head == 0xDC:
+        return int.from_bytes(payload[1:3], "big"), payload[3:]
+    if head == 0xDD:
+        return int.from_bytes(payload[1:5], "big"), payload[5:]
+    raise ValueError(f"not a MessagePack array (first byte 0x{head:02x})")
+
+
+def join_arrays(bodies: list[tuple[int, bytes]]) -> bytes:
+    """One MessagePack array of the items of ``bodies`` (from :func:`array_body`), in order."""
+    n = sum(count for count, _ in bodies)
+    if n <= 15:
+        head = bytes((0x90 | n,))
+    elif n <= 0xFFFF:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(body for _, body in bodies)
 
 
 def message_id(payload: bytes) -> str:

@@ -45,7 +45,7 @@ from ..server.pipeline import Stats
 from .jetstream import EVENTS_STREAM, BusLink, BusSettings, BusUnavailable, with_id
 from .ledger import AckLedger
 from .partition import events_subject, message_id
-from .records import to_messages
+from .records import PART_HEADER, to_messages
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -204,10 +204,10 @@ class Partition:
         ledger, buffer, counts = self.ledger, self.buffer, self.counts
         now = self.node.clock()
         msgs.sort(key=_stream_seq)
-        batches: list[Sequence[Record]] = []
+        batches: list[tuple[str | None, Sequence[Record]]] = []
         free: list[Msg] = []
         seen: set[str] = set()
-        events = 0
+        events = buffer.stats["events"]
         for msg in msgs:
             meta = msg.metadata
             seq = meta.sequence.stream
@@ -218,8 +218,7 @@ class Partition:
             fed = None if held else buffer.feed_msgpack(payload, self.limits)
             if fed is not None:
                 counts["native"] += 1
-                events += len(fed.records)
-                batches.append(fed.records)
+                batches.append((f"ev-{seq}", fed.records))
                 free.append(msg)
                 continue
             try:
@@ -239,25 +238,24 @@ class Partition:
                 for e in logs
                 if isinstance(e, dict) and (u := e.get("uuid")).__class__ is str and u
             }
-            events += len(logs)
             fed_many = buffer.feed_owned(logs)
-            batches.append(fed_many.records)
+            batches.append((f"ev-{seq}", fed_many.records))
             seen |= uuids
             if not ledger.take(seq, msg, uuids, buffer.is_open, now):
                 free.append(msg)
         counts["messages"] += len(msgs)
-        counts["events"] += events
+        counts["events"] += buffer.stats["events"] - events
         await self.settle(batches, seen, free, now)
 
     async def expire(self) -> None:
         """The engine's clean cycle: publish what it lets go, ack what that frees."""
         records = self.buffer.expire()
         if records:
-            await self.settle([records], set(), [], self.node.clock())
+            await self.settle([(None, records)], set(), [], self.node.clock())
 
     async def settle(
         self,
-        batches: list[Sequence[Record]],
+        batches: list[tuple[str | None, Sequence[Record]]],
         seen: set[str],
         free: list[Msg],
         now: float,
@@ -266,10 +264,8 @@ class Partition:
         and every group the closed trees free, in one burst."""
         is_open = self.buffer.is_open
         closed = {u for u in seen if not is_open(u)}
-        for batch in batches:
-            if not isinstance(
-                batch, EncodedRecords
-            ):  # natively published trees hold no ledger uuid
+        for _, batch in batches:
+            if not isinstance(batch, EncodedRecords):  # native trees hold no ledger uuid
                 for record in batch:
                     u = record.get("uuid")
                     if u.__class__ is str and not is_open(u):
@@ -278,7 +274,7 @@ class Partition:
         tokens = self.ledger.published(closed, now)
         await self.node.ack(free, tokens)
 
-    async def publish(self, batches: list[Sequence[Record]]) -> None:
+    async def publish(self, batches: list[tuple[str | None, Sequence[Record]]]) -> None:
         """Publish records to the trees stream, trying until JetStream stored them all."""
         node = self.node
         link = node.link
@@ -302,8 +298,9 @@ class Partition:
                 tries += 1
         self.counts["published"] += len(messages)
         self.counts["duplicates"] += result.duplicates
-        for subject, _, _ in messages:
-            stats.records[subject.rpartition(".")[2]] += 1
+        for subject, payload, headers in messages:
+            if headers is None or PART_HEADER not in headers:
+                stats.records[subject.rpartition(".")[2]] += payload.count(b"\n")
 
     async def keep_alive(self) -> None:
         """In-progress acks for every held message (their trees are open), and for what

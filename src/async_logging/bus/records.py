@@ -1,10 +1,13 @@
 """Published records on the trees stream, and back (docs/design.md §8): sans-I/O.
 
-A reassembler publishes each record (a tree, or an event published on its own) as one
-message on ``alog.trees.<kind>``: its JSON line, exactly as the JSON-lines sink writes it,
-named by the line's digest (``Nats-Msg-Id``). A tree that a replay builds again is the same
-line, so JetStream drops the copy. A line longer than one bus message is cut into parts,
-each ``<digest>.<i>`` with an ``Alog-Part: <i>/<n> <digest>`` header; a sink joins them.
+A reassembler publishes records as JSON lines, exactly as the JSON-lines sink writes them,
+on ``alog.trees.<kind>``. What feeding one events message published goes in one message
+per kind, named after that events message (``Nats-Msg-Id: ev-<seq>.<kind>``): a replay
+feeds the same messages in the same order and publishes the same names, which JetStream
+drops. What a clean cycle publishes (timeouts, settled trees) goes one record per message,
+named by its line's digest: a tree built again is the same line. A line longer than one
+bus message is cut into parts, each with an ``Alog-Part: <i>/<n> <name>`` header; a sink
+joins them.
 
 :func:`to_messages` is the reassembler's side, :class:`Joiner` the sink's.
 """
@@ -29,30 +32,42 @@ PART_HEADER: Final = "Alog-Part"
 _KINDS: Final = ("transaction", "atomicEvent", "heartbeat")
 
 
-def to_messages(batches: Iterable[Sequence[dict[str, Any]]], limit: int) -> list[Outgoing]:
+def to_messages(
+    batches: Iterable[tuple[str | None, Sequence[dict[str, Any]]]], limit: int
+) -> list[Outgoing]:
     """The messages that publish ``batches`` of records, in order.
 
     Args:
-        batches: what the engine published: lists of record dicts, or
-            :class:`~async_logging.encoded.EncodedRecords` (lines, never decoded when the
-            batch holds one kind).
+        batches: ``(name, records)``: what the engine published, as lists of record dicts
+            or :class:`~async_logging.encoded.EncodedRecords` (lines, not decoded when of
+            one kind). A named batch (what feeding one bus message published: named after
+            that message) goes in one message per kind, named ``<name>.<kind>``, so that
+            a replay of that message publishes the same names; a batch without a name (a
+            clean cycle's) goes one record per message, named by its line's digest.
         limit: the largest payload of one message.
     """
     out: list[Outgoing] = []
-    for batch in batches:
+    for name, batch in batches:
+        by_kind: dict[str, list[bytes]] = {}
         if isinstance(batch, EncodedRecords):
-            lines = [line for chunk in batch.chunks for line in chunk.splitlines(keepends=True)]
             kinds = list(batch.kinds)
             if len(kinds) == 1:
-                kind = kinds[0]
-                for line in lines:
-                    _add(out, kind, line, limit)
+                by_kind[kinds[0]] = [
+                    line for chunk in batch.chunks for line in chunk.splitlines(keepends=True)
+                ]
             else:
-                for line in lines:
-                    _add(out, _kind(orjson.loads(line)), line, limit)
+                for chunk in batch.chunks:
+                    for line in chunk.splitlines(keepends=True):
+                        by_kind.setdefault(_kind(orjson.loads(line)), []).append(line)
         else:
             for record in batch:
-                _add(out, _kind(record), encode_line(record), limit)
+                by_kind.setdefault(_kind(record), []).append(encode_line(record))
+        for kind, lines in by_kind.items():
+            if name is None:
+                for line in lines:
+                    _add(out, kind, line, message_id(line), limit)
+            else:
+                _add_lines(out, kind, lines, f"{name}.{kind}", limit)
     return out
 
 
@@ -61,19 +76,32 @@ def _kind(record: Any) -> str:
     return kind if kind in _KINDS else "atomicEvent"
 
 
-def _add(out: list[Outgoing], kind: str, line: bytes, limit: int) -> None:
+def _add_lines(out: list[Outgoing], kind: str, lines: list[bytes], name: str, limit: int) -> None:
+    """Lines in as few messages as fit (``name``, then ``name.1``, ``name.2``...)."""
+    runs: list[list[bytes]] = [[]]
+    size = 0
+    for line in lines:
+        if runs[-1] and size + len(line) > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(line)
+        size += len(line)
+    for i, run in enumerate(runs):
+        _add(out, kind, b"".join(run), name if i == 0 else f"{name}.{i}", limit)
+
+
+def _add(out: list[Outgoing], kind: str, payload: bytes, name: str, limit: int) -> None:
     subject = trees_subject(kind)
-    digest = message_id(line)
-    if len(line) <= limit:
-        out.append(Outgoing(subject, line, {MSG_ID: digest}))
+    if len(payload) <= limit:
+        out.append(Outgoing(subject, payload, {MSG_ID: name}))
         return
-    n = -(-len(line) // limit)
+    n = -(-len(payload) // limit)  # one line longer than a message: cut in parts
     for i in range(n):
         out.append(
             Outgoing(
                 subject,
-                line[i * limit : (i + 1) * limit],
-                {MSG_ID: f"{digest}.{i}", PART_HEADER: f"{i}/{n} {digest}"},
+                payload[i * limit : (i + 1) * limit],
+                {MSG_ID: f"{name}.part{i}", PART_HEADER: f"{i}/{n} {name}"},
             )
         )
 
@@ -111,13 +139,13 @@ class Joiner:
             part = headers.get(PART_HEADER) if headers else None
             if part is None:
                 chunks.append(payload)
-                kinds[kind] += 1
+                kinds[kind] += payload.count(b"\n")
                 tokens.append(token)
                 continue
             line, used = self._part(part, payload, token)
             if line is not None:
                 chunks.append(line)
-                kinds[kind] += 1
+                kinds[kind] += line.count(b"\n")
                 tokens.extend(used)
         given_up = self._trim()
         tokens.extend(given_up)

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..buffer import LogBuffer
@@ -37,12 +37,13 @@ from ..publishers import (
     load_publisher,
 )
 from ..publishers.base import import_object
+from ..publishers.otlp import OtlpExporter
 from .config import ENGINE_OPTIONS, ServerConfig, announcement
 from .delivery import DeadLetters
 from .followers import Followers
 from .gctune import GC_FULL_EVERY, collect_on_tick, tune_gc
 from .lifecycle import Service, ServiceState, stop_signal
-from .listener import LogListener
+from .listener import Ingest, LogListener
 from .live import LiveHub
 from .loopwatch import LoopWatch
 from .monapp import MonApp
@@ -51,7 +52,10 @@ from .spool import Spool, SpoolFormatError
 from .supervisor import Supervisor
 from .viewer import Viewer
 
-__all__ = ["GC_FULL_EVERY", "ClusterState", "LogCluster", "Supervisor", "tune_gc"]
+if TYPE_CHECKING:
+    from ..bus.ingest import BusIngest
+
+__all__ = ["GC_FULL_EVERY", "ClusterState", "DrainReport", "LogCluster", "Supervisor", "tune_gc"]
 
 log = logging.getLogger("async_logging.server")
 
@@ -69,6 +73,45 @@ class EmitterPublisher(BasePublisher):
 
 #: Where a :class:`LogCluster` is in its life (see :class:`~.lifecycle.ServiceState`).
 ClusterState = ServiceState
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DrainReport:
+    """What a drain published: the trees the engine still held (and those of frames
+    answered while it closed connections), and what the publishers refused to the end.
+
+    Attributes:
+        trees: transaction trees published during the drain.
+        incomplete: those published incomplete, by reason (``shutdown``, ``recycled``...).
+        dropped: records given up past ``wait_for_publisher`` (the publisher failing).
+    """
+
+    trees: int = 0
+    incomplete: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    dropped: int = 0
+
+    @classmethod
+    def between(
+        cls, before: tuple[int, Mapping[str, int], int], after: tuple[int, Mapping[str, int], int]
+    ) -> DrainReport:
+        """The report of a drain from two :meth:`LogCluster._published_counts`."""
+        incomplete = {k: n - before[1].get(k, 0) for k, n in after[1].items()}
+        return cls(
+            after[0] - before[0],
+            {k: n for k, n in sorted(incomplete.items()) if n},
+            after[2] - before[2],
+        )
+
+    def summary(self) -> str:
+        """One line for ``serve`` to print at exit."""
+        n = sum(self.incomplete.values())
+        line = f"the drain published {self.trees} tree{'' if self.trees == 1 else 's'}"
+        if n:
+            reasons = ", ".join(f"{k} {v}" for k, v in self.incomplete.items())
+            line += f", {n} of them incomplete ({reasons})"
+        if self.dropped:
+            line += f"; {self.dropped} records given up (the publisher failed)"
+        return line
 
 
 class LogCluster:
@@ -103,9 +146,11 @@ class LogCluster:
         self.config = config
         self.emitter = emitter
         self.stats = Stats()
-        self.pipeline: Pipeline | None = None
         #: How long the event loop was held at worst (``/metrics``).
         self.loopwatch = LoopWatch()
+        self.pipeline: Pipeline | None = None
+        #: With ``bus`` set, what the listener hands batches to instead (docs/design.md §8).
+        self.bus: BusIngest | None = None
         self.listener: LogListener | None = None
         self.monapp: MonApp | None = None
         self.port = config.port
@@ -121,6 +166,10 @@ class LogCluster:
         #: them for its workers): set by :meth:`start`.
         self.followers: Followers | None = None
         self.viewer: Viewer | None = None
+        #: The OTLP exporter, a publisher, when ``otlp_endpoint`` is set.
+        self.otlp_exporter: OtlpExporter | None = None
+        #: What the drain published (set once :meth:`stop` has run).
+        self.drained: DrainReport | None = None
 
     # ------------------------------------------------------------------ building blocks
 
@@ -154,11 +203,19 @@ class LogCluster:
                 publishers.append(load_publisher(spec))
         if c.stdout:
             publishers.append(StdoutPublisher())
+        if c.otlp_endpoint:  # follows the published records on a queue and thread of its own
+            self.otlp_exporter = OtlpExporter(
+                c.otlp_endpoint,
+                c.otlp_headers,
+                max_queue=c.otlp_export_queue,
+                close_timeout=c.wait_for_publisher,
+            )
+            publishers.append(self.otlp_exporter)
         if self.emitter is not None:
             publishers.append(EmitterPublisher(self.emitter))
         return publishers[0] if len(publishers) == 1 else MultiPublisher(publishers)
 
-    def _make_listener(self, pipeline: Pipeline) -> LogListener:
+    def _make_listener(self, pipeline: Ingest) -> LogListener:
         spec = _plugin(self.config.listener, "listener", LogListener)
         listener = spec(pipeline, self.config) if isinstance(spec, type) else spec
         methods = ("start", "stop_accepting", "close_connections", "cleanup")
@@ -199,7 +256,7 @@ class LogCluster:
     async def _start(self, reuse_port: bool, monitor: bool, follow: bool) -> None:
         c = self.config
         self._shared_output = reuse_port  # workers append to one file
-        if follow:
+        if follow and not c.bus:  # with the bus, the store is a sink's (docs/design.md §8)
             # Before anything is published: the store starts where the file is now.
             self.followers = Followers(c)
             self.followers.start()
@@ -227,7 +284,12 @@ class LogCluster:
             ),
         )
         self.pipeline.start()
-        self.listener = self._make_listener(self.pipeline)
+        if c.bus:  # serve --bus: batches go to the bus, reassemblers take them from there
+            from ..bus.ingest import BusIngest
+
+            self.bus = BusIngest.for_config(c, self.stats, self.pipeline.wire_limits)
+            self.bus.start()
+        self.listener = self._make_listener(self.bus or self.pipeline)
         try:
             self.port = await self.listener.start(reuse_port=reuse_port)
             if monitor and c.mon_port >= 0:
@@ -261,6 +323,7 @@ class LogCluster:
         """Take down what :meth:`start` built, in order (after a failed start, what it had
         built so far): publish everything held flagged ``reason``, release the ports."""
         listener, pipeline = self.listener, self.pipeline
+        before = self._published_counts()
         if listener is not None and self._lifecycle.state is ClusterState.DRAINING:
             await listener.stop_accepting()
             await listener.close_connections()
@@ -269,8 +332,14 @@ class LogCluster:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.bus is not None:  # every batch taken was answered: nothing in flight
+            await self.bus.close()
         if pipeline is not None:
+            release_held = getattr(listener, "release_held", None)
+            if release_held is not None:  # OTLP root spans held for the settle
+                await release_held()
             await pipeline.close(reason)
+        self.drained = DrainReport.between(before, self._published_counts())
         if listener is not None:
             await listener.cleanup()
         if self.monapp is not None:
@@ -283,16 +352,36 @@ class LogCluster:
                 self.config.wait_for_publisher,
             )
 
+    def _published_counts(self) -> tuple[int, Mapping[str, int], int]:
+        """Trees published so far, the incomplete ones by reason, records given up."""
+        buffer = self.pipeline.buffer if self.pipeline is not None else None
+        stats: Mapping[str, int] = getattr(buffer, "stats", None) or {}
+        incomplete: Mapping[str, int] = getattr(buffer, "incomplete", None) or {}
+        trees = stats.get("published_complete", 0) + stats.get("published_incomplete", 0)
+        return trees, dict(incomplete), self.stats.records_dropped
+
     def snapshot(self) -> dict[str, Any]:
         """Counters for ``/metrics`` (and the supervisor)."""
         p = self.pipeline
         snap = self.stats.snapshot(p.buffer if p else None, p.queued if p else 0)
         snap["loop_stall_max_seconds"] = self.loopwatch.worst
         snap["loop_stalls"] = self.loopwatch.stalls
+        otlp = getattr(self.listener, "otlp", None)
+        if otlp is not None:
+            snap["otlp"] = otlp.snapshot()
+        if self.otlp_exporter is not None:
+            snap["otlp_export"] = self.otlp_exporter.snapshot()
         store = self.followers.snapshot() if self.followers is not None else None
         if store is not None:
             snap["store"] = store
+        bus = self._bus_side()
+        if bus is not None:
+            snap["bus"] = bus.snapshot()
         return snap
+
+    def _bus_side(self) -> Any:
+        """What this node does on the bus (an ingest node's publisher, a sink's consumer)."""
+        return self.bus if self.bus is not None else getattr(self.listener, "bus", None)
 
     def health(self) -> dict[str, Any]:
         """What ``/ecv`` reports."""
@@ -300,6 +389,8 @@ class LogCluster:
         # A proxy that does not ack (publish queue full, publisher stalled, spool full) must
         # not look AVAILABLE: the load balancer sends traffic elsewhere.
         refusing = p.refusing() if p is not None else None
+        if not refusing and (bus := self._bus_side()) is not None:
+            refusing = bus.refusing()  # the bus is down (or refused a batch just now)
         running = self._lifecycle.state is ClusterState.RUNNING
         return {
             "available": self.config.ecv and running and not refusing,
@@ -391,7 +482,10 @@ class LogCluster:
                 "events": snap["events"],
                 "uptime": round(time.monotonic() - self._started_at, 3),
             }
-            await self.pipeline.accept([hb])
+            try:
+                await (self.bus or self.pipeline).accept([hb])
+            except LimitExceeded as exc:  # the bus (or the spool) cannot take it now
+                log.debug("heartbeat not taken: %s", exc)
 
     async def _recycle_watch(self) -> None:
         c = self.config
@@ -422,6 +516,8 @@ class LogCluster:
         await stop.wait()
         print("async-logging: draining…", file=sys.stderr, flush=True)
         await self.stop("shutdown")
+        if self.drained is not None:
+            print(f"async-logging: {self.drained.summary()}", file=sys.stderr, flush=True)
         return 0
 
 

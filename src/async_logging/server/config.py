@@ -32,6 +32,10 @@ DEFAULT_MAX_HTTP_CONNECTIONS = 1024
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_PUBLISH_QUEUE = 50_000
+#: Seconds a root span's end taken over OTLP waits for the rest of its trace.
+DEFAULT_OTLP_SETTLE = 2.0
+#: Published records waiting for the OTLP exporter.
+DEFAULT_OTLP_EXPORT_QUEUE = 10_000
 _ENGINE = BufferLimits()
 
 #: The options that are the engine's limits (:class:`~async_logging.buffer.BufferLimits`),
@@ -49,6 +53,7 @@ ENGINE_OPTIONS: dict[str, str] = {
     "max_open_bytes": "max_open_bytes",
     "max_published_digests": "max_published_digests",
     "published_memory_age": "published_memory_age",
+    "compact": "compact",
 }
 
 
@@ -105,6 +110,8 @@ class ServerConfig:
             bytes and time: bytes of events held in open trees (past it the oldest are
             published ``evicted``), digests remembered of published trees, and seconds a
             published uuid is remembered.
+        compact: below a root, drop the fields that say where an event comes from (uuid,
+            request, tid, pid, machine, ...) where they equal the root's (smaller records).
         rate_limit: events per second one connection may send (0 = no limit); past it the
             server stops reading that connection for a while (TCP backpressure), counted.
         request_timeout: seconds an HTTP request may take to arrive (slow-loris guard).
@@ -125,6 +132,31 @@ class ServerConfig:
         store: SQLite file of the queryable store behind the viewer (empty: off).
         store_max_age: seconds of trees the store keeps.
         store_max_bytes: size of the store past which the oldest trees are deleted.
+        otlp_settle: seconds the end of a root span taken over OTLP (``POST /v1/traces``)
+            is held, so that spans of its trace still in flight in other requests join
+            its tree (0: fed at once; docs/design.md §12).
+        otlp_endpoint: OTLP/HTTP receiver every published tree is also exported to, as
+            spans (empty: off). A base URL (``http://collector:4318``) gets ``/v1/traces``
+            and ``/v1/logs`` appended; a URL ending in one of them is taken as given.
+        otlp_headers: ``K=V`` headers sent with every export request (TOML: a list of
+            them or a table; a string: comma-separated).
+        otlp_export_queue: published records waiting for the exporter; past it the
+            oldest are dropped, counted (``otlp_export_dropped{reason="queue_full"}``).
+        bus: comma-separated ``nats://`` URLs of a JetStream cluster (empty: off). Set,
+            ``serve`` publishes accepted batches there instead of reassembling them, and
+            ``reassemble`` and ``sink`` read from there (docs/design.md §8).
+        partitions: partitions of the events stream (``alog.events.<p>``), 1 to 1024;
+            fixed when the stream is made, the same on every node.
+        bus_replicas: copies of each stream in the JetStream cluster (1, 3 or 5).
+        bus_max_bytes: size of each stream: past it the events stream refuses new batches
+            (the client resends) and the trees stream drops its oldest trees.
+        bus_max_age: seconds the trees stream keeps a tree for its sinks.
+        bus_ack_wait: seconds JetStream waits for a reassembler's or sink's ack before it
+            delivers a message again (held messages get in-progress acks meanwhile).
+        bus_max_ack_pending: unacked messages per partition (and per sink) before
+            JetStream delivers no more there.
+        bus_duplicate_window: seconds JetStream remembers message ids to drop copies.
+        bus_timeout: seconds a publish waits for JetStream before the batch is refused.
     """
 
     host: str = "0.0.0.0"
@@ -169,6 +201,7 @@ class ServerConfig:
     max_open_bytes: int = _ENGINE.max_open_bytes
     max_published_digests: int = _ENGINE.max_published_digests
     published_memory_age: float = _ENGINE.published_memory_age
+    compact: bool = False
     rate_limit: float = 0.0
     request_timeout: float = 30.0
     tokens: tuple[str, ...] = ()
@@ -181,8 +214,27 @@ class ServerConfig:
     store: str = "./log/trees.sqlite"
     store_max_age: float = 7 * 24 * 3600.0
     store_max_bytes: int = 1024 * 1024 * 1024
+    otlp_settle: float = DEFAULT_OTLP_SETTLE
+    otlp_endpoint: str = ""
+    otlp_headers: tuple[str, ...] = ()
+    otlp_export_queue: int = DEFAULT_OTLP_EXPORT_QUEUE
+    bus: str = ""
+    partitions: int = 16
+    bus_replicas: int = 1
+    bus_max_bytes: int = 1024 * 1024 * 1024
+    bus_max_age: float = 24 * 3600.0
+    bus_ack_wait: float = 30.0
+    bus_max_ack_pending: int = 20_000
+    bus_duplicate_window: float = 120.0
+    bus_timeout: float = 5.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "otlp_headers", _headers(self.otlp_headers))
+        if self.otlp_endpoint and not re.match(r"https?://[^/\s]+", str(self.otlp_endpoint)):
+            raise ConfigError(
+                f"option otlp_endpoint must be an http:// or https:// URL, not "
+                f"{self.otlp_endpoint!r:.80}"
+            )
         for name in ("tokens", "allowed_origins", "viewer_tokens"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -231,6 +283,7 @@ class ServerConfig:
             "max_published_memory",
             "max_open_bytes",
             "max_published_digests",
+            "otlp_export_queue",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -252,6 +305,7 @@ class ServerConfig:
             "spool_max_bytes",
             "store_max_age",
             "store_max_bytes",
+            "otlp_settle",
         )
         for name in non_negative:
             if getattr(self, name) < 0:
@@ -267,7 +321,31 @@ class ServerConfig:
             raise ConfigError("option publish_queue must be at least 100")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("options tls_cert and tls_key go together")
+        self._check_bus()
         self.buffer_limits()  # the engine's own rules (e.g. max_tree_depth at most 100)
+
+    def _check_bus(self) -> None:
+        """The bus options' ranges, and what does not go with the bus (docs/design.md §8)."""
+        if not 1 <= self.partitions <= 1024:
+            raise ConfigError("option partitions must be from 1 to 1024")
+        if self.bus_replicas not in (1, 3, 5):
+            raise ConfigError("option bus_replicas must be 1, 3 or 5")
+        for name in ("bus_max_bytes", "bus_max_ack_pending"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"option {name} must be at least 1")
+        for name in ("bus_max_age", "bus_ack_wait", "bus_duplicate_window", "bus_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"option {name} must be more than 0")
+        if self.bus and not all(
+            re.match(r"(nats|tls)://[^\s,]+$", u.strip()) for u in self.bus.split(",")
+        ):
+            raise ConfigError(
+                f"option bus must be nats:// URLs, comma-separated, not {self.bus!r:.120}"
+            )
+        if self.bus and self.spool:
+            raise ConfigError(
+                "options bus and spool do not go together: the bus is the durable copy"
+            )
 
     def buffer_limits(self) -> BufferLimits:
         """The engine's limits these options set (see :data:`ENGINE_OPTIONS`).
@@ -298,15 +376,28 @@ class ServerConfig:
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, source: str = "config") -> ServerConfig:
-        """Build from a mapping whose keys may be snake_case or the seed's camelCase."""
+        """Build from a mapping whose keys may be snake_case or the seed's camelCase.
+
+        Raises:
+            ConfigError: a key is unknown or its value refused; the message names
+                ``source`` (the config file) and the key as it is spelled there.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        spelled: dict[str, str] = {}
         for key, value in values.items():
             name = _ALIASES.get(key, _snake(key))
             if name not in names:
                 raise ConfigError(f"{source}: unknown option {key!r}")
             kwargs[name] = value
-        return cls(**kwargs)
+            spelled[name] = key
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            message = str(exc)
+            for name, key in spelled.items():  # "option port must be int": the file's key
+                message = re.sub(rf"\b{name}\b", key, message, count=1)
+            raise ConfigError(f"{source}: {message}") from exc
 
     def replace(self, **changes: Any) -> ServerConfig:
         """A copy with some options changed (validated again)."""
@@ -328,6 +419,35 @@ _ALIASES = {
     "monPort": "mon_port",
     "waitForPublisher": "wait_for_publisher",
 }
+
+
+def _headers(value: object) -> tuple[str, ...]:
+    """``otlp_headers`` as ``K=V`` strings: from a list of them, a table, or a
+    comma-separated string.
+
+    Raises:
+        ConfigError: an item is not ``K=V`` with a header name, or holds a line break.
+    """
+    if isinstance(value, str):
+        items: list[object] = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, dict):
+        items = [f"{k}={v}" for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        raise ConfigError("option otlp_headers must be a list of K=V strings or a table")
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"option otlp_headers: {item!r} is not a K=V string")
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", key):
+            raise ConfigError(f"option otlp_headers: {item!r:.80} is not K=V with a header name")
+        if "\r" in val or "\n" in val:
+            raise ConfigError(f"option otlp_headers: the value of {key} holds a line break")
+        out.append(f"{key}={val.strip()}")
+    return tuple(out)
 
 
 def _snake(name: str) -> str:

@@ -31,13 +31,16 @@ Every refusal is counted in :class:`~async_logging.server.pipeline.Stats` by rea
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import enum
+import functools
 import logging
 import ssl
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 import orjson
@@ -48,9 +51,22 @@ from ..exceptions import BadInput, ConfigError, DecodeError, LimitExceeded
 from . import guard, spool
 from .config import ServerConfig
 from .lifecycle import Lifecycle
-from .pipeline import Pipeline
+from .otlp import OtlpIngest, answer_kind, check_headers
 
-__all__ = ["SUBPROTOCOL", "ListenerState", "LogListener"]
+if TYPE_CHECKING:
+    from ..buffer import Fed
+    from .pipeline import Stats
+    from .spool import Spool
+
+__all__ = [
+    "BAD_INPUT_REASONS",
+    "REFUSAL_REASONS",
+    "SUBPROTOCOL",
+    "TRANSPORTS",
+    "Ingest",
+    "ListenerState",
+    "LogListener",
+]
 
 log = logging.getLogger("async_logging.server")
 
@@ -66,6 +82,32 @@ ACCEPT_ERROR_LOG_INTERVAL = 10.0
 REFUSED_BODY_LINGER = 2.0
 #: Refusals answered before the body was read whole: the connection takes no next request.
 _UNREAD_BODY = frozenset({"inflight_full", "message_too_big", "request_timeout"})
+#: The same for OTLP: refused on its headers, or a body that does not inflate.
+_OTLP_UNREAD_BODY = frozenset({"unsupported_media_type", "unsupported_encoding", "bad_gzip"})
+#: The transports ``frames_received`` and ``bytes_received`` count by.
+TRANSPORTS: Final = ("ws", "http", "otlp")
+#: What the listener itself counts in ``bad_input`` (beside the decoder's, the mapper's
+#: and the spool's reasons, which it counts as they are raised): a body over the size,
+#: unreadable or too slow, a frame that does not fit in flight, one the client did not
+#: mask, a broken WebSocket.
+BAD_INPUT_REASONS: Final = (
+    "message_too_big",
+    "bad_form",
+    "request_timeout",
+    "inflight_full",
+    "unmasked_frame",
+    "protocol_error",
+)
+#: Why connections are refused or closed (``connections_refused{reason}``), beside the
+#: token and origin checks' (:data:`~async_logging.server.guard.ACCESS_REASONS`).
+REFUSAL_REASONS: Final = (
+    "draining",
+    "conn_threshold",
+    "max_http_connections",
+    "request_timeout",
+    "idle",
+    "shutting_down",
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,6 +130,23 @@ _LISTENER_MOVES = {
 }
 
 
+class Ingest(Protocol):
+    """Where the listener hands accepted batches: the :class:`Pipeline`, which reassembles
+    them here, or a bus publisher (``serve --bus``:
+    :class:`~async_logging.bus.ingest.BusIngest`), which acks once the bus stored them."""
+
+    stats: Stats
+    wire_limits: wire.WireLimits
+    spool: Spool | None
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def accept(self, logs: list[Any], raw: tuple[int, bytes] | None = None) -> Fed: ...
+
+    async def accept_msgpack(self, payload: bytes) -> tuple[int | None, int, Fed]: ...
+
+
 class LogListener:
     """Accepts logs over WebSocket and HTTP and hands them to the pipeline.
 
@@ -95,7 +154,7 @@ class LogListener:
     ``close_connections``) and calls ``pipeline.accept(logs)``.
     """
 
-    def __init__(self, pipeline: Pipeline, config: ServerConfig) -> None:
+    def __init__(self, pipeline: Ingest, config: ServerConfig) -> None:
         self.pipeline = pipeline
         self.config = config
         self.stats = pipeline.stats
@@ -124,6 +183,9 @@ class LogListener:
         self.port: int = config.port
         self._lifecycle = Lifecycle("LogListener", _LISTENER_MOVES, ListenerState.NEW)
         self.frames_seen = 0
+        #: The OTLP/HTTP routes (``POST /v1/traces``, ``POST /v1/logs``): docs/design.md §12.
+        # OtlpIngest takes any Ingest (it uses accept, spool, closed, stats, wire_limits).
+        self.otlp = OtlpIngest(pipeline, config.otlp_settle)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -143,6 +205,8 @@ class LogListener:
             client_max_size=self.config.max_message_bytes, middlewares=[self._guard_middleware]
         )
         app.router.add_post("/log", self.handle_post)
+        app.router.add_post("/v1/traces", self.handle_otlp_traces)
+        app.router.add_post("/v1/logs", self.handle_otlp_logs)
         app.router.add_get("/ws", self.handle_discovery)
         app.router.add_get("/{tail:.*}", self.handle_websocket)
         return app
@@ -237,11 +301,17 @@ class LogListener:
                 timeout=timeout,
             )
 
+    async def release_held(self) -> None:
+        """Feed what the OTLP settle holds (before the pipeline publishes everything at a
+        drain, so that those trees come out complete)."""
+        await self.otlp.release_all()
+
     async def cleanup(self) -> None:
         """Release the HTTP machinery (after the pipeline is closed, or after a failed start)."""
         if self._lifecycle.state is ListenerState.STOPPED:
             return
         self._lifecycle.to(ListenerState.STOPPED)
+        self.otlp.close()
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -368,24 +438,33 @@ class LogListener:
 
     # ------------------------------------------------------------------ HTTP
 
-    async def handle_post(self, request: web.Request) -> web.Response:
+    async def handle_post(self, request: web.Request) -> web.StreamResponse:
         """``POST /log``: one batch per request.
 
         While the server drains, a request is answered 503 ``shutting_down`` and its
         connection closed, untaken: the client sends it again, to another worker or after
         the restart. A request taken before is answered before the pipeline closes.
         """
+        return await self._answer(request, self._handle_post, _json_error)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        handle: Handler,
+        error: Callable[[int, str, str], web.Response],
+    ) -> web.StreamResponse:
+        """``handle(request)``, counted as a request being answered (a drain waits for
+        it); while draining, ``error(503, "shutting_down", …)`` with the connection
+        closed, untaken (POST /log and the OTLP routes)."""
         if self.draining:
             self.stats.connections_refused["shutting_down"] += 1
-            response = _json_error(
-                503, "shutting_down", "the server is shutting down; send it again"
-            )
+            response = error(503, "shutting_down", "the server is shutting down; send it again")
             response.force_close()
             return response
         self._posts += 1
         self._no_posts.clear()
         try:
-            return await self._handle_post(request)
+            return await handle(request)
         finally:
             self._posts -= 1
             if not self._posts:
@@ -424,13 +503,71 @@ class LogListener:
             hold.release()  # the batch is fed (or refused): its bytes are not held any more
         return _post_answer(frame.seq, len(frame.logs), fed)
 
+    async def handle_otlp_traces(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/traces``: OTLP/HTTP spans (:mod:`.otlp`); while draining, 503 as
+        ``POST /log`` (which an OTLP client retries)."""
+        return await self._answer(
+            request,
+            functools.partial(self._handle_otlp, signal="traces"),
+            self._otlp_error(request),
+        )
+
+    async def handle_otlp_logs(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/logs``: OTLP/HTTP log records (:mod:`.otlp`), as the traces route."""
+        return await self._answer(
+            request,
+            functools.partial(self._handle_otlp, signal="logs"),
+            self._otlp_error(request),
+        )
+
+    def _otlp_error(self, request: web.Request) -> Callable[[int, str, str], web.Response]:
+        """An OTLP error answer (a ``Status`` in the request's encoding)."""
+        kind = answer_kind(request.content_type)
+        return lambda status, reason, detail: self.otlp.status_response(
+            status, reason, detail, kind
+        )
+
+    async def _handle_otlp(self, request: web.Request, signal: str) -> web.Response:
+        """One OTLP request, under the same guard, tokens, limits and counters as
+        ``POST /log``; the answers are OTLP's (a ``Status`` body on errors)."""
+        stats = self.stats
+        stats.frames["otlp"] += 1
+        # Answers are in the request's encoding; protobuf when it names none we take.
+        kind = answer_kind(request.content_type)
+        refusal = self._access_refusal(request, websocket=False)
+        if refusal is not None:
+            response = self.otlp.status_response(
+                refusal.status, refusal.reason, refusal.detail, kind
+            )
+            if refusal.status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="async-logging"'
+            return response
+        hold = _Hold(self)
+        try:
+            check_headers(request.content_type, request.headers.get("Content-Encoding", ""))
+            try:
+                body, _ = await self._read_post(request, kind, hold)
+            except web.RequestPayloadError as exc:  # a body aiohttp could not inflate
+                raise DecodeError("bad_gzip", f"the body does not inflate: {exc}") from exc
+            stats.bytes["otlp"] += len(body)
+            self.frames_seen += 1
+            return await self.otlp.take(signal, kind, body)
+        except BadInput as exc:
+            stats.bad_input[exc.reason] += 1
+            response = self.otlp.error(exc, kind)
+            if exc.reason in _UNREAD_BODY or exc.reason in _OTLP_UNREAD_BODY:
+                response.force_close()
+            return response
+        finally:
+            hold.release()
+
     async def _read_post(
         self, request: web.Request, ctype: str, hold: _Hold
     ) -> tuple[bytes, dict[str, str] | None]:
         """The body (or a multipart form's text fields), read whole within ``request_timeout``
-        and held in the in-flight budget: a body as its bytes arrive (a slow body holds
-        only what it sent), a multipart form (which aiohttp reads whole) by its
-        ``Content-Length`` before it is read, or ``max_message_bytes`` when chunked.
+        and held in the in-flight budget as its bytes arrive (a slow body, a form's
+        included, holds only what it sent); a form is parsed once it is all there
+        (:func:`_form_fields`).
 
         Raises:
             LimitExceeded: ``message_too_big`` (413), ``request_timeout`` (408, the body,
@@ -446,12 +583,10 @@ class LogListener:
             )
         try:
             async with asyncio.timeout(c.request_timeout or None):
+                body = await self._read_body(request, hold)
                 if ctype == "multipart/form-data":
-                    # request.post() reads the whole body: a chunked form may be that big.
-                    hold.take(length if length is not None else c.max_message_bytes)
-                    form = await request.post()
-                    return b"", {k: v for k, v in form.items() if isinstance(v, str)}
-                return await self._read_body(request, hold), None
+                    return b"", _form_fields(body, request.headers.get("Content-Type", ""))
+                return body, None
         except web.HTTPRequestEntityTooLarge as exc:
             raise LimitExceeded("message_too_big", "body is over the size limit") from exc
         except TimeoutError as exc:
@@ -626,8 +761,8 @@ class LogListener:
             return
         conn.rearm()
 
-    def _refuse(self, request: web.Request, *, websocket: bool) -> web.Response | None:
-        """The 401/403 answer when the request may not send logs (counted and logged)."""
+    def _access_refusal(self, request: web.Request, *, websocket: bool) -> guard.Refusal | None:
+        """Why the request may not send logs (counted and logged), or None."""
         c = self.config
         if not c.tokens and not c.allowed_origins:
             return None
@@ -638,6 +773,13 @@ class LogListener:
             return None
         self.stats.connections_refused[refusal.reason] += 1
         log.warning("refused %s from %s: %s", request.path, request.remote, refusal.detail)
+        return refusal
+
+    def _refuse(self, request: web.Request, *, websocket: bool) -> web.Response | None:
+        """The 401/403 answer when the request may not send logs (counted and logged)."""
+        refusal = self._access_refusal(request, websocket=websocket)
+        if refusal is None:
+            return None
         response = _json_error(refusal.status, refusal.reason, refusal.detail)
         if refusal.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="async-logging"'
@@ -865,6 +1007,36 @@ def _post_answer(seq: int | None, items: int, fed: Any) -> web.Response:
                 status=400, body=orjson.dumps(body_out), content_type="application/json"
             )
     return web.Response(body=orjson.dumps(body_out), content_type="application/json")
+
+
+def _form_fields(body: bytes, content_type: str) -> dict[str, str]:
+    """The text fields of a ``multipart/form-data`` body (file parts left out; of a name
+    sent twice, the last), each decoded by its charset (UTF-8 by default).
+
+    The standard library's MIME parser reads the body the listener already holds, so a
+    form is counted in the in-flight budget as its bytes arrive, like any other body.
+
+    Raises:
+        ValueError: the body is not a form, or a field is not text in its charset.
+    """
+    head = b"Content-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise ValueError("a multipart/form-data body without parts (or without a boundary)")
+    fields: dict[str, str] = {}
+    for part in message.iter_parts():
+        if part.get_content_disposition() != "form-data" or part.get_filename() is not None:
+            continue
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        payload = part.get_payload(decode=True)
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            fields[name] = payload.decode(charset) if isinstance(payload, bytes) else ""
+        except (LookupError, UnicodeDecodeError) as exc:
+            raise ValueError(f"field {name!r:.40} is not {charset} text") from exc
+    return fields
 
 
 def _spool_record(body: bytes | None, ctype: str, frame: wire.Frame) -> tuple[int, bytes]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -35,6 +35,12 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .. import model, wire
+from ..buffer.engine import INCOMPLETE_REASONS, MAPPER_ERROR
+from ..buffer.native import TRANSACTION
+from ..publishers import otlp as otlp_export
+from . import guard, listener, pipeline, spool
+from . import otlp as otlp_ingest
 from .monauth import AuthFailures, MonitorAuth, open_warning
 from .pipeline import LATENCY_BUCKETS
 
@@ -42,7 +48,7 @@ if TYPE_CHECKING:
     from .config import ServerConfig
     from .viewer import Viewer
 
-__all__ = ["MonApp", "SnapshotCollector"]
+__all__ = ["KNOWN_LABELS", "MonApp", "SnapshotCollector"]
 
 Snapshot = Callable[[], dict[str, Any]]
 Health = Callable[[], dict[str, Any]]
@@ -50,6 +56,33 @@ Health = Callable[[], dict[str, Any]]
 _P = "async_logging_"
 
 log = logging.getLogger("async_logging.server")
+
+#: The label values each labelled counter is exported with from the start, at 0, so that
+#: a dashboard or an alert finds every series before the first event of its kind; each
+#: list lives where its values are counted. A value met that is not listed is exported too.
+KNOWN_LABELS: Final[dict[str, tuple[str, ...]]] = {
+    "frames_received": listener.TRANSPORTS,
+    "bytes_received": listener.TRANSPORTS,
+    "bad_input": tuple(
+        dict.fromkeys(
+            (
+                *wire.FRAME_REASONS,
+                *wire.EVENT_REASONS,
+                *model.REFUSAL_REASONS,
+                MAPPER_ERROR,
+                *spool.REFUSAL_REASONS,
+                *pipeline.REFUSAL_REASONS,
+                *listener.BAD_INPUT_REASONS,
+                *otlp_ingest.REFUSAL_REASONS,
+            )
+        )
+    ),
+    "records_published": (TRANSACTION, model.ATOMIC, model.HEARTBEAT),
+    "incomplete_transactions": INCOMPLETE_REASONS,
+    "connections_refused": (*listener.REFUSAL_REASONS, *guard.ACCESS_REASONS),
+    "otlp_received": otlp_ingest.ITEMS,
+    "otlp_export_dropped": otlp_export.DROP_REASONS,
+}
 
 
 class SnapshotCollector(Collector):
@@ -185,6 +218,10 @@ class SnapshotCollector(Collector):
             "set aside in the dead-letter file.",
             s.get("dead_letters", 0),
         )
+        yield from _otlp_metrics(s.get("otlp", {}), s.get("otlp_export", {}))
+        bus = s.get("bus")
+        if bus:  # serve --bus, reassemble, sink (docs/design.md §8)
+            yield from _bus_metrics(bus)
         counts = s["latency_buckets"]
         buckets = []
         acc = 0
@@ -248,6 +285,83 @@ class SnapshotCollector(Collector):
             )
 
 
+def _otlp_metrics(ingest: dict[str, Any], export: dict[str, Any]) -> Iterator[Metric]:
+    """OTLP in (``POST /v1/traces``, ``/v1/logs``) and out (the exporter), at 0 when off."""
+    yield _labelled(
+        CounterMetricFamily,
+        "otlp_received",
+        "Spans and log records taken over OTLP/HTTP, by signal.",
+        "signal",
+        ingest.get("received", {}),
+    )
+    yield _gauge(
+        "otlp_held",
+        "Root spans' ends held for the OTLP settle (their trees wait for spans in flight).",
+        ingest.get("held", 0),
+    )
+    yield _gauge(
+        "otlp_export_queue",
+        "Published records waiting for the OTLP exporter.",
+        export.get("queue", 0),
+    )
+    for key, help_ in (
+        ("spans", "Spans the OTLP receiver took."),
+        ("log_records", "Log records the OTLP receiver took."),
+        ("rejected", "Spans and log records the OTLP receiver refused in its partial_success."),
+        ("requests", "OTLP export requests made (retries included)."),
+        ("retries", "OTLP export requests retried (429, 502, 503, 504, no answer)."),
+        ("bytes", "Bytes of OTLP export requests the receiver took (as sent, gzipped)."),
+    ):
+        yield _counter("otlp_export_" + key, help_, export.get(key, 0))
+    yield _labelled(
+        CounterMetricFamily,
+        "otlp_export_dropped",
+        "Published records not exported, by reason.",
+        "reason",
+        export.get("dropped", {}),
+    )
+
+
+def _bus_metrics(bus: dict[str, Any]) -> Iterator[Metric]:
+    """The node's side of the bus: up, errors, refusals, what it published, and per
+    durable consumer (``alog-reasm-<partition>``, ``alog-sink-<name>``) its lag."""
+    yield _gauge(
+        "bus_up", "1 while the node can use the bus (connected, streams ready).", bus["up"]
+    )
+    yield _labelled(
+        CounterMetricFamily,
+        "bus_errors",
+        "What went wrong with the bus, by kind (connect, disconnected, publish, fetch...).",
+        "kind",
+        bus.get("errors", {}),
+    )
+    yield _labelled(
+        CounterMetricFamily,
+        "bus_refused",
+        "Batches an ingest node refused because the bus did not store them, by reason.",
+        "reason",
+        bus.get("refused", {}),
+    )
+    for key, help_ in (
+        ("published_messages", "Messages this node published to the bus and JetStream stored."),
+        ("duplicates", "Messages JetStream dropped as copies (a replay's trees, a resend)."),
+        ("carried", "Messages a reassembler published again to let a published tree's go."),
+    ):
+        yield _counter("bus_" + key, help_, bus.get(key, 0))
+    consumers: dict[str, dict[str, int]] = bus.get("consumers", {})
+    for key, help_, cls in (
+        ("lag", "Messages of the consumer's stream not delivered to it yet.", GaugeMetricFamily),
+        ("ack_pending", "Messages delivered to the consumer and not acked.", GaugeMetricFamily),
+        ("held", "Messages this node holds unacked (their trees are open).", GaugeMetricFamily),
+        ("redelivered", "Messages delivered to this node again.", CounterMetricFamily),
+        ("messages", "Messages delivered to this node.", CounterMetricFamily),
+    ):
+        family = cls(_P + "bus_" + key, help_, labels=["consumer"])
+        for name, values in sorted(consumers.items()):
+            family.add_metric([name], values.get(key, 0))
+        yield family
+
+
 def _counter(name: str, help_: str, value: float) -> Metric:
     return CounterMetricFamily(_P + name, help_, value=value)
 
@@ -257,8 +371,10 @@ def _gauge(name: str, help_: str, value: float) -> Metric:
 
 
 def _labelled(cls: Any, name: str, help_: str, label: str, values: dict[str, float]) -> Metric:
+    """A family with one sample per label value: every known one (:data:`KNOWN_LABELS`),
+    at 0 until counted, and any other value counted."""
     family = cls(_P + name, help_, labels=[label])
-    for key, value in sorted(values.items()):
+    for key, value in sorted((dict.fromkeys(KNOWN_LABELS.get(name, ()), 0) | values).items()):
         family.add_metric([key], value)
     return family  # type: ignore[no-any-return]
 

@@ -54,7 +54,7 @@ from .spool import (
     split_settled,
 )
 
-__all__ = ["LATENCY_BUCKETS", "Pipeline", "PipelineState", "Stats"]
+__all__ = ["LATENCY_BUCKETS", "REFUSAL_REASONS", "Pipeline", "PipelineState", "Stats"]
 
 log = logging.getLogger("async_logging.server")
 
@@ -71,6 +71,9 @@ PUBLISHER_STALL = 10.0
 SPOOL_FULL_HOLD = 5.0
 #: Backoff (seconds) between retries of a batch whose publisher raised.
 RETRY_BACKOFF = (0.05, 0.2, 1.0, 5.0)
+#: Why the pipeline itself refuses a batch (503, ``bad_input{reason}``, exported at 0 from
+#: the start; the spool's reasons are the spool's).
+REFUSAL_REASONS = ("shutting_down",)
 
 
 class Stats:

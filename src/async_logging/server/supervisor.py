@@ -90,6 +90,8 @@ async def _worker(config: ServerConfig, wid: int, reports: Any) -> None:
     reporter.cancel()
     reason = "recycled" if cluster.recycle_wanted.is_set() else "shutdown"
     await cluster.stop(reason)
+    if cluster.drained is not None:  # serve says what each worker's drain published
+        print(f"async-logging: worker {wid}: {cluster.drained.summary()}", file=sys.stderr)
     reports.put(("stats", wid, cluster.snapshot()))
     reports.put(("bye", wid))
 
