@@ -4,17 +4,21 @@ item 6): the publish queue full, the publisher stalled, the spool full."""
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgpack
+import orjson
 import pytest
 
 from async_logging.server import LogCluster
 from conftest import TIMEOUT
-from helpers import Gate
+from helpers import Gate, serve, tx
 
 
 def tree(uuid: str) -> list[dict[str, Any]]:
@@ -174,3 +178,45 @@ async def test_a_drain_answers_the_frame_it_is_taking_before_it_closes(
         gate.open.set()
         await cluster.stop()
     assert gate.published == 3
+
+
+def test_the_supervisor_says_503_when_every_worker_refuses(
+    tmp_path: Path, procs: list[Any]
+) -> None:
+    """With workers, /ecv is the supervisor's: once every worker refuses batches (here its
+    spool is full), it answers 503 with the reason, each worker's in ``workers``."""
+    s = serve(
+        tmp_path, "--workers", "2", "--spool", str(tmp_path / "spool"), "--spool-max-bytes", "100"
+    )
+    procs.append(s)
+    url = f"http://127.0.0.1:{s.port}/log"
+
+    def post() -> int:
+        body = orjson.dumps({"logs": tx("refused")})
+        request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def health() -> tuple[int, dict[str, Any]]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{s.mon_port}/ecv", timeout=TIMEOUT) as r:
+                return int(r.status), orjson.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, orjson.loads(exc.read())
+
+    deadline = time.monotonic() + TIMEOUT
+    while health()[0] != 200:  # the workers are starting
+        assert time.monotonic() < deadline, health()
+        time.sleep(0.05)
+    while True:  # new connections spread over the workers: refuse until both have
+        assert post() == 503
+        status, body = health()
+        if status == 503:
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    assert body["reason"] == "spool_full" and body["status"] == "UNAVAILABLE"
+    assert [w.get("refusing") for w in body["workers"]] == ["spool_full", "spool_full"]

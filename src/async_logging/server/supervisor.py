@@ -76,7 +76,8 @@ async def _worker(config: ServerConfig, wid: int, reports: Any) -> None:
 
     async def report() -> None:
         while True:
-            reports.put(("stats", wid, cluster.snapshot()))
+            # Its counters, and why it does not ack now (None: it does), for /ecv.
+            reports.put(("stats", wid, cluster.snapshot(), cluster.health().get("reason")))
             await asyncio.sleep(STATS_INTERVAL)
 
     async def recycle_now() -> None:
@@ -148,6 +149,8 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")
         self.reports: Any = self._ctx.Queue()
         self.live: dict[int, dict[str, Any]] = {}
+        # Why each worker does not ack now (None: it does), as it last reported.
+        self.refusing: dict[int, str | None] = {}
         self.retired: dict[str, Any] = {}
         self.restarts = 0
         self.recycles = 0
@@ -303,6 +306,8 @@ class Supervisor:
                 slot.lifecycle.to(WorkerState.READY)
         elif kind == "stats":
             self.live[wid] = msg[2]
+            if len(msg) > 3:
+                self.refusing[wid] = msg[3]
         elif kind == "recycle" and slot is not None and slot.retiring_for is None:
             if self.stopping or slot.draining:
                 return
@@ -313,6 +318,7 @@ class Supervisor:
             self._retire_stats(wid)
 
     def _retire_stats(self, wid: int) -> None:
+        self.refusing.pop(wid, None)
         snap = self.live.pop(wid, None)
         if snap is not None:
             for gauge in (
@@ -365,15 +371,29 @@ class Supervisor:
         return snap
 
     def health(self) -> dict[str, Any]:
+        """What ``/ecv`` reports: available while some ready worker acks. When every ready
+        worker refuses (its publish queue full, its publisher stalled, its spool full), the
+        proxy acks nothing: 503 with the first worker's ``reason`` (each worker's is in
+        ``workers``)."""
         ready = [s for s in self.slots.values() if s.ready]
+        reasons = [self.refusing.get(s.wid) for s in ready]
+        refusing = bool(ready) and all(reasons)
         return {
             "available": self.config.ecv
             and self._lifecycle.state is SupervisorState.RUNNING
-            and bool(ready),
+            and bool(ready)
+            and not refusing,
+            **({"reason": reasons[0]} if refusing else {}),
             "machine": self.config.machine_name,
             "pid": os.getpid(),
             "workers": [
-                {"id": s.wid, "pid": s.pid, "ready": s.ready, "draining": s.draining}
+                {
+                    "id": s.wid,
+                    "pid": s.pid,
+                    "ready": s.ready,
+                    "draining": s.draining,
+                    **({"refusing": r} if (r := self.refusing.get(s.wid)) else {}),
+                }
                 for s in sorted(self.slots.values(), key=lambda s: s.wid)
             ],
             "restarts": self.restarts,
