@@ -430,3 +430,50 @@ async def test_one_uuid_posted_to_different_workers_is_one_tree(
         assert all(r["complete"] is True and len(r["children"]) == 3 for r in records)
     finally:
         served.close()
+
+
+async def test_without_the_bus_batches_are_refused_and_everything_resumes_after(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """The only NATS server goes down: the ingest node refuses batches (503 overloaded,
+    bus_unavailable: clients keep and resend them) and both nodes' /ecv say 503; the
+    reassembler acks nothing meanwhile. Once the server is back (its store kept), both
+    resume: what was acked before and after comes out once, complete."""
+    c = options(one_node.urls, tmp_path)
+    ingest = LogCluster(c)
+    await ingest.start()
+    nodes.append(ingest)
+    assert ingest.bus is not None
+    await ingest.bus.link.wait(TIMEOUT)
+    reassembler = Reassembler(c, range(4))
+    await reassembler.start()
+    nodes.append(reassembler)
+    assert (await post(ingest.port, tree("before") + tree("open")[:2]))["accepted"] == 7
+    await wait_trees(one_node.urls, {"before"})
+    (server,) = one_node.nodes
+    server.kill()
+    await until(lambda: not ingest.bus.link.up)  # type: ignore[union-attr]
+    answer = await post(ingest.port, tree("during"))
+    assert answer["status"] == 503 and answer["error"] == "overloaded"
+    assert answer["detail"].startswith("bus_unavailable")
+    for port in (ingest.mon_port, reassembler.mon_port):
+        status, ecv = await get_ecv(port)
+        assert status == 503 and ecv["reason"] == "bus_unavailable", ecv
+    server.start()
+    await until(lambda: ingest.bus.link.up and reassembler.link.up, timeout=TIMEOUT * 2)  # type: ignore[union-attr]
+    await post_acked(ingest.port, tree("during"))
+    await post_acked(ingest.port, tree("open")[2:])
+    records = await wait_trees(one_node.urls, {"before", "during", "open"})
+    assert Counter(str(r["uuid"]) for r in records) == Counter(
+        {"before": 1, "during": 1, "open": 1}
+    )
+    assert all(r["complete"] is True for r in records)
+    for _ in range(int(TIMEOUT * 20)):  # 503 for REFUSED_HOLD seconds after a refusal
+        status, _ = await get_ecv(ingest.mon_port)
+        if status == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 200
+    metrics = await get_metrics(ingest.mon_port)
+    assert metrics.get("async_logging_bus_refused_total", reason="bus_unavailable") >= 1
+    assert metrics.get("async_logging_bus_errors_total", kind="disconnected") >= 1

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ EVENTS_STREAM: Final = "ALOG_EVENTS"
 TREES_STREAM: Final = "ALOG_TREES"
 #: Seconds between two tries to reach the bus when it cannot be reached.
 RECONNECT_WAIT: Final = 0.5
+#: Seconds between two log lines about the bus's errors (each is counted).
+ERROR_LOG_EVERY: Final = 30.0
 #: Bytes nats-py may buffer while the connection is down (then publishing fails at once).
 PENDING_BYTES: Final = 64 * 1024 * 1024
 #: The header JetStream drops copies by (within its duplicate window).
@@ -141,9 +144,16 @@ async def connect(
     """
     import nats
 
+    last_logged = -ERROR_LOG_EVERY
+
     async def on_error(exc: Exception) -> None:
+        # Each failed reconnect is an error here: counted, logged once per interval.
+        nonlocal last_logged
         errors["error"] += 1
-        log.warning("bus: %s", exc)
+        now = time.monotonic()
+        if now - last_logged >= ERROR_LOG_EVERY:
+            last_logged = now
+            log.warning("bus: %s (%d errors so far)", exc, errors["error"])
 
     async def on_disconnect() -> None:
         if closing is not None and closing.is_set():
