@@ -477,3 +477,46 @@ async def test_without_the_bus_batches_are_refused_and_everything_resumes_after(
     metrics = await get_metrics(ingest.mon_port)
     assert metrics.get("async_logging_bus_refused_total", reason="bus_unavailable") >= 1
     assert metrics.get("async_logging_bus_errors_total", kind="disconnected") >= 1
+
+
+async def test_an_open_tree_beside_a_published_one_is_carried_and_survives_a_kill(
+    tmp_path: Path,
+    three_nodes: NatsCluster,
+    nodes: list[Any],
+    processes: list[ReassemblerProcess],
+) -> None:
+    """One message holds a whole tree and half of another: after a quarter of the duplicate
+    window (0.5 s here) the open half is carried to a new message and the first one acked.
+    Killed then, the reassembler's replacement replays only the copy: the open tree comes
+    out whole, once, and the published one is not built again."""
+    urls = three_nodes.urls
+    window = ("--bus-duplicate-window", "2")
+    c = options(urls, tmp_path, partitions=1, bus_replicas=3, bus_duplicate_window=2.0)
+    ingest = LogCluster(c)
+    await ingest.start()
+    nodes.append(ingest)
+    assert ingest.bus is not None
+    await ingest.bus.link.wait(TIMEOUT)
+    first = ReassemblerProcess(urls, "--partitions", "0", *window)
+    processes.append(first)
+    open_tree = tree("carried-open", children=4)
+    assert (await post(ingest.port, tree("carried-whole") + open_tree[:3]))["accepted"] == 8
+    await wait_trees(urls, {"carried-whole"})
+    for _ in range(int(TIMEOUT * 20)):
+        metrics = await get_metrics(first.mon_port)
+        if metrics.get("async_logging_bus_carried_total") >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert metrics.get("async_logging_bus_carried_total") == 1
+    first.kill()
+    assert (await post(ingest.port, open_tree[3:]))["accepted"] == 3
+    second = ReassemblerProcess(urls, "--partitions", "0", *window)
+    processes.append(second)
+    records = await wait_trees(urls, {"carried-whole", "carried-open"})
+    assert Counter(str(r["uuid"]) for r in records) == Counter(
+        {"carried-whole": 1, "carried-open": 1}
+    )
+    (done,) = (r for r in records if r["uuid"] == "carried-open")
+    assert done["complete"] is True and len(done["children"]) == 4
+    metrics = await get_metrics(second.mon_port)
+    assert metrics.get("async_logging_bus_duplicates_total") == 0  # nothing built twice
