@@ -188,6 +188,7 @@ class BusIngest:
         One flush at a time: batches that arrive while one waits for JetStream go in the
         next, so the busier the node, the fewer and larger its messages.
         """
+        waiting: list[asyncio.Future[None]] = []
         try:
             while self._waiting:
                 await asyncio.sleep(0)  # batches taken in the same turn of the loop join
@@ -218,6 +219,11 @@ class BusIngest:
                             done.set_result(None)
                         else:
                             done.set_exception(BusUnavailable(error.bus_reason, error.detail))
+        except BaseException as exc:  # cancelled at a shutdown, never expected otherwise
+            for done in (*waiting, *self._waiting):
+                if not done.done():
+                    done.set_exception(BusUnavailable("bus_unavailable", f"not published: {exc!r}"))
+            raise
         finally:
             self._flushing = None
 

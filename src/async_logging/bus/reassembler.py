@@ -270,7 +270,15 @@ class Partition:
                     u = record.get("uuid")
                     if u.__class__ is str and not is_open(u):
                         closed.add(u)
-        await self.publish(batches)
+        try:
+            await self.publish(batches)
+        except _Abandoned:
+            log.warning(
+                "partition %d: stopping while the bus does not store trees; their messages "
+                "stay unacked for the next reassembler",
+                self.number,
+            )
+            return
         tokens = self.ledger.published(closed, now)
         await self.node.ack(free, tokens)
 
@@ -290,6 +298,8 @@ class Partition:
                 break
             except BusUnavailable as exc:
                 link.errors["publish"] += 1
+                if node.stopping:  # not stored, not acked: JetStream delivers them again
+                    raise _Abandoned from exc
                 if tries == 0:
                     log.warning(
                         "partition %d: trees not stored (%s); trying again", self.number, exc.detail
@@ -345,6 +355,10 @@ class Partition:
             info = await js.consumer_info(EVENTS_STREAM, self.durable)
             self.lag = info.num_pending or 0
             self.ack_pending = info.num_ack_pending or 0
+
+
+class _Abandoned(Exception):
+    """A publish given up because the node stops (its messages stay unacked)."""
 
 
 def _stream_seq(msg: Msg) -> int:
