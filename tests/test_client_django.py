@@ -118,3 +118,17 @@ async def test_django_async_requests_and_the_500_page(
     error = roots[error_response.headers["X-Request-ID"]]
     assert_request(error, "/async/boom", "CheckoutError", 500)
     assert_error_child(error)
+
+
+def test_django_joins_the_callers_tree_from_traceparent(
+    client: tuple[LogClient, CaptureTransport],
+) -> None:
+    """A W3C traceparent: the request's transaction takes the trace id as uuid and the
+    caller's span as parent, and the response names its own span in traceresponse."""
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    response = Client().get("/items/3", headers={"traceparent": f"00-{trace}-{span}-01"})
+    assert client[0].flush(5)
+    [begin] = [e for e in client[1].events if e["clazz"] == "begin"]
+    assert (begin["uuid"], begin["parent"], begin["name"]) == (trace, span, "/items/3")
+    assert response.headers["traceresponse"] == f"00-{trace}-{begin['event']}-01"
+    assert response.headers["X-Request-ID"] == trace

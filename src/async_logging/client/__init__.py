@@ -41,6 +41,13 @@ from .django_middleware import DjangoMiddleware
 from .logging_handler import LogHandler, loguru_sink, structlog_processor
 from .middleware import AsyncLoggingMiddleware, aiohttp_middleware, aiohttp_setup
 from .monitor import HeartbeatMonitor
+from .propagation import (
+    aiohttp_trace_config,
+    instrument_httpx,
+    instrument_requests,
+    uninstrument,
+    use_opentelemetry,
+)
 from .scopes import Transaction
 from .transports import (
     ConnectionLost,
@@ -74,6 +81,7 @@ __all__ = [
     "WebSocketTransport",
     "aiohttp_middleware",
     "aiohttp_setup",
+    "aiohttp_trace_config",
     "backoff",
     "bind",
     "close",
@@ -85,11 +93,15 @@ __all__ = [
     "flush",
     "get_client",
     "heartbeat",
+    "instrument_httpx",
+    "instrument_requests",
     "is_retryable",
     "log",
     "loguru_sink",
     "new_uuid",
     "structlog_processor",
     "transaction",
+    "uninstrument",
+    "use_opentelemetry",
     "wrap",
 ]

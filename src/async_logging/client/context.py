@@ -158,6 +158,13 @@ def wrap(fn: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
+#: Where a transaction that starts a tree looks for an enclosing span of another tracer:
+#: a callable giving ``(uuid, parent)`` or ``None``; unset (``None``) by default. Set by
+#: :func:`async_logging.client.propagation.use_opentelemetry` (docs/client.md,
+#: "Across services").
+_ambient: list[Callable[[], tuple[str, str] | None] | None] = [None]
+
+
 def new_uuid() -> str:
     """A new random request id (32 hex digits, 128 random bits)."""
     return os.urandom(16).hex()

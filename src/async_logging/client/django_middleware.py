@@ -9,7 +9,8 @@ sees the response of every request, the 500 page of an unhandled exception inclu
     ]
 
 The same transaction as the other frameworks' (:mod:`async_logging.client.middleware`):
-``method``, ``path``, ``status_code``, the status, the ``X-Request-ID`` read or echoed, and
+``method``, ``path``, ``status_code``, the status, the ``X-Request-ID`` read or echoed, the
+caller's tree joined from a W3C ``traceparent`` (answered with ``traceresponse``), and
 for an unhandled exception an ``Exception`` child (class, message, traceback). Django turns
 such an exception into its 500 page before the response reaches any middleware; the
 exception is caught on Django's ``got_request_exception`` signal, which this module
@@ -25,7 +26,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from .middleware import REQUEST_ID_HEADER, end_request
+from .middleware import REQUEST_ID_HEADER, end_request, request_transaction
+from .propagation import TRACEPARENT, TRACERESPONSE, traceresponse
 from .scopes import Transaction
 
 if TYPE_CHECKING:
@@ -91,11 +93,16 @@ class DjangoMiddleware:
     def _transaction(self, request: HttpRequest) -> _RequestTransaction:
         rid = request.headers.get(self.header) or None
         path = request.path
-        tx = Transaction(
-            self.type, path, uuid=rid, client=self.client, method=request.method, path=path
+        tx, join = request_transaction(
+            self.type,
+            path,
+            method=request.method,
+            rid=rid,
+            traceparent=request.headers.get(TRACEPARENT),
+            client=self.client,
         )
         setattr(request, TRANSACTION_ATTRIBUTE, tx)
-        return _RequestTransaction(tx, rid is None)
+        return _RequestTransaction(tx, rid is None, join.joined)
 
     def _finish(
         self, request: HttpRequest, tx: _RequestTransaction, response: HttpResponseBase
@@ -107,16 +114,19 @@ class DjangoMiddleware:
         tx.status_code = response.status_code
         if tx.echo:
             response[self.header] = tx.tx.uuid
+        if tx.joined:
+            response[TRACERESPONSE] = traceresponse(tx.tx)
 
 
 class _RequestTransaction:
     """A request's transaction as a ``with`` block that sets its status when it ends."""
 
-    __slots__ = ("echo", "status_code", "tx")
+    __slots__ = ("echo", "joined", "status_code", "tx")
 
-    def __init__(self, tx: Transaction, echo: bool) -> None:
+    def __init__(self, tx: Transaction, echo: bool, joined: bool) -> None:
         self.tx = tx
         self.echo = echo
+        self.joined = joined
         self.status_code: int | None = None
 
     def __enter__(self) -> _RequestTransaction:

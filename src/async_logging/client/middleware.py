@@ -31,6 +31,9 @@ children:
 - **uuid**: the ``X-Request-ID`` header when the request has one (the tree then uses ids
   that cannot collide with the caller's), else a new one, echoed back in the response's
   ``X-Request-ID`` header;
+- **the caller's tree**: with a valid W3C ``traceparent`` header the request joins it (the
+  caller's trace id as uuid, the caller's span as parent, a new span id as event id) and
+  the response carries ``traceresponse`` (:mod:`async_logging.client.propagation`);
 - extra keys: ``method``, ``path`` and ``status_code``.
 """
 
@@ -40,6 +43,15 @@ import functools
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
+from .propagation import (
+    REQUEST_ID_HEADER,
+    TRACEPARENT,
+    TRACERESPONSE,
+    Join,
+    http_status,
+    incoming,
+)
+from .propagation import traceresponse as traceresponse_of
 from .scopes import Transaction
 
 if TYPE_CHECKING:
@@ -59,11 +71,14 @@ __all__ = [
     "http_status",
 ]
 
-REQUEST_ID_HEADER: Final = "X-Request-ID"
 #: The status code a server answers an unhandled exception with.
 SERVER_ERROR: Final = 500
 #: The status code aiohttp answers a handler's ``TimeoutError`` with.
 GATEWAY_TIMEOUT: Final = 504
+
+#: The trace-context headers as an ASGI scope spells them.
+_TRACEPARENT_KEY: Final = TRACEPARENT.encode()
+_TRACERESPONSE_KEY: Final = TRACERESPONSE.encode()
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,11 +86,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 App = TypeVar("App")
-
-
-def http_status(code: int) -> str:
-    """The CAL status of an HTTP response code: ``"0"`` below 400, else the code."""
-    return "0" if code < 400 else str(code)
 
 
 def error_status(exc: BaseException) -> int | None:
@@ -98,6 +108,31 @@ def end_request(tx: Transaction, status_code: int | None, exc: BaseException | N
         tx.set(status_code=status_code)
     if exc is None and tx.exception is None:
         tx.status = http_status(status_code) if status_code is not None else "no_response"
+
+
+def request_transaction(
+    type: str,
+    path: str,
+    *,
+    method: str | None,
+    rid: str | None,
+    traceparent: str | None,
+    client: LogClient | None,
+) -> tuple[Transaction, Join]:
+    """The transaction of a request with these headers (``X-Request-ID``, ``traceparent``),
+    and where it went (:func:`~async_logging.client.propagation.incoming`)."""
+    join = incoming(rid, traceparent)
+    tx = Transaction(
+        type,
+        path,
+        uuid=join.uuid,
+        parent=join.parent,
+        event=join.event,
+        client=client,
+        method=method,
+        path=path,
+    )
+    return tx, join
 
 
 class RequestMiddleware(Generic[App]):
@@ -144,14 +179,21 @@ class AsyncLoggingMiddleware(RequestMiddleware[ASGIApp]):
             return
         key = self._header_key
         rid: str | None = None
+        parent_header: str | None = None
         for k, v in scope.get("headers") or ():
             if k == key:
-                rid = v.decode("latin-1") or None
-                break
+                rid = rid or v.decode("latin-1") or None
+            elif k == _TRACEPARENT_KEY:
+                parent_header = v.decode("latin-1")
         path: str = scope.get("path", "")
         root_path: str = scope.get("root_path", "")
-        tx = Transaction(
-            self.type, path, uuid=rid, client=self.client, method=scope.get("method"), path=path
+        tx, join = request_transaction(
+            self.type,
+            path,
+            method=scope.get("method"),
+            rid=rid,
+            traceparent=parent_header,
+            client=self.client,
         )
         status_code: int | None = None
         echo = rid is None
@@ -160,9 +202,12 @@ class AsyncLoggingMiddleware(RequestMiddleware[ASGIApp]):
             nonlocal status_code
             if message["type"] == "http.response.start":
                 status_code = message["status"]
-                if echo:
+                if echo or join.joined:
                     headers = list(message.get("headers") or ())
-                    headers.append((key, tx.uuid.encode("latin-1")))
+                    if echo:
+                        headers.append((key, tx.uuid.encode("latin-1")))
+                    if join.joined:
+                        headers.append((_TRACERESPONSE_KEY, traceresponse_of(tx).encode()))
                     message = {**message, "headers": headers}
             await send(message)
 
@@ -225,11 +270,20 @@ def aiohttp_middleware(
     ) -> web.StreamResponse:
         rid = request.headers.get(header) or None
         path = request.path
-        tx = Transaction(type, path, uuid=rid, client=client, method=request.method, path=path)
+        tx, join = request_transaction(
+            type,
+            path,
+            method=request.method,
+            rid=rid,
+            traceparent=request.headers.get(TRACEPARENT),
+            client=client,
+        )
         answer: web.HTTPException | None = None
         with tx:
             if rid is None:
                 request[id_key] = tx.uuid
+            if join.joined:
+                request[_traceresponse_key()] = traceresponse_of(tx)
             try:
                 resp = await handler(request)
             except web.HTTPException as exc:
@@ -238,8 +292,7 @@ def aiohttp_middleware(
                 answer = exc
                 tx.name = _aiohttp_route(request)
                 end_request(tx, exc.status, None)
-                if rid is None:
-                    exc.headers[header] = tx.uuid
+                _answer(exc.headers, header, rid, join.joined, tx)
             except BaseException as exc:
                 tx.name = _aiohttp_route(request)
                 status = GATEWAY_TIMEOUT if isinstance(exc, TimeoutError) else error_status(exc)
@@ -248,8 +301,8 @@ def aiohttp_middleware(
             else:
                 tx.name = _aiohttp_route(request)
                 end_request(tx, resp.status, None)
-                if rid is None and not resp.prepared:
-                    resp.headers[header] = tx.uuid
+                if not resp.prepared:
+                    _answer(resp.headers, header, rid, join.joined, tx)
         if answer is not None:
             raise answer
         return resp
@@ -284,8 +337,31 @@ def aiohttp_setup(
         uuid = request.get(id_key)
         if uuid is not None and header not in response.headers:
             response.headers[header] = uuid
+        answer = request.get(_traceresponse_key())
+        if answer is not None and TRACERESPONSE not in response.headers:
+            response.headers[TRACERESPONSE] = answer
 
     app.on_response_prepare.append(echo_request_id)
+
+
+@functools.cache
+def _traceresponse_key() -> Any:
+    """The request-storage key of a joined request's ``traceresponse``."""
+    from aiohttp import web
+
+    key_type = getattr(web, "RequestKey", None)
+    return "async_logging_traceresponse" if key_type is None else key_type("async_logging_tr", str)
+
+
+def _answer(
+    headers: MutableMapping[str, str], header: str, rid: str | None, joined: bool, tx: Transaction
+) -> None:
+    """Put the request id (when the request had none) and, for a request that joined its
+    caller's tree, the ``traceresponse`` on a response's headers."""
+    if rid is None:
+        headers[header] = tx.uuid
+    if joined:
+        headers[TRACERESPONSE] = traceresponse_of(tx)
 
 
 def _aiohttp_route(request: web.Request) -> str:

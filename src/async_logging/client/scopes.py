@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar, cast
 from ..exceptions import UsageError
 from ..model import ATOMIC, BEGIN, END
 from . import registry
-from .context import Scope, _scope, foreign_ids, new_epoch, new_uuid
+from .context import Scope, _ambient, _scope, foreign_ids, new_epoch, new_uuid
 from .items import NOT_ERRORS, Release, exception_item, make_item
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ class Transaction(Scope):
             cannot collide with another process's; omitted, the current tree is continued
             or a new one started.
         parent: the enclosing transaction's id when it is not the current one.
+        event: this transaction's own event id, for one that crosses the wire (a W3C span
+            id, 16 hex digits: :mod:`~async_logging.client.propagation`); omitted, the next
+            id of its tree.
         msg: a message for the ``end``.
         level: a log level name.
         client: the client to log through (default: the default client, at entry).
@@ -100,6 +103,7 @@ class Transaction(Scope):
     __slots__ = (
         "_client",
         "_done",
+        "_event_arg",
         "_foreign",
         "_parent_arg",
         "_t0",
@@ -124,12 +128,14 @@ class Transaction(Scope):
         *,
         uuid: str | None = None,
         parent: int | str | None = None,
+        event: int | str | None = None,
         msg: Any = None,
         level: str | None = None,
         client: LogClient | None = None,
         **data: Any,
     ) -> None:
         self.type = type
+        self._event_arg = event
         self.name = name
         self._uuid_arg = uuid
         self._parent_arg = parent
@@ -191,11 +197,17 @@ class Transaction(Scope):
                 next(outer.kids)  # a direct child of the enclosing transaction
             else:
                 self.parent = parent
+        elif (ambient := _ambient[0]) is not None and (found := ambient()) is not None:
+            # Inside another tracer's span (propagation.use_opentelemetry): join its trace.
+            self.uuid = found[0]
+            self.ids = foreign_ids()
+            self.parent = parent if parent is not None else found[1]
+            self._foreign = True
         else:
             self.uuid = new_uuid()
             self.ids = itertools.count(1)
             self.parent = parent if parent is not None else 0
-        self.event = next(self.ids)
+        self.event = next(self.ids) if self._event_arg is None else self._event_arg
         self.kids = itertools.count()
         # One clock per tree (context.py): the begin's time and the duration's start are
         # the one reading, so the children, read later, lie inside.

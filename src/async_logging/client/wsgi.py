@@ -2,7 +2,8 @@
 
 The same transaction as the ASGI middleware's (:mod:`async_logging.client.middleware`):
 ``method``, ``path``, ``status_code``, the status, an ``Exception`` child for an unhandled
-exception, the ``X-Request-ID`` read or echoed::
+exception, the ``X-Request-ID`` read or echoed, the caller's tree joined from a W3C
+``traceparent`` (answered with ``traceresponse``)::
 
     app.wsgi_app = WSGIMiddleware(app.wsgi_app)   # any WSGI app: wrap the callable
     flask_setup(app)                              # Flask, one line: the same, and more
@@ -29,7 +30,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from .context import _scope
-from .middleware import REQUEST_ID_HEADER, RequestMiddleware, end_request
+from .middleware import REQUEST_ID_HEADER, RequestMiddleware, end_request, request_transaction
+from .propagation import TRACERESPONSE, traceresponse
 from .scopes import Transaction
 
 if TYPE_CHECKING:
@@ -129,13 +131,13 @@ class WSGIMiddleware(RequestMiddleware[WSGIApp]):
         """Run the request in a transaction that ends when the server closes the body."""
         rid = environ.get(self._environ_key) or None
         path = _wsgi_text(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""))
-        tx = Transaction(
+        tx, join = request_transaction(
             self.type,
             path,
-            uuid=rid,
-            client=self.client,
             method=environ.get("REQUEST_METHOD"),
-            path=path,
+            rid=rid,
+            traceparent=environ.get("HTTP_TRACEPARENT"),
+            client=self.client,
         )
         request = _Request(tx)
         echo = rid is None
@@ -148,6 +150,8 @@ class WSGIMiddleware(RequestMiddleware[WSGIApp]):
             request.status_code = int(code) if code.isdigit() else None
             if echo:
                 headers = [*headers, (header, tx.uuid)]
+            if join.joined:
+                headers = [*headers, (TRACERESPONSE, traceresponse(tx))]
             if exc_info is None:
                 return start_response(status, headers)
             return start_response(status, headers, exc_info)
