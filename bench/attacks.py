@@ -7,7 +7,8 @@ file after the server stopped; ``lost`` counts acknowledged events missing from 
 ``dup`` unflagged copies), the server's RSS before, at its peak and after, and the longest
 the event loop was held (``async_logging_loop_stall_max_seconds``), beside the 100 ms
 bound of docs/design.md §7. The good client's worst ack time is the reference measured in
-the same run: what an ordinary client waited while the attack ran.
+the same run: what an ordinary client waited while the attack ran. RSS "after" is read 12 s
+after the attack, once the server has handed freed heap pages back (server/gctune.py).
 
 Run: ``python bench/attacks.py [--only NAME ...] [--keep DIR]``.
 """
@@ -44,6 +45,9 @@ T0 = 1_700_000_000_000
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 ANNOUNCE = re.compile(r"listening on ws://[^:]+:(\d+)/.*monitoring (?:http://[^:]+:(\d+)|off)")
 MSGPACK = {"Content-Type": "application/x-msgpack"}
+#: Seconds waited after an attack before RSS is read "after": past the clean loop's next
+#: malloc_trim (every TRIM_EVERY = 10 ticks of a second).
+SETTLE = 12.0
 
 
 # --------------------------------------------------------------------------- the server
@@ -314,6 +318,7 @@ class Run:
             await good
         metrics = await server.metrics()
         row.stall = metrics.get("async_logging_loop_stall_max_seconds", float("nan"))
+        await asyncio.sleep(SETTLE)  # "after" is once the server has handed freed pages back
         after = server.rss()
         server.stop()
         published, incomplete = event_keys(server.records())
