@@ -194,13 +194,16 @@ async def wait_trees(
     deadline = time.monotonic() + timeout
     records: list[dict[str, object]] = []
     while time.monotonic() < deadline:
-        records = await read_trees(urls)
-        if uuids <= {str(r.get("uuid")) for r in records}:
-            await asyncio.sleep(QUIET)
-            again = await read_trees(urls)
-            if len(again) == len(records):
-                return again
-            continue
+        try:
+            records = await read_trees(urls)
+            if uuids <= {str(r.get("uuid")) for r in records}:
+                await asyncio.sleep(QUIET)
+                again = await read_trees(urls)
+                if len(again) == len(records):
+                    return again
+                continue
+        except Exception:  # JetStream busy electing a leader: ask again
+            pass
         await asyncio.sleep(0.1)
     got = {str(r.get("uuid")) for r in records}
     raise AssertionError(f"trees never published: {sorted(uuids - got)[:10]} ...")

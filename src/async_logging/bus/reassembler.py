@@ -62,6 +62,8 @@ FETCH_WAIT: Final = 0.25
 LAG_EVERY: Final = 2.0
 #: Backoff (seconds) between tries to publish trees while the bus does not take them.
 RETRY_BACKOFF: Final = (0.05, 0.2, 0.5, 1.0)
+#: Seconds between two tries to bind a partition's consumer.
+BIND_RETRY: Final = 1.0
 #: Seconds past a fetch's expiry before held messages are handed back at a stop.
 HAND_BACK_MARGIN: Final = 0.1
 #: Seconds past ``bus_ack_wait`` a partition waits for a previous member's messages.
@@ -167,7 +169,14 @@ class Partition:
     async def run(self) -> None:
         """Fetch, feed, publish, ack, until the node stops."""
         node = self.node
-        await self.bind()
+        while not node.stopping:
+            try:
+                await self.bind()
+                break
+            except Exception as exc:  # no JetStream leader yet, the bus just went away...
+                node.link.errors["bind"] += 1
+                log.warning("partition %d: cannot bind its consumer yet (%s)", self.number, exc)
+                await node.sleep(BIND_RETRY)
         while not node.stopping:
             try:
                 msgs = await self._sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)

@@ -153,7 +153,17 @@ class TreesConsumer:
         return await js.pull_subscribe_bind(self.durable, stream=TREES_STREAM)
 
     async def _run(self) -> None:
-        sub = await self._bind()
+        while True:
+            try:
+                sub = await self._bind()
+                break
+            except Exception as exc:  # no JetStream leader yet, the bus just went away...
+                self.link.errors["bind"] += 1
+                log.warning("sink: cannot bind its consumer yet (%s)", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 1.0)
+                if self._stopping.is_set():
+                    return
         assert self.settings is not None
         progress_every = self.settings.ack_wait / 3
         loop = asyncio.get_running_loop()
