@@ -421,6 +421,8 @@ class Reassembler:
         self.clock = time.monotonic
         self.stopping = False
         self._stop = asyncio.Event()
+        #: What made a partition fail (the node then stops, exit status 1).
+        self.failed: Exception | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.monapp: MonApp | None = None
         self.mon_port = config.mon_port
@@ -447,9 +449,20 @@ class Reassembler:
         self.link.start()
         await self.link.wait()
         self._tasks = [
-            asyncio.create_task(p.run(), name=f"partition-{p.number}") for p in self.parts
+            asyncio.create_task(self._guard(p), name=f"partition-{p.number}") for p in self.parts
         ]
         self._tasks.append(asyncio.create_task(self._look(), name="lag"))
+
+    async def _guard(self, part: Partition) -> None:
+        """Run a partition; should it fail (never expected), stop the whole node: what its
+        engine held is then only in unacked messages, which a restarted node replays (an
+        engine that went on after an error could have taken events it never published)."""
+        try:
+            await part.run()
+        except Exception as exc:
+            log.exception("partition %d failed; the node stops for a replay", part.number)
+            self.failed = exc
+            self._stop.set()
 
     async def stop(self) -> None:
         """Drain: finish the batch in hand, hand back held messages, close."""
@@ -541,12 +554,14 @@ class Reassembler:
                 file=sys.stderr,
                 flush=True,
             )
-            await waiting
+            failing = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({waiting, failing}, return_when=asyncio.FIRST_COMPLETED)
+            failing.cancel()
         else:
             starting.cancel()
         print("async-logging: draining…", file=sys.stderr, flush=True)
         await self.stop()
-        return 0
+        return 1 if self.failed is not None else 0
 
 
 def _ranges(numbers: Sequence[int]) -> str:
