@@ -79,6 +79,24 @@ def three_nodes(tmp_path: Path) -> Iterator[NatsCluster]:
     cluster.stop()
 
 
+async def started_ingest(c: ServerConfig, nodes: list[Any]) -> LogCluster:
+    """An in-process ``serve --bus`` once its bus link is ready (stopped by ``nodes``)."""
+    ingest = LogCluster(c)
+    await ingest.start()
+    nodes.append(ingest)
+    assert ingest.bus is not None
+    await ingest.bus.link.wait(TIMEOUT)
+    return ingest
+
+
+async def started_reassembler(c: ServerConfig, nodes: list[Any]) -> Reassembler:
+    """An in-process reassembler of every partition (stopped by ``nodes``)."""
+    reassembler = Reassembler(c, range(c.partitions))
+    await reassembler.start()
+    nodes.append(reassembler)
+    return reassembler
+
+
 async def post(port: int, logs: list[dict[str, Any]], seq: int | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"logs": logs}
     if seq is not None:
@@ -158,20 +176,13 @@ async def test_a_tree_split_over_two_ingest_nodes_is_one_tree(
     """Half a transaction posted to one ingest node and the rest to another: one reassembler
     publishes one complete tree, and a sink writes it to its file once."""
     c = options(one_node.urls, tmp_path)
-    a, b = LogCluster(c), LogCluster(c)
-    for ingest in (a, b):
-        await ingest.start()
-        nodes.append(ingest)
-        assert ingest.bus is not None
-        await ingest.bus.link.wait(TIMEOUT)
+    a, b = await started_ingest(c, nodes), await started_ingest(c, nodes)
     events = tree("split-1", children=4)
     first = await post(a.port, events[:3])
     second = await post(b.port, [*events[3:], {"clazz": "nonsense"}])
     assert first == {"accepted": 3, "status": 200}
     assert second["accepted"] == 3 and second["rejected"][0]["error"] == "unknown_clazz"
-    reassembler = Reassembler(c, range(4))
-    await reassembler.start()
-    nodes.append(reassembler)
+    reassembler = await started_reassembler(c, nodes)
     out = tmp_path / "sink" / "all.log"
     sink = make_sink(c.replace(log_file=str(out)))
     await sink.start()
@@ -277,11 +288,7 @@ async def test_a_killed_reassembler_is_replaced_with_nothing_lost_or_twice(
     its message id. Every acked event is in exactly one tree; no tree comes out twice."""
     urls = three_nodes.urls
     c = options(urls, tmp_path, partitions=2, bus_replicas=3)
-    ingest = LogCluster(c)
-    await ingest.start()
-    nodes.append(ingest)
-    assert ingest.bus is not None
-    await ingest.bus.link.wait(TIMEOUT)
+    ingest = await started_ingest(c, nodes)
     first = ReassemblerProcess(urls, "--partitions", "0-1")
     processes.append(first)
     mixed, *halves = same_partition(4, 2, "open")
@@ -329,11 +336,7 @@ async def test_a_drained_reassembler_hands_its_open_trees_back_at_once(
     ack_wait (30 s here, longer than this test may take)."""
     urls = three_nodes.urls
     c = options(urls, tmp_path, bus_replicas=3)
-    ingest = LogCluster(c)
-    await ingest.start()
-    nodes.append(ingest)
-    assert ingest.bus is not None
-    await ingest.bus.link.wait(TIMEOUT)
+    ingest = await started_ingest(c, nodes)
     slow = ("--partitions", "0-3", "--bus-ack-wait", "30")
     first = ReassemblerProcess(urls, *slow)
     processes.append(first)
@@ -368,14 +371,8 @@ async def test_a_nats_node_killed_and_restarted_under_load_loses_nothing(
 
     urls = three_nodes.urls
     c = options(urls, tmp_path, bus_replicas=3, bus_timeout=2.0)
-    ingest = LogCluster(c)
-    await ingest.start()
-    nodes.append(ingest)
-    assert ingest.bus is not None
-    await ingest.bus.link.wait(TIMEOUT)
-    reassembler = Reassembler(c, range(4))
-    await reassembler.start()
-    nodes.append(reassembler)
+    ingest = await started_ingest(c, nodes)
+    await started_reassembler(c, nodes)
     uuids = [f"load-{i}" for i in range(240)]
     acked: set[str] = set()
     refused = 0
@@ -422,9 +419,7 @@ async def test_one_uuid_posted_to_different_workers_is_one_tree(
         for uuid in uuids:
             for event in tree(uuid):
                 await post_acked(served.port, [event])  # a session (connection) each
-        reassembler = Reassembler(options(urls, tmp_path, bus_replicas=3), range(4))
-        await reassembler.start()
-        nodes.append(reassembler)
+        await started_reassembler(options(urls, tmp_path, bus_replicas=3), nodes)
         records = await wait_trees(urls, set(uuids))
         assert Counter(str(r["uuid"]) for r in records) == Counter({u: 1 for u in uuids})
         assert all(r["complete"] is True and len(r["children"]) == 3 for r in records)
@@ -440,14 +435,8 @@ async def test_without_the_bus_batches_are_refused_and_everything_resumes_after(
     reassembler acks nothing meanwhile. Once the server is back (its store kept), both
     resume: what was acked before and after comes out once, complete."""
     c = options(one_node.urls, tmp_path)
-    ingest = LogCluster(c)
-    await ingest.start()
-    nodes.append(ingest)
-    assert ingest.bus is not None
-    await ingest.bus.link.wait(TIMEOUT)
-    reassembler = Reassembler(c, range(4))
-    await reassembler.start()
-    nodes.append(reassembler)
+    ingest = await started_ingest(c, nodes)
+    reassembler = await started_reassembler(c, nodes)
     assert (await post(ingest.port, tree("before") + tree("open")[:2]))["accepted"] == 7
     await wait_trees(one_node.urls, {"before"})
     (server,) = one_node.nodes
@@ -492,11 +481,7 @@ async def test_an_open_tree_beside_a_published_one_is_carried_and_survives_a_kil
     urls = three_nodes.urls
     window = ("--bus-duplicate-window", "2")
     c = options(urls, tmp_path, partitions=1, bus_replicas=3, bus_duplicate_window=2.0)
-    ingest = LogCluster(c)
-    await ingest.start()
-    nodes.append(ingest)
-    assert ingest.bus is not None
-    await ingest.bus.link.wait(TIMEOUT)
+    ingest = await started_ingest(c, nodes)
     first = ReassemblerProcess(urls, "--partitions", "0", *window)
     processes.append(first)
     open_tree = tree("carried-open", children=4)
