@@ -478,7 +478,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def announcement(c: ServerConfig, port: int, mon_port: int, workers: int = 1) -> str:
     """The line ``serve`` prints once it listens: where, how many workers, where it writes."""
-    if c.publisher is None:
+    if c.bus:  # an ingest node: the reassemblers and sinks write (docs/design.md §8)
+        sink = f"to the bus {c.bus} ({c.partitions} partitions)"
+    elif c.publisher is None:
         sink = os.path.abspath(c.log_file)
     else:
         sink = ", ".join(map(str, c.publisher if isinstance(c.publisher, list) else [c.publisher]))
