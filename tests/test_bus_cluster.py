@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import orjson
 import pytest
 
@@ -32,7 +33,7 @@ from async_logging.bus.sink import make_sink
 from async_logging.server import LogCluster, ServerConfig
 from bus_nats import NatsCluster, needs_nats, wait_trees
 from conftest import TIMEOUT
-from helpers import Metrics, serve, tx, walk
+from helpers import T0, Metrics, serve, tx, walk
 
 pytestmark = [needs_nats, pytest.mark.timeout(90)]
 
@@ -505,3 +506,59 @@ async def test_an_open_tree_beside_a_published_one_is_carried_and_survives_a_kil
     assert done["complete"] is True and len(done["children"]) == 4
     metrics = await get_metrics(second.mon_port)
     assert metrics.get("async_logging_bus_duplicates_total") == 0  # nothing built twice
+
+
+async def post_msgpack(port: int, logs: list[dict[str, Any]]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
+        session.post(
+            f"http://127.0.0.1:{port}/log",
+            data=msgpack.packb({"seq": 1, "logs": logs}),
+            headers={"Content-Type": "application/msgpack"},
+        ) as resp,
+    ):
+        answer: dict[str, Any] = await resp.json()
+        answer["status"] = resp.status
+        return answer
+
+
+async def test_a_frame_of_whole_trees_goes_as_it_came_and_lands_where_its_mapped_uuid_would(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """A MessagePack frame of whole, valid trees is published as its events came (no map
+    per event at the ingest node): an integer uuid lands in the partition of its string
+    form, where the reassembler maps it; a straggler sent later as JSON with the string
+    uuid meets the published tree there (published alone, flagged late). A frame with a
+    bad event takes the mapping path and its refusal is answered as ever."""
+    c = options(one_node.urls, tmp_path)
+    ingest = await started_ingest(c, nodes)
+    await started_reassembler(c, nodes)
+    whole = tree("4242") + tree("raw-1")
+    for e in whole[:5]:
+        e["uuid"] = 4242  # an integer uuid: the mapper makes it "4242"
+    answer = await post_msgpack(ingest.port, whole)
+    assert answer == {"accepted": 10, "ack": 1, "status": 200}
+    assert ingest.bus is not None and ingest.bus.counts["raw_frames"] == 1
+    bad = await post_msgpack(ingest.port, [*tree("raw-2"), {"clazz": "nonsense"}])
+    assert bad["accepted"] == 5 and bad["rejected"][0]["error"] == "unknown_clazz"
+    assert ingest.bus.counts["raw_frames"] == 1  # that one was mapped
+    straggler = {
+        "clazz": "atomicEvent",
+        "uuid": "4242",
+        "event": "99",
+        "parent": "1",
+        "msg": "late",
+        "timestamp": T0 + 60,
+    }
+    await wait_trees(one_node.urls, {"4242", "raw-1", "raw-2"})
+    assert (await post(ingest.port, [straggler]))["accepted"] == 1
+    for _ in range(int(TIMEOUT * 20)):  # the straggler's record, then nothing more
+        records = await wait_trees(one_node.urls, {"4242", "raw-1", "raw-2"})
+        if any(r["kind"] == "atomicEvent" for r in records):
+            break
+        await asyncio.sleep(0.05)
+    trees = [r for r in records if r["kind"] == "transaction"]
+    assert Counter(str(r["uuid"]) for r in trees) == Counter({"4242": 1, "raw-1": 1, "raw-2": 1})
+    assert all(r["complete"] is True and len(r["children"]) == 3 for r in trees)
+    (late,) = (r for r in records if r["kind"] == "atomicEvent")
+    assert late["uuid"] == "4242" and late["late"] is True

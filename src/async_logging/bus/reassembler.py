@@ -242,12 +242,14 @@ class Partition:
                 with contextlib.suppress(Exception):
                     await msg.term()
                 continue
+            fed_many = buffer.feed_owned(logs)
+            # After the feed: the mapper made every uuid a string (in place), and an
+            # ingest node may have sent the events as they came.
             uuids = {
                 u
                 for e in logs
                 if isinstance(e, dict) and (u := e.get("uuid")).__class__ is str and u
             }
-            fed_many = buffer.feed_owned(logs)
             batches.append((f"ev-{seq}", fed_many.records))
             seen |= uuids
             if not ledger.take(seq, msg, uuids, buffer.is_open, now):
