@@ -51,6 +51,12 @@ def to_messages(
         by_kind: dict[str, list[bytes]] = {}
         if isinstance(batch, EncodedRecords):
             kinds = list(batch.kinds)
+            if len(kinds) == 1 and name is not None and batch.nbytes <= limit:
+                # The common case, whole trees of one frame: the lines as they are.
+                out.append(
+                    Outgoing(trees_subject(kinds[0]), batch.lines, {MSG_ID: f"{name}.{kinds[0]}"})
+                )
+                continue
             if len(kinds) == 1:
                 by_kind[kinds[0]] = [
                     line for chunk in batch.chunks for line in chunk.splitlines(keepends=True)
