@@ -517,3 +517,12 @@ def test_feed_owned_turns_the_maps_into_the_records() -> None:
     event = {"uuid": "v", "parent": "0", "timestamp": 1}
     (record,) = buf.feed_owned([event]).records
     assert record is event and event["kind"] == "atomicEvent"
+
+
+def test_is_open_says_whether_a_tree_is_held() -> None:
+    buf = LogBuffer(native=False)
+    begin = {"clazz": "begin", "uuid": "u", "event": "1", "parent": "0", "timestamp": 1}
+    buf.feed_many([begin])
+    assert buf.is_open("u") and not buf.is_open("v")
+    buf.feed_many([dict(begin, clazz="end", timestamp=2)])
+    assert not buf.is_open("u")

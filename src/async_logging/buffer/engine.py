@@ -310,6 +310,11 @@ class LogBuffer:
         """Trees (uuids) held open right now."""
         return len(self._open)
 
+    def is_open(self, uuid: str) -> bool:
+        """Whether a tree of ``uuid`` is held open now (a write-ahead log's or a bus
+        consumer's question after a feed: may the messages holding it be let go?)."""
+        return uuid in self._open
+
     @property
     def held_events(self) -> int:
         """Events held in open trees right now."""

@@ -74,12 +74,8 @@ CARRY_SHARE: Final = 0.25
 
 
 class PartitionBuffer(LogBuffer):
-    """The engine of one partition, which can say whether a uuid's tree is open (the
-    ledger's question after each message)."""
-
-    def is_open(self, uuid: str) -> bool:
-        """Whether a tree of ``uuid`` is held open now."""
-        return uuid in self._open
+    """The engine of one partition (:meth:`LogBuffer.is_open` is the ledger's question
+    after each message)."""
 
 
 def bus_wire_limits(c: ServerConfig) -> wire.WireLimits:
