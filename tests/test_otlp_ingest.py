@@ -681,3 +681,18 @@ def test_the_spool_record_is_the_mapped_events() -> None:
     back = msgspec.msgpack.decode(record)
     assert [e["clazz"] for e in back] == ["begin", "begin", "end", "end"]
     assert back[-1]["parent"] == "0" and len(mapped.held) == 1
+
+
+def test_mapped_spans_skip_the_engines_mapper_and_publish_the_same_records() -> None:
+    """The ingest maps spans as the engine's mapper would (``request`` included), so the
+    engine may skip its mapper for them (``premapped``): the records are the same."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    request = ExportTraceServiceRequest.FromString(shop_request())
+    limits = WireLimits()
+    skipped = LogBuffer(native=False).feed_owned(map_traces(request, limits).events, premapped=True)
+    mapped = LogBuffer(native=False).feed_owned(map_traces(request, limits).events)
+    assert skipped.records and not skipped.rejected
+    assert orjson.dumps(skipped.records) == orjson.dumps(mapped.records)

@@ -446,16 +446,25 @@ class LogBuffer:
         """
         return self.feed_owned([e.copy() if e.__class__ is dict else e for e in events])
 
-    def feed_owned(self, events: Iterable[Any]) -> Fed:
+    def feed_owned(self, events: Iterable[Any], *, premapped: bool = False) -> Fed:
         """:meth:`feed_many` for maps the caller hands over: they become the records (no
-        copy). The caller must not use them afterwards, nor feed one twice."""
+        copy). The caller must not use them afterwards, nor feed one twice.
+
+        ``premapped``: the caller made the maps by the default mapper's rules already (a
+        ``clazz``, a string ``uuid`` copied to ``request``, string ids, times and durations
+        in range, a ``type``...), as the OTLP ingest does: they skip the mapper, unless a
+        custom one is set.
+        """
         now = self._now = self._clock()
         self.batches += 1
         out: list[Record] = []
         rejected: list[tuple[int, InvalidEvent]] = []
         if self._mapper is not None:
             events = self._premap(events, rejected)
-        mapped = map_events(events, now, rejected)
+            premapped = False
+        mapped = (
+            events if premapped and type(events) is list else map_events(events, now, rejected)
+        )
         if rejected:
             rejected.sort(key=_FIRST)  # stable: the custom mapper's refusal comes first
             if self._mapper is not None:

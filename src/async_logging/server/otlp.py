@@ -565,6 +565,9 @@ def map_traces(
                     "duration": (end_ns - start_ns) / 1e6,
                     "status": (status.message or "ERROR") if status.code == _ERROR_CODE else "0",
                 }
+                # Last, where the engine's mapper puts it: these events skip it (premapped).
+                begin["request"] = uuid
+                end["request"] = uuid
                 if lim.measure:
                     _measure(begin, kids, lim)
             except InvalidEvent as exc:
@@ -635,6 +638,7 @@ def _span_events(evs: Any, uuid: str, parent: str, start: float, lim: _Limits) -
                 message = attrs.get("exception.message")
                 if message.__class__ is str:
                     e["msg"] = message
+        e["request"] = uuid  # as the engine's mapper would (premapped)
         out.append(e)
     return out
 
@@ -893,7 +897,12 @@ class OtlpIngest:
                 # The mapped events (held ends too) as the server's own record: replayed
                 # without the wire's per-frame limits, which count events, not spans.
                 raw = (spool.REBASE, msgspec.msgpack.encode(mapped.events + mapped.held))
-            fed: Fed = await pipeline.accept(mapped.events, raw)
+            if isinstance(pipeline, Pipeline):  # spans are mapped as the mapper would
+                fed: Fed = await pipeline.accept(
+                    mapped.events, raw, premapped=signal == "traces"
+                )
+            else:
+                fed = await pipeline.accept(mapped.events, raw)
             if fed.rejected:  # never expected: the mapping makes what the engine takes
                 seen = {i for i, _ in refused}
                 for i, exc in fed.rejected:

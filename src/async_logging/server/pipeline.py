@@ -335,13 +335,18 @@ class Pipeline:
             room.clear()
             await room.wait()
 
-    async def accept(self, logs: list[Any], raw: tuple[int, bytes] | None = None) -> Fed:
+    async def accept(
+        self, logs: list[Any], raw: tuple[int, bytes] | None = None, *, premapped: bool = False
+    ) -> Fed:
         """Feed a batch to the buffer (waiting first while the publish queue is full).
 
         Args:
             logs: the decoded log maps.
             raw: ``(kind, payload)`` as received, appended to the spool (when there is one)
                 before the buffer sees the batch.
+            premapped: the maps follow the default mapper's rules already (the OTLP
+                ingest's): a buffer that can skips its mapper for them
+                (:meth:`LogBuffer.feed_owned <async_logging.buffer.LogBuffer.feed_owned>`).
 
         Raises:
             LimitExceeded: ``spool_full``, or ``shutting_down`` (503) once :meth:`close`
@@ -350,7 +355,10 @@ class Pipeline:
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
         self._check_open()
-        fed = self._feed(functools.partial(_feed_owned(self.buffer), logs), raw, logs)
+        feed = functools.partial(_feed_owned(self.buffer), logs)
+        if premapped and getattr(self.buffer, "feed_owned", None) is not None:
+            feed = functools.partial(feed, premapped=True)
+        fed = self._feed(feed, raw, logs)
         self.stats.events += len(logs) - len(fed.rejected)
         return fed
 
