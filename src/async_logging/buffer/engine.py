@@ -462,9 +462,7 @@ class LogBuffer:
         if self._mapper is not None:
             events = self._premap(events, rejected)
             premapped = False
-        mapped = (
-            events if premapped and type(events) is list else map_events(events, now, rejected)
-        )
+        mapped = events if premapped and type(events) is list else map_events(events, now, rejected)
         if rejected:
             rejected.sort(key=_FIRST)  # stable: the custom mapper's refusal comes first
             if self._mapper is not None:

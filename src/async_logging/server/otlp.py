@@ -898,9 +898,7 @@ class OtlpIngest:
                 # without the wire's per-frame limits, which count events, not spans.
                 raw = (spool.REBASE, msgspec.msgpack.encode(mapped.events + mapped.held))
             if isinstance(pipeline, Pipeline):  # spans are mapped as the mapper would
-                fed: Fed = await pipeline.accept(
-                    mapped.events, raw, premapped=signal == "traces"
-                )
+                fed: Fed = await pipeline.accept(mapped.events, raw, premapped=signal == "traces")
             else:
                 fed = await pipeline.accept(mapped.events, raw)
             if fed.rejected:  # never expected: the mapping makes what the engine takes
