@@ -73,10 +73,18 @@ def viewer_tokens() -> tuple[str, ...]:
 
 
 @pytest.fixture
-def server_options(tmp_path: Path, clock: Clock, viewer_tokens: tuple[str, ...]) -> dict[str, Any]:
+def compact() -> bool:
+    """Whether the engine writes compact records; a test parametrizes it."""
+    return False
+
+
+@pytest.fixture
+def server_options(
+    tmp_path: Path, clock: Clock, viewer_tokens: tuple[str, ...], compact: bool
+) -> dict[str, Any]:
     return {
         "store": str(tmp_path / "trees.sqlite"),
-        "buffer": LogBuffer(clock=clock),
+        "buffer": LogBuffer(clock=clock, compact=compact),
         "viewer_tokens": viewer_tokens,
     }
 
@@ -398,3 +406,29 @@ async def test_the_results_list_takes_the_height_of_the_page(server: LogCluster,
     await page.locator(".wf-row").first.wait_for()
     box = await page.locator("#panel-search .results-box").bounding_box()
     assert box is not None and box["height"] >= viewport["height"] / 4, box
+
+
+@pytest.mark.parametrize("compact", [True])
+async def test_a_compact_childs_details_show_what_it_takes_from_its_root(
+    server: LogCluster, page: Any
+) -> None:
+    """A compact record leaves uuid, machine... out below its root; a child's details show
+    them, marked as the root's, and a field the child has itself stays its own."""
+    tree = request_tree("c-1")
+    for e in tree:
+        e["machine"] = "web-1"
+    tree[2]["machine"] = "web-2"  # the auth call's begin: its own machine
+    await stored(server, {"c-1"}, post_logs(server, tree))
+    await page.goto(f"http://127.0.0.1:{server.mon_port}/ui/?uuid=c-1")
+    await page.locator("#results tbody tr", has_text="c-1").click()
+    await page.locator(".wf-row", has_text="pay").click()
+    machine = page.locator("#detail tr[data-key=machine]")
+    await machine.wait_for()
+    assert await machine.get_attribute("class") == "inherited"
+    assert await machine.locator("td").inner_text() == "web-1the root's"
+    assert await page.locator("#detail tr[data-key=uuid]").get_attribute("class") == "inherited"
+    await page.locator(".wf-row", has_text="auth").click()
+    own = page.locator("#detail tr[data-key=machine]")
+    await own.wait_for()
+    assert await own.get_attribute("class") is None
+    assert await own.locator("td").inner_text() == "web-2"

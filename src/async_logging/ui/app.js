@@ -189,11 +189,22 @@
     return el("td", null, typeof value === "object" ? JSON.stringify(value) : String(value));
   }
 
-  function showDetail(node) {
+  // What a compact record keeps below its root only where it differs (engine.COMPACT_KEYS).
+  const INHERITED = ["uuid", "request", "tid", "pid", "machine", "ipAddress", "ip", "pool", "rlogid"];
+
+  function showDetail(node, root) {
     clear(detail);
     for (const [key, value] of Object.entries(node)) {
       if (key === "children") continue;
       detail.append(el("tr", { dataset: { key } }, el("th", null, key), detailCell(key, value)));
+    }
+    // A compact record (--compact) leaves these out below the root: they are the root's.
+    if (root && root !== node) {
+      for (const key of INHERITED) {
+        if (key in node || !(key in root)) continue;
+        detail.append(el("tr", { dataset: { key }, className: "inherited", title: "left out below the root: the root's" },
+          el("th", null, key), el("td", null, String(root[key]), el("span", { className: "raw" }, "the root's"))));
+      }
     }
     if (Array.isArray(node.children)) {
       detail.append(el("tr", null, el("th", null, "children"), el("td", null, String(node.children.length))));
@@ -203,7 +214,13 @@
   function drawTree(tree, storedId, extras) {
     treePane.hidden = false;
     const rows = flatten(tree);
-    for (const extra of extras || []) rows.push(...flatten(extra));
+    for (const r of rows) r.root = tree;
+    for (const extra of extras || []) {
+      for (const r of flatten(extra)) {
+        r.root = extra;
+        rows.push(r);
+      }
+    }
     let t0 = Infinity;
     let t1 = -Infinity;
     for (const { node } of rows) {
@@ -241,7 +258,7 @@
     waterfall.append(el("div", { className: "wf-axis" }, el("div", { className: "wf-label" }, "transaction / event"), axisTrack));
 
     // One row per node, in tree order.
-    for (const { node, depth } of rows) {
+    for (const { node, depth, root } of rows) {
       const isTx = node.kind === "transaction";
       const label = el("div", { className: "wf-label", title: node.msg ? String(node.msg) : "" },
         el("span", { className: "twist" }, isTx && node.children && node.children.length ? "▾" : ""),
@@ -285,7 +302,7 @@
       row.addEventListener("click", () => {
         for (const other of waterfall.querySelectorAll(".wf-row.selected")) other.classList.remove("selected");
         row.classList.add("selected");
-        showDetail(node);
+        showDetail(node, root);
       });
       waterfall.append(row);
     }
