@@ -355,10 +355,7 @@ class Pipeline:
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
         self._check_open()
-        feed = functools.partial(_feed_owned(self.buffer), logs)
-        if premapped and getattr(self.buffer, "feed_owned", None) is not None:
-            feed = functools.partial(feed, premapped=True)
-        fed = self._feed(feed, raw, logs)
+        fed = self._feed(functools.partial(_feed_owned(self.buffer, premapped), logs), raw, logs)
         self.stats.events += len(logs) - len(fed.rejected)
         return fed
 
@@ -693,11 +690,16 @@ class Pipeline:
                 self._loop.call_soon_threadsafe(self._room.set)
 
 
-def _feed_owned(buffer: Any) -> Callable[[list[Any]], Fed]:
+def _feed_owned(buffer: Any, premapped: bool = False) -> Callable[[list[Any]], Fed]:
     """How to feed ``buffer`` maps the pipeline decoded and hands over: ``feed_owned``
-    (no copy), or ``feed_many`` for a buffer plug-in without it."""
-    feed: Callable[[list[Any]], Fed] = getattr(buffer, "feed_owned", None) or buffer.feed_many
-    return feed
+    (no copy; ``premapped``: made by the mapper's rules already, see
+    :meth:`LogBuffer.feed_owned <async_logging.buffer.LogBuffer.feed_owned>`), or
+    ``feed_many`` for a buffer plug-in without it."""
+    owned = getattr(buffer, "feed_owned", None)
+    if owned is None:
+        feed: Callable[[list[Any]], Fed] = buffer.feed_many
+        return feed
+    return functools.partial(owned, premapped=True) if premapped else owned
 
 
 def _runs(batches: Iterable[Sequence[Record]]) -> list[Sequence[Record]]:
