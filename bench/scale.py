@@ -153,6 +153,8 @@ async def check_trees(url: str, n: int) -> None:
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
 
+    from async_logging.bus.codec import decode
+
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -165,7 +167,7 @@ async def check_trees(url: str, n: int) -> None:
         while read < total:
             for msg in await sub.fetch(min(200, total - read), timeout=30):
                 read += 1
-                for line in msg.data.splitlines():
+                for line in decode(msg.data, msg.headers).splitlines():
                     rec = orjson.loads(line)
                     assert rec["kind"] == "transaction" and rec["complete"] is True, rec
                     assert len(rec["children"]) == 4 and rec["duration"] == 12, rec

@@ -165,6 +165,7 @@ async def read_trees(urls: str) -> list[dict[str, object]]:
     from nats.js.api import AckPolicy, ConsumerConfig
 
     from async_logging.bus import TREES_STREAM
+    from async_logging.bus.codec import decode
 
     nc = await nats.connect(urls.split(","), connect_timeout=2)
     try:
@@ -180,7 +181,9 @@ async def read_trees(urls: str) -> list[dict[str, object]]:
         while read < total:
             for msg in await sub.fetch(min(1000, total - read), timeout=TIMEOUT):
                 read += 1
-                out.extend(orjson.loads(line) for line in msg.data.splitlines())
+                out.extend(
+                    orjson.loads(line) for line in decode(msg.data, msg.headers).splitlines()
+                )
         return out
     finally:
         await nc.close()

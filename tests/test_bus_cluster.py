@@ -562,3 +562,48 @@ async def test_a_frame_of_whole_trees_goes_as_it_came_and_lands_where_its_mapped
     assert all(r["complete"] is True and len(r["children"]) == 3 for r in trees)
     (late,) = (r for r in records if r["kind"] == "atomicEvent")
     assert late["uuid"] == "4242" and late["late"] is True
+
+
+async def test_compressed_and_plain_nodes_share_the_bus_and_an_unreadable_message_is_dropped(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """One ingest node publishes plain (``bus_compression = "none"``), another compressed
+    (the default): the events stream holds one of each, the reassembler reads both into one
+    tree and publishes it compressed, and a message it cannot read (a damaged frame) is
+    dropped and counted without costing the tree beside it."""
+    import nats
+
+    from async_logging.bus import EVENTS_STREAM
+    from async_logging.bus.codec import ENCODING_HEADER
+
+    c = options(one_node.urls, tmp_path)
+    plain = await started_ingest(c.replace(bus_compression="none"), nodes)
+    packed = await started_ingest(c, nodes)
+    events = tree("mixed-1", children=6)
+    assert (await post(plain.port, events[:4]))["status"] == 200
+    assert (await post(packed.port, events[4:]))["status"] == 200
+    nc = await nats.connect(one_node.urls.split(","), connect_timeout=2)
+    try:
+        js = nc.jetstream(timeout=TIMEOUT)
+        stored = [await js.get_msg(EVENTS_STREAM, seq) for seq in (1, 2)]
+        encodings = [(m.headers or {}).get(ENCODING_HEADER) for m in stored]
+        assert encodings == [None, "zstd"]
+        part = partition_of("mixed-1", c.partitions)
+        await js.publish(
+            f"alog.events.{part}", b"\x28\xb5\x2f\xfd damaged", headers={ENCODING_HEADER: "zstd"}
+        )
+    finally:
+        await nc.close()
+    reassembler = await started_reassembler(c, nodes)
+    (record,) = await wait_trees(one_node.urls, {"mixed-1"})
+    assert record["complete"] is True and len(record["children"]) == 6
+    metrics = await get_metrics(reassembler.mon_port)
+    assert metrics.total("async_logging_bus_unreadable_total") == 1
+    assert metrics.total("async_logging_bus_messages_total") == 3
+    assert metrics.total("async_logging_bus_held") == 0
+    sent = metrics.get("async_logging_bus_sent_bytes_total")
+    assert 0 < sent < metrics.get("async_logging_bus_payload_bytes_total")
+    plain_metrics = await get_metrics(plain.mon_port)
+    assert plain_metrics.get("async_logging_bus_sent_bytes_total") == plain_metrics.get(
+        "async_logging_bus_payload_bytes_total"
+    )

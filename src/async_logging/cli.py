@@ -227,6 +227,11 @@ _SERVE_FLAGS: list[tuple[str, Any, str]] = [
         float,
         "Seconds a publish waits for JetStream before the batch is refused [default: 5].",
     ),
+    (
+        "--bus-compression",
+        click.Choice(["zstd", "none"]),
+        "What this node's bus messages are compressed with; every node reads both [default: zstd].",
+    ),
 ]
 
 
@@ -434,6 +439,7 @@ _BUS_FLAGS = (
     "--bus-max-ack-pending",
     "--bus-duplicate-window",
     "--bus-timeout",
+    "--bus-compression",
     "--mon-host",
     "--mon-port",
     "--machine-name",

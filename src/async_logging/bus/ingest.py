@@ -332,6 +332,7 @@ class BusIngest:
             "flushes": self.counts["flushes"],
             "published_messages": self.counts["messages"],
             "duplicates": self.counts["duplicates"],
+            **self.link.byte_counts(),
         }
 
 

@@ -102,6 +102,8 @@ class BusSettings:
             to that partition's reassembler until some are acked.
         duplicate_window: seconds JetStream remembers message ids to drop copies.
         timeout: seconds a publish may wait for JetStream's ack before the batch is refused.
+        compression: what this node's messages are published with: ``zstd`` or ``none``
+            (:mod:`async_logging.bus.codec`; every node reads both).
     """
 
     servers: tuple[str, ...]
@@ -113,6 +115,7 @@ class BusSettings:
     max_ack_pending: int = 20_000
     duplicate_window: float = 120.0
     timeout: float = 5.0
+    compression: str = "zstd"
 
     @classmethod
     def from_config(cls, c: ServerConfig) -> BusSettings:
@@ -130,6 +133,7 @@ class BusSettings:
             max_ack_pending=c.bus_max_ack_pending,
             duplicate_window=c.bus_duplicate_window,
             timeout=c.bus_timeout,
+            compression=c.bus_compression,
         )
 
 
@@ -295,10 +299,16 @@ class Publisher:
 
     Args:
         nc: a connected client.
+        compression: ``zstd`` or ``none``: what payloads are published with
+            (:class:`~async_logging.bus.codec.Compressor`).
     """
 
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, compression: str = "none") -> None:
+        from .codec import Compressor
+
         self._nc = nc
+        #: Compresses each message (and counts plain and published bytes).
+        self.compressor = Compressor(compression)
         self._prefix = nc.new_inbox()
         self._batches: dict[str, _Batch] = {}
         self._ids = itertools.count()
@@ -324,8 +334,9 @@ class Publisher:
         batch = self._batches[token] = _Batch(len(messages))
         reply = f"{self._prefix}.{token}."
         nc = self._nc
+        encode = self.compressor.encode
         try:
-            for i, (subject, payload, headers) in enumerate(messages):
+            for i, (subject, payload, headers) in enumerate(map(encode, messages)):
                 await nc.publish(subject, payload, reply=reply + str(i), headers=headers)
             async with asyncio.timeout(timeout):
                 await batch.done
@@ -411,6 +422,14 @@ class BusLink:
         nc = self.nc
         return self.ready.is_set() and nc is not None and nc.is_connected
 
+    def byte_counts(self) -> dict[str, int]:
+        """Payload bytes this node published, before and after compression (``/metrics``)."""
+        publisher = self.publisher
+        if publisher is None:
+            return {"payload_bytes": 0, "sent_bytes": 0}
+        c = publisher.compressor
+        return {"payload_bytes": c.plain_bytes, "sent_bytes": c.sent_bytes}
+
     def start(self) -> None:
         """Begin connecting (in a task of the running loop)."""
         self._task = asyncio.create_task(self._run(), name=f"bus-link-{self.name}")
@@ -434,7 +453,7 @@ class BusLink:
     async def _run(self) -> None:
         nc = self.nc = await connect(self.settings, self.name, self.errors, self._closing)
         js = self.js = nc.jetstream(timeout=self.settings.timeout)
-        self.publisher = Publisher(nc)
+        self.publisher = Publisher(nc, self.settings.compression)
         warned = False
         while True:
             try:

@@ -42,6 +42,7 @@ from ..server.config import ServerConfig
 from ..server.lifecycle import stop_signal
 from ..server.monapp import MonApp
 from ..server.pipeline import Stats
+from .codec import Unreadable, decode
 from .jetstream import EVENTS_STREAM, BusLink, BusSettings, BusUnavailable, with_id
 from .ledger import AckLedger
 from .partition import events_subject, message_id
@@ -218,7 +219,11 @@ class Partition:
             seq = meta.sequence.stream
             if meta.num_delivered > 1:
                 counts["redelivered"] += 1
-            payload = msg.data
+            try:
+                payload = decode(msg.data, msg.headers)
+            except Unreadable as exc:
+                await self._drop(msg, seq, exc)
+                continue
             held = ledger.holds(seq)
             fed = None if held else buffer.feed_msgpack(payload, self.limits)
             if fed is not None:
@@ -231,12 +236,7 @@ class Partition:
                 if not isinstance(logs, list):
                     raise TypeError(f"a bus message must be an array, not {type(logs).__name__}")
             except (msgspec.DecodeError, TypeError) as exc:
-                counts["unreadable"] += 1
-                log.error(
-                    "partition %d: message %d is not ours (%s); dropped", self.number, seq, exc
-                )
-                with contextlib.suppress(Exception):
-                    await msg.term()
+                await self._drop(msg, seq, exc)
                 continue
             fed_many = buffer.feed_owned(logs)
             # After the feed: the mapper made every uuid a string (in place), and an
@@ -253,6 +253,14 @@ class Partition:
         counts["messages"] += len(msgs)
         counts["events"] += buffer.stats["events"] - events
         await self.settle(batches, seen, free, now)
+
+    async def _drop(self, msg: Msg, seq: int, exc: Exception) -> None:
+        """A message no node of ours wrote (or a damaged one): counted, logged, and taken
+        off the stream (``term``: never delivered again)."""
+        self.counts["unreadable"] += 1
+        log.error("partition %d: message %d is unreadable (%s); dropped", self.number, seq, exc)
+        with contextlib.suppress(Exception):
+            await msg.term()
 
     async def expire(self) -> None:
         """The engine's clean cycle: publish what it lets go, ack what that frees."""
@@ -330,7 +338,7 @@ class Partition:
     async def carry(self, held: Any) -> None:
         """Publish a mixed message's events of open trees again; ack what that frees."""
         keep = held.open
-        logs = msgspec.msgpack.decode(held.token.data)
+        logs = msgspec.msgpack.decode(decode(held.token.data, held.token.headers))
         moved = [e for e in logs if isinstance(e, dict) and e.get("uuid") in keep]
         payload = msgspec.msgpack.encode(moved)
         link = self.node.link
@@ -515,9 +523,11 @@ class Reassembler:
                     "held": p.ledger.held,
                     "redelivered": p.counts["redelivered"],
                     "messages": p.counts["messages"],
+                    "unreadable": p.counts["unreadable"],
                 }
                 for p in self.parts
             },
+            **self.link.byte_counts(),
         }
         return snap
 

@@ -21,6 +21,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from ..server.config import ServerConfig
+from .codec import Unreadable, decode
 from .jetstream import TREES_STREAM, BusLink, BusSettings
 from .partition import TREES_SUBJECT
 from .records import Joiner
@@ -125,6 +126,7 @@ class TreesConsumer:
                     "held": len(self._unacked) + self.joiner.waiting,
                     "redelivered": self.counts["redelivered"],
                     "messages": self.counts["messages"],
+                    "unreadable": self.counts["unreadable"],
                 }
             },
         }
@@ -199,7 +201,16 @@ class TreesConsumer:
         for msg in msgs:
             if msg.metadata.num_delivered > 1:
                 counts["redelivered"] += 1
-        joined = self.joiner.take((m.subject, m.data, m.headers, m) for m in msgs)
+        readable: list[tuple[str, bytes, dict[str, str] | None, Msg]] = []
+        for m in msgs:
+            try:
+                readable.append((m.subject, decode(m.data, m.headers), m.headers, m))
+            except Unreadable as exc:
+                counts["unreadable"] += 1
+                log.error("sink: message %s is unreadable (%s); dropped", m.subject, exc)
+                with contextlib.suppress(Exception):
+                    await m.term()
+        joined = self.joiner.take(readable)
         pipeline = self.pipeline
         if len(joined.records):
             pipeline.emit(joined.records)

@@ -157,6 +157,8 @@ class ServerConfig:
             JetStream delivers no more there.
         bus_duplicate_window: seconds JetStream remembers message ids to drop copies.
         bus_timeout: seconds a publish waits for JetStream before the batch is refused.
+        bus_compression: what this node publishes to the bus with: ``zstd`` (default) or
+            ``none``; every node reads both (:mod:`async_logging.bus.codec`).
     """
 
     host: str = "0.0.0.0"
@@ -227,6 +229,7 @@ class ServerConfig:
     bus_max_ack_pending: int = 20_000
     bus_duplicate_window: float = 120.0
     bus_timeout: float = 5.0
+    bus_compression: str = "zstd"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "otlp_headers", _headers(self.otlp_headers))
@@ -336,6 +339,10 @@ class ServerConfig:
         for name in ("bus_max_age", "bus_ack_wait", "bus_duplicate_window", "bus_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"option {name} must be more than 0")
+        if self.bus_compression not in ("zstd", "none"):
+            raise ConfigError(
+                f"option bus_compression must be zstd or none, not {self.bus_compression!r:.40}"
+            )
         if self.bus and not all(
             re.match(r"(nats|tls)://[^\s,]+$", u.strip()) for u in self.bus.split(",")
         ):

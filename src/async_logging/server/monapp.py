@@ -346,6 +346,8 @@ def _bus_metrics(bus: dict[str, Any]) -> Iterator[Metric]:
         ("published_messages", "Messages this node published to the bus and JetStream stored."),
         ("duplicates", "Messages JetStream dropped as copies (a replay's trees, a resend)."),
         ("carried", "Messages a reassembler published again to let a published tree's go."),
+        ("payload_bytes", "Bytes of message payloads this node published, before compression."),
+        ("sent_bytes", "Bytes of message payloads this node published, as sent (compressed)."),
     ):
         yield _counter("bus_" + key, help_, bus.get(key, 0))
     consumers: dict[str, dict[str, int]] = bus.get("consumers", {})
@@ -355,6 +357,7 @@ def _bus_metrics(bus: dict[str, Any]) -> Iterator[Metric]:
         ("held", "Messages this node holds unacked (their trees are open).", GaugeMetricFamily),
         ("redelivered", "Messages delivered to this node again.", CounterMetricFamily),
         ("messages", "Messages delivered to this node.", CounterMetricFamily),
+        ("unreadable", "Messages dropped because they could not be read.", CounterMetricFamily),
     ):
         family = cls(_P + "bus_" + key, help_, labels=["consumer"])
         for name, values in sorted(consumers.items()):
