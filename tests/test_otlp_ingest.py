@@ -639,6 +639,53 @@ async def test_a_spooled_request_replays_whole_with_the_held_end(tmp_path: Path)
 # ---------------------------------------------------------------------- the mapping alone
 
 
+def test_every_kind_of_attribute_value_maps_to_its_plain_value() -> None:
+    """Strings (the empty one too), booleans, integers and doubles (false and zero too), an
+    unset value, bytes, arrays and maps: each becomes the value OTLP/JSON would write."""
+    nested = AnyValue()
+    nested.kvlist_value.values.add(key="in").value.string_value = ""
+    listed = AnyValue()
+    listed.array_value.values.extend(
+        [AnyValue(string_value="x"), AnyValue(bool_value=False), AnyValue(double_value=0.0)]
+    )
+    values = {
+        "s": AnyValue(string_value="GET"),
+        "empty": AnyValue(string_value=""),
+        "yes": AnyValue(bool_value=True),
+        "no": AnyValue(bool_value=False),
+        "n": AnyValue(int_value=-7),
+        "zero": AnyValue(int_value=0),
+        "d": AnyValue(double_value=2.5),
+        "dzero": AnyValue(double_value=0.0),
+        "unset": AnyValue(),
+        "b": AnyValue(bytes_value=b"\x01"),
+        "list": listed,
+        "map": nested,
+    }
+    req = ExportTraceServiceRequest()
+    req.resource_spans.add().scope_spans.add().spans.append(
+        span(1, attributes=[KeyValue(key=k, value=v) for k, v in values.items()])
+    )
+    mapped = map_traces(req, WireLimits())
+    assert not mapped.refused
+    got = mapped.events[0]["attributes"]
+    assert got == {
+        "s": "GET",
+        "empty": "",
+        "yes": True,
+        "no": False,
+        "n": -7,
+        "zero": 0,
+        "d": 2.5,
+        "dzero": 0.0,
+        "unset": None,
+        "b": "AQ==",
+        "list": ["x", False, 0.0],
+        "map": {"in": ""},
+    }
+    assert [type(got[k]) for k in ("empty", "no", "zero", "dzero")] == [str, bool, int, float]
+
+
 def test_attribute_values_past_the_wire_limits_refuse_their_span_alone() -> None:
     """Nesting, keys per map, items per array and string lengths are checked in attributes, resource and events like in a /log event; bytes become base64, as OTLP/JSON writes them."""
     limits = WireLimits(max_depth=3, max_keys_per_map=2, max_array_length=2, max_string_length=8)

@@ -337,17 +337,18 @@ def _attributes(kvs: Any, lim: _Limits, depth: int, what: str = "attributes") ->
         if len(key) > max_len:
             raise _too_long(f"a key in {what}", len(key), lim)
         v = kv.value
-        which = v.WhichOneof("value")
-        if which == "string_value":
-            x: Any = v.string_value
+        x: Any = v.string_value
+        if x:  # the common value, a string: read without asking which value is set
             if len(x) > max_len:
                 raise _too_long(f"{what}[{key!r:.40}]", len(x), lim)
-        elif which in _SCALARS:
-            x = getattr(v, which)
-        elif which is None:
-            x = None
         else:
-            x = _nested(v, which, lim, depth + 1, what)
+            which = v.WhichOneof("value")
+            if which in _SCALARS:
+                x = getattr(v, which)
+            elif which is None:
+                x = None
+            elif which != "string_value":
+                x = _nested(v, which, lim, depth + 1, what)
         out[key] = x
     return out
 
@@ -522,7 +523,8 @@ def map_traces(
                 end_ns = s.end_time_unix_nano
                 if not 0 <= start_ns <= end_ns <= max_ns:
                     _check_times(start_ns, end_ns)  # raises, naming what is wrong
-                attrs = _attributes(s.attributes, lim, 2) if s.attributes else None
+                kvs = s.attributes
+                attrs = _attributes(kvs, lim, 2) if kvs else None
                 kind = s.kind
                 cal_type = span_type(kind, attrs) if attrs else "SPAN"
                 ts = start_ns / 1e6
