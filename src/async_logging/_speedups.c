@@ -26,6 +26,15 @@
  * published, or when the open-tree cap would evict, and otherwise records what the
  * engine remembers of each tree (the packed ids returned beside each uuid).
  *
+ * split(payload, now, limits, partitions, other, max_event_bytes) is the ingest side of the
+ * bus (async_logging/bus/ingest.py): the same parse and the same mapper's checks, then, for a
+ * frame with nothing to refuse, each event's MessagePack bytes by partition (CRC-32 of the
+ * mapped uuid modulo partitions; `other` for an event without one), in frame order. It
+ * declines as reassemble does on anything the parse or the mapper would not take, and on
+ * an event longer than max_event_bytes; it does not look at trees. Its oracle is the
+ * reference mapping (wire.decode_msgpack + map_events + bus.partition.partition_of):
+ * tests/test_native_split.py.
+ *
  * Memory: everything is allocated per call (PyMem), bounded by the payload's size, and
  * freed before returning. No global state: calls from several threads are independent.
  */
@@ -751,6 +760,8 @@ typedef struct {
     int32_t slot;     /* begin / end: its id slot */
     int32_t gnext;    /* next event of its group */
     int32_t next;     /* next kid of its parent, or next root of its group */
+    const uint8_t *raw; /* the log map's MessagePack bytes in the frame (split) */
+    uint32_t raw_len;
 } Event;
 
 typedef struct {
@@ -768,6 +779,7 @@ typedef struct {
     int32_t group; /* -1: only stand-alone events use this uuid so far */
     PyObject *str; /* the uuid as a Python str, made on demand */
     char digit;    /* last hex digit of md5(uuid), 0 until needed */
+    int32_t part;  /* split: its partition, -1 until needed */
 } Uuid;
 
 typedef struct {
@@ -898,6 +910,8 @@ static int parse_event(Ctx *c, Reader *r, Event *ev) {
     /* its JSON is at most RECORD_EXPANSION times its bytes; past the limit, the reference
      * path measures it (and may refuse it alone: record_too_big) */
     if ((size_t)(r->p - start) > (size_t)c->prm.max_record / RECORD_EXPANSION) return NO;
+    ev->raw = start;
+    ev->raw_len = (uint32_t)(r->p - start);
     return OK;
 }
 
@@ -1174,6 +1188,7 @@ static int uuid_index(Ctx *c, const Value *u, int32_t *ix) {
     e->group = -1;
     e->str = NULL;
     e->digit = 0;
+    e->part = -1;
     c->uuid_slots[i] = ++c->nuuids;
     *ix = c->nuuids - 1;
     return OK;
@@ -1868,7 +1883,8 @@ static int parse_logs(Ctx *c, Reader *r, uint32_t n) {
     return OK;
 }
 
-static int run(Ctx *c, const uint8_t *data, Py_ssize_t size) {
+/* Parse and map a whole frame (an array of log maps or an envelope): c->events. */
+static int parse_frame(Ctx *c, const uint8_t *data, Py_ssize_t size) {
     if (size > c->prm.max_message_bytes) return NO;
     Reader r = {data, data + size};
     Value top;
@@ -1899,6 +1915,11 @@ static int run(Ctx *c, const uint8_t *data, Py_ssize_t size) {
         return NO;
     }
     if (r.p != data + size) return NO; /* trailing bytes */
+    return OK;
+}
+
+static int run(Ctx *c, const uint8_t *data, Py_ssize_t size) {
+    TRY(parse_frame(c, data, size));
     TRY(group_events(c));
     /* stand-alone records first, in arrival order, then each tree */
     TRY(buf_reserve(&c->out, (size_t)size + (size_t)size / 2 + 64));
@@ -2026,6 +2047,35 @@ static PyObject *make_reassembled(PyObject *seq, PyObject *lines, Ctx *c, PyObje
     return result;
 }
 
+/* c->prm from the `now` and `limits` arguments: ERR (an exception is set), NO (now out of
+ * range: decline) or OK. */
+static int set_params(Ctx *c, PyObject *now_arg, PyObject *limits) {
+    long long now = PyLong_AsLongLong(now_arg);
+    if (now == -1 && PyErr_Occurred()) return ERR;
+    if (now > TS_BOUND || now < -TS_BOUND) return NO;
+    c->prm.now = now;
+    if (!PyTuple_Check(limits) || PyTuple_GET_SIZE(limits) != 10) {
+        PyErr_SetString(PyExc_TypeError, "limits must be a tuple of 10 ints");
+        return ERR;
+    }
+    Py_ssize_t lim[10];
+    for (int i = 0; i < 10; i++) {
+        lim[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(limits, i));
+        if (lim[i] == -1 && PyErr_Occurred()) return ERR;
+    }
+    c->prm.max_message_bytes = lim[0];
+    c->prm.max_events = lim[1];
+    c->prm.max_depth = lim[2];
+    c->prm.max_string = lim[3];
+    c->prm.max_keys = lim[4];
+    c->prm.max_array = lim[5];
+    c->prm.max_record = lim[6];
+    c->prm.tree_depth = lim[7];
+    c->prm.tx_events = lim[8];
+    c->prm.compact = lim[9] != 0;
+    return OK;
+}
+
 static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 4) {
@@ -2034,29 +2084,9 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     Ctx c;
     memset(&c, 0, sizeof c);
-    long long now = PyLong_AsLongLong(args[1]);
-    if (now == -1 && PyErr_Occurred()) return NULL;
-    if (now > TS_BOUND || now < -TS_BOUND) Py_RETURN_NONE;
-    c.prm.now = now;
-    if (!PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 10) {
-        PyErr_SetString(PyExc_TypeError, "limits must be a tuple of 10 ints");
-        return NULL;
-    }
-    Py_ssize_t lim[10];
-    for (int i = 0; i < 10; i++) {
-        lim[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[2], i));
-        if (lim[i] == -1 && PyErr_Occurred()) return NULL;
-    }
-    c.prm.max_message_bytes = lim[0];
-    c.prm.max_events = lim[1];
-    c.prm.max_depth = lim[2];
-    c.prm.max_string = lim[3];
-    c.prm.max_keys = lim[4];
-    c.prm.max_array = lim[5];
-    c.prm.max_record = lim[6];
-    c.prm.tree_depth = lim[7];
-    c.prm.tx_events = lim[8];
-    c.prm.compact = lim[9] != 0;
+    int prc = set_params(&c, args[1], args[2]);
+    if (prc == ERR) return NULL;
+    if (prc == NO) Py_RETURN_NONE;
     c.dumps_fn = args[3];
     /* bytes only: the frames the server receives; anything else takes the reference path */
     if (!PyBytes_Check(args[0])) Py_RETURN_NONE;
@@ -2104,6 +2134,125 @@ static PyObject *reassemble(PyObject *self, PyObject *const *args, Py_ssize_t na
         result = Py_NewRef(Py_None);
     }
     Py_XDECREF(seq);
+    PyBuffer_Release(&view);
+    ctx_free(&c);
+    return result;
+}
+
+/* ------------------------------------------------------------------ split (the bus) */
+
+static uint32_t CRC_TABLE[256];
+
+static void crc_init_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t x = i;
+        for (int k = 0; k < 8; k++) x = (x >> 1) ^ (0xEDB88320U & (0U - (x & 1U)));
+        CRC_TABLE[i] = x;
+    }
+}
+
+/* CRC-32 as zlib.crc32 computes it (the partition of a uuid: bus/partition.py). */
+static uint32_t crc32_of(const uint8_t *p, size_t n) {
+    uint32_t x = 0xFFFFFFFFU;
+    for (size_t i = 0; i < n; i++) x = CRC_TABLE[(x ^ p[i]) & 0xFF] ^ (x >> 8);
+    return x ^ 0xFFFFFFFFU;
+}
+
+PyDoc_STRVAR(split_doc,
+"split(payload, now, limits, partitions, other, max_event_bytes) -> tuple | None\n"
+"\n"
+"For a MessagePack frame whose every event the default mapper takes, each event's\n"
+"MessagePack bytes by partition (CRC-32 of its mapped uuid modulo partitions; `other`\n"
+"for an event without a uuid), in frame order; None when the frame needs the reference\n"
+"path (as reassemble declines, or an event longer than max_event_bytes).\n"
+"\n"
+"limits: as for reassemble. Returns (seq or None, events, parts), parts a tuple of\n"
+"(partition, count, bytes) in ascending partition order, bytes the events back to back.");
+
+static PyObject *split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "split() takes 6 arguments");
+        return NULL;
+    }
+    Py_ssize_t partitions = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t other = PyLong_AsSsize_t(args[4]);
+    Py_ssize_t max_event = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    if (partitions < 1 || partitions > 65536 || other < 0 || other >= partitions) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= partitions <= 65536, 0 <= other < partitions");
+        return NULL;
+    }
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    int rc = set_params(&c, args[1], args[2]);
+    if (rc == ERR) return NULL;
+    if (rc == NO || !PyBytes_Check(args[0])) Py_RETURN_NONE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t *sizes = NULL, *counts = NULL;
+    PyObject *result = NULL;
+    rc = ctx_init(&c);
+    if (rc == OK) rc = parse_frame(&c, view.buf, view.len);
+    if (rc == OK) {
+        sizes = PyMem_RawCalloc((size_t)partitions, sizeof(Py_ssize_t));
+        counts = PyMem_RawCalloc((size_t)partitions, sizeof(Py_ssize_t));
+        if (sizes == NULL || counts == NULL) rc = ERR;
+    }
+    /* each event's partition, in sort_tmp (sized one per event) */
+    for (int32_t i = 0; rc == OK && i < c.nevents; i++) {
+        Event *ev = &c.events[i];
+        if ((Py_ssize_t)ev->raw_len > max_event) {
+            rc = NO; /* refused record_too_big on the reference path */
+            break;
+        }
+        int32_t part = (int32_t)other;
+        if (ev->uuid != NULL) {
+            Uuid *u = &c.uuids[ev->uuid_ix];
+            if (u->part < 0) u->part = (int32_t)(crc32_of(u->p, u->len) % (uint32_t)partitions);
+            part = u->part;
+        }
+        c.sort_tmp[i] = part;
+        sizes[part] += ev->raw_len;
+        counts[part]++;
+    }
+    if (rc == OK) {
+        Py_ssize_t used = 0;
+        for (Py_ssize_t p = 0; p < partitions; p++) used += counts[p] > 0;
+        PyObject *parts = PyTuple_New(used);
+        PyObject *seq = c.has_seq ? PyLong_FromUnsignedLongLong(c.seq) : Py_NewRef(Py_None);
+        Py_ssize_t k = 0;
+        for (Py_ssize_t p = 0; parts != NULL && seq != NULL && p < partitions; p++) {
+            if (counts[p] == 0) continue;
+            PyObject *body = PyBytes_FromStringAndSize(NULL, sizes[p]);
+            PyObject *item = body ? Py_BuildValue("(nnN)", p, counts[p], body) : NULL;
+            if (item == NULL) {
+                Py_CLEAR(parts);
+                break;
+            }
+            PyTuple_SET_ITEM(parts, k, item);
+            counts[p] = k++; /* now its index in parts */
+            sizes[p] = 0;    /* now the fill offset */
+        }
+        if (parts != NULL && seq != NULL) {
+            for (int32_t i = 0; i < c.nevents; i++) {
+                Event *ev = &c.events[i];
+                int32_t part = c.sort_tmp[i];
+                PyObject *body = PyTuple_GET_ITEM(PyTuple_GET_ITEM(parts, counts[part]), 2);
+                memcpy(PyBytes_AS_STRING(body) + sizes[part], ev->raw, ev->raw_len);
+                sizes[part] += ev->raw_len;
+            }
+            result = Py_BuildValue("(NiN)", seq, (int)c.nevents, parts);
+            seq = parts = NULL;
+        }
+        Py_XDECREF(parts);
+        Py_XDECREF(seq);
+    } else if (rc == NO) {
+        result = Py_NewRef(Py_None);
+    }
+    if (rc == ERR && !PyErr_Occurred()) PyErr_NoMemory();
+    PyMem_RawFree(sizes);
+    PyMem_RawFree(counts);
     PyBuffer_Release(&view);
     ctx_free(&c);
     return result;
@@ -2166,6 +2315,7 @@ static PyMethodDef methods[] = {
     {"reassemble", (PyCFunction)(void (*)(void))reassemble, METH_FASTCALL, reassemble_doc},
     {"atomic_digest", (PyCFunction)(void (*)(void))py_atomic_digest, METH_FASTCALL,
      atomic_digest_doc},
+    {"split", (PyCFunction)(void (*)(void))split, METH_FASTCALL, split_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2177,6 +2327,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void) {
     md5_init_table();
     digit_pairs_init();
+    crc_init_table();
     if (known_table_init() != OK) return PyErr_NoMemory();
     ReassembledType = PyStructSequence_NewType(&reassembled_desc);
     if (ReassembledType == NULL) return NULL;

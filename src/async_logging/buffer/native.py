@@ -1,9 +1,11 @@
 """The engine's native fast path: its narrow contract, and the checks that stay in Python.
 
 The extension ``async_logging._speedups`` (optional; see :mod:`async_logging.encoded`)
-has one function, ``reassemble``: **a MessagePack frame of whole trees in, the engine's
-JSON lines out**, plus what the engine itself must remember (the uuids published and
-their ids, packed) and counts. It keeps no state and knows no sink. Whatever it is not
+has one function for the engine, ``reassemble``: **a MessagePack frame of whole trees in,
+the engine's JSON lines out**, plus what the engine itself must remember (the uuids
+published and their ids, packed) and counts. It keeps no state and knows no sink. (Its
+other function, ``split``, is the bus ingest's: the same parse and checks, each event's
+bytes by partition out; :func:`async_logging.bus.partition.native_split`.) Whatever it is not
 sure of, it declines (None), and the frame takes the reference path
 (:func:`async_logging.wire.decode_msgpack` and :meth:`LogBuffer.feed_many
 <async_logging.buffer.LogBuffer.feed_many>`), which stays the oracle:
@@ -26,7 +28,7 @@ from ..model import ATOMIC, HEARTBEAT
 from ..wire import WireLimits
 from .memory import PublishedMemory
 
-__all__ = ["NativeModule", "NativePath", "Prepared", "Reassembled", "prepare"]
+__all__ = ["NativeModule", "NativePath", "Prepared", "Reassembled", "limits_tuple", "prepare"]
 
 #: The kind of a transaction record (the engine's too).
 TRANSACTION: Final = "transaction"
@@ -166,20 +168,28 @@ class NativePath:
         if cached is None or cached[0] is not limits:
             cached = self._cache = (
                 limits,
-                (
-                    limits.max_message_bytes,
-                    limits.max_events_per_frame,
-                    limits.max_depth,
-                    limits.max_string_length,
-                    limits.max_keys_per_map,
-                    limits.max_array_length,
-                    limits.max_record_bytes,
-                    self.max_depth,
-                    self.max_events_per_tx,
-                    int(self.compact),
-                ),
+                limits_tuple(limits, self.max_depth, self.max_events_per_tx, self.compact),
             )
         return self._module.reassemble(payload, now, cached[1], orjson.dumps)
+
+
+def limits_tuple(
+    limits: WireLimits, max_depth: int = 0, max_events_per_tx: int = 0, compact: bool = False
+) -> tuple[int, ...]:
+    """The ``limits`` argument of the extension's functions: the wire limits, then the
+    engine's tree limits and ``compact`` (which ``split`` does not read)."""
+    return (
+        limits.max_message_bytes,
+        limits.max_events_per_frame,
+        limits.max_depth,
+        limits.max_string_length,
+        limits.max_keys_per_map,
+        limits.max_array_length,
+        limits.max_record_bytes,
+        max_depth,
+        max_events_per_tx,
+        int(compact),
+    )
 
 
 def prepare(

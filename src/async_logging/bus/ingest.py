@@ -9,12 +9,12 @@ publishes one message per partition to ``alog.events.<p>``, each named by its co
 means *durable in the cluster*. A message larger than the bus takes is split; an event
 larger than that alone is refused ``record_too_big`` (the rest of its batch is taken).
 
-A MessagePack frame the engine's native fast path takes whole (every event valid, whole
-trees: nothing to refuse, the common frame) skips the map in Python: its events go to their
-partitions as the bytes they came in (each event's bytes and uuid read by msgspec in C),
-and the reassembler maps them. The uuid is normalised here as the mapper would (an integer
-``4242`` lands where ``"4242"`` does); an event without a ``timestamp`` then gets the
-reassembler's time, not this node's.
+A MessagePack frame with nothing to refuse (the common frame) skips the map in Python: the
+native extension parses it with the mapper's checks and cuts it by partition
+(:func:`~async_logging.bus.partition.native_split`), its events go to their partitions as
+the bytes they came in, and the reassembler maps them. The uuid is normalised there as the
+mapper would (an integer ``4242`` lands where ``"4242"`` does); an event without a
+``timestamp`` then gets the reassembler's time, not this node's.
 
 Batches taken while a flush waits for JetStream go in the next flush (a group commit): the
 busier the node, the fewer and larger its messages.
@@ -38,7 +38,7 @@ from typing import Any, Final
 import msgspec
 
 from .. import wire
-from ..buffer import Fed, LogBuffer, wall_clock_ms
+from ..buffer import Fed, wall_clock_ms
 from ..exceptions import InvalidEvent
 from ..model import map_events
 from ..server.config import ServerConfig
@@ -51,7 +51,7 @@ from .partition import (
     events_subject,
     join_arrays,
     message_id,
-    partition_of,
+    native_split,
     split,
 )
 
@@ -98,9 +98,6 @@ class BusIngest:
         self._pending: dict[int, list[tuple[int, bytes]]] = {}
         self._waiting: list[asyncio.Future[None]] = []
         self._flushing: asyncio.Task[None] | None = None
-        # The native fast path, used only to tell a frame of whole, valid trees (nothing to
-        # refuse) from the rest: such a frame's events go to the bus as they came.
-        self._validator = LogBuffer()
         #: No spool: the bus is the durable copy (the listener's seam asks).
         self.spool: Spool | None = None
         self._closed = False
@@ -166,64 +163,21 @@ class BusIngest:
             BadInput: the payload does not decode or breaks a wire limit.
             BusUnavailable: as :meth:`accept`.
         """
-        whole = self._whole_trees(payload)
-        if whole is not None:  # nothing to refuse: the events go as they came
-            seq, raw, uuids = whole
-            await self._enqueue(self._split_raw(raw, uuids))
-            self.stats.events += len(raw)
+        nc = self.link.nc
+        native = None
+        if self.link.up and nc is not None:
+            self._spread += 1
+            limit = max(nc.max_payload - HEADROOM, HEADROOM)
+            partitions = self.settings.partitions
+            other = self._spread % partitions  # records of their own spread over partitions
+            native = native_split(payload, self.wire_limits, partitions, other, limit)
+        if native is not None:  # nothing to refuse: the events go as they came
+            await self._enqueue({part: [(n, body)] for part, n, body in native.parts})
+            self.stats.events += native.events
             self.counts["raw_frames"] += 1
-            return seq, len(raw), Fed([], [])
+            return native.seq, native.events, Fed([], [])
         frame = wire.decode_msgpack(payload, self.wire_limits)
         return frame.seq, len(frame.logs), await self.accept(frame.logs)
-
-    def _whole_trees(
-        self, payload: bytes
-    ) -> tuple[int | None, list[msgspec.Raw], list[str | None]] | None:
-        """For a frame the native fast path takes whole (its events all valid, nothing to
-        refuse): its ``seq``, each event's MessagePack bytes and normalised uuid, read in
-        C without a Python map per event. None: the frame takes the mapping path."""
-        native = self._validator.reassemble_msgpack(payload, self.wire_limits)
-        if native is None or self.link.nc is None:
-            return None
-        try:
-            if payload[0] & 0xF0 == 0x80 or payload[0] in (0xDE, 0xDF):  # an envelope
-                raw = _RAW_ENVELOPE.decode(payload).logs
-                ids = _UUID_ENVELOPE.decode(payload).logs
-            else:
-                raw = _RAW_ARRAY.decode(payload)
-                ids = _UUID_ARRAY.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        limit = self.link.nc.max_payload - HEADROOM
-        if any(len(r) > limit for r in raw):
-            return None  # refused record_too_big on the mapping path
-        uuids = [_uuid_text(e.uuid) for e in ids]
-        return native.seq, raw, uuids
-
-    def _split_raw(
-        self, raw: list[msgspec.Raw], uuids: list[str | None]
-    ) -> dict[int, list[tuple[int, bytes]]]:
-        """Events' MessagePack bytes by partition, as array bodies (see :func:`_group`)."""
-        self._spread += 1
-        partitions = self.settings.partitions
-        other = self._spread % partitions
-        by_part: dict[int, list[bytes]] = {}
-        last_uuid: str | None = None
-        last_part = other
-        for event, uuid in zip(raw, uuids, strict=True):
-            if uuid is None:
-                part = other
-            elif uuid == last_uuid:
-                part = last_part
-            else:
-                part = last_part = partition_of(uuid, partitions)
-                last_uuid = uuid
-            bucket = by_part.get(part)
-            if bucket is None:
-                by_part[part] = [bytes(event)]
-            else:
-                bucket.append(bytes(event))
-        return {part: [(len(events), b"".join(events))] for part, events in by_part.items()}
 
     async def _publish(self, events: list[Any]) -> list[tuple[Any, InvalidEvent]]:
         """Publish mapped events with what other batches hand over meanwhile (a group
@@ -334,38 +288,6 @@ class BusIngest:
             "duplicates": self.counts["duplicates"],
             **self.link.byte_counts(),
         }
-
-
-class _Uuid(msgspec.Struct):
-    """An event's uuid, read alone (the other keys are skipped in C)."""
-
-    uuid: Any = None
-
-
-class _RawEnvelope(msgspec.Struct):
-    logs: list[msgspec.Raw]
-
-
-class _UuidEnvelope(msgspec.Struct):
-    logs: list[_Uuid]
-
-
-_RAW_ARRAY = msgspec.msgpack.Decoder(list[msgspec.Raw])
-_UUID_ARRAY = msgspec.msgpack.Decoder(list[_Uuid])
-_RAW_ENVELOPE = msgspec.msgpack.Decoder(_RawEnvelope)
-_UUID_ENVELOPE = msgspec.msgpack.Decoder(_UuidEnvelope)
-
-
-def _uuid_text(uuid: Any) -> str | None:
-    """A uuid as the mapper makes it (ints and integral floats become strings; an empty
-    one is none)."""
-    if uuid.__class__ is str:
-        return uuid or None
-    if uuid.__class__ is int:
-        return str(uuid)
-    if uuid.__class__ is float and uuid.is_integer():
-        return str(int(uuid))
-    return None
 
 
 def _group(bodies: list[tuple[int, bytes]], limit: int) -> list[bytes]:

@@ -8,26 +8,36 @@ holds. A reassembler names each published record the same way (:func:`message_id
 JSON line), which makes a tree published again after a crash a duplicate JetStream drops.
 :func:`parse_member` and :func:`parse_partitions` turn ``--member K/N`` and
 ``--partitions 0-3,6`` into the partitions a reassembler owns.
+
+:func:`native_split` is the same cut for a MessagePack frame as it came, done by the native
+extension without a Python object per event (:func:`split` of the mapped events is its
+oracle): each event's bytes by partition, or None when the frame needs the mapping.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 import zlib
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
+from ..buffer.native import limits_tuple
+from ..encoded import native_module
 from ..exceptions import ConfigError
+from ..wire import WireLimits
 
 __all__ = [
     "ARRAY_HEAD_BYTES",
     "EVENTS_SUBJECT",
     "MAX_PARTITIONS",
     "TREES_SUBJECT",
+    "RawSplit",
     "array_body",
     "events_subject",
     "join_arrays",
     "message_id",
+    "native_split",
     "parse_member",
     "parse_partitions",
     "partition_of",
@@ -92,6 +102,43 @@ def split(events: Iterable[Any], partitions: int, spread: int = 0) -> dict[int, 
         else:
             bucket.append(e)
     return out
+
+
+class RawSplit(NamedTuple):
+    """A frame's events as they came, by partition (:func:`native_split`)."""
+
+    #: The envelope's ``seq``, or None.
+    seq: int | None
+    #: Events in the frame.
+    events: int
+    #: ``(partition, count, bytes)`` in ascending partition order: the MessagePack bytes of
+    #: that partition's events back to back, in frame order (an array body: :func:`array_body`).
+    parts: tuple[tuple[int, int, bytes], ...]
+
+
+def native_split(
+    payload: bytes, limits: WireLimits, partitions: int, other: int, max_event_bytes: int
+) -> RawSplit | None:
+    """A MessagePack frame's events by partition, as the bytes they came in, when the native
+    extension takes the frame: every event one the default mapper takes (none to refuse) and
+    none longer than ``max_event_bytes``. An event goes to :func:`partition_of` its uuid as
+    the mapper makes it (``4242`` where ``"4242"`` goes), one without a uuid to ``other``.
+
+    None: the extension is not there, or the frame needs the mapping (something to refuse,
+    an unusual encoding: whatever the native path declines).
+    """
+    module = native_module()
+    if module is None:
+        return None
+    lim = limits_tuple(limits)  # split does not read the tree limits
+    got = module.split(payload, _time_ms(), lim, partitions, other, max_event_bytes)
+    return None if got is None else RawSplit(*got)
+
+
+def _time_ms() -> int:
+    """Now in ms since the epoch (what the mapper stamps on an event without a time; the
+    split only checks it, the reassembler stamps its own)."""
+    return time.time_ns() // 1_000_000
 
 
 def array_body(payload: bytes) -> tuple[int, bytes]:
