@@ -607,3 +607,104 @@ async def test_compressed_and_plain_nodes_share_the_bus_and_an_unreadable_messag
     assert plain_metrics.get("async_logging_bus_sent_bytes_total") == plain_metrics.get(
         "async_logging_bus_payload_bytes_total"
     )
+
+
+async def test_a_second_reassembler_of_the_same_partitions_waits_then_takes_over(
+    tmp_path: Path,
+    one_node: NatsCluster,
+    nodes: list[Any],
+    processes: list[ReassemblerProcess],
+) -> None:
+    """Two processes started for the same partitions: the second holds none of them (its
+    /ecv says 503 ``partition_owned``, naming the first), so no tree is split between two
+    engines. Once the first is killed -9 the second takes the partitions over after the
+    lease's TTL and replays what the first left open: every tree whole, once."""
+    urls = one_node.urls
+    c = options(urls, tmp_path, partitions=2)
+    ingest = await started_ingest(c, nodes)
+    first = ReassemblerProcess(urls, "--partitions", "0-1")
+    processes.append(first)
+    await until_async(lambda: ecv_field(first.mon_port, "leased"), [0, 1])
+    second = ReassemblerProcess(urls, "--partitions", "0-1")
+    processes.append(second)
+    await until_async(lambda: ecv_field(second.mon_port, "reason"), "partition_owned")
+    status, ecv = await get_ecv(second.mon_port)
+    assert status == 503 and ecv["leased"] == []
+    assert set(ecv["holders"]) == {"0", "1"}
+    assert all(f"pid {first.proc.pid} " in h for h in ecv["holders"].values())
+    metrics = await get_metrics(second.mon_port)
+    assert metrics.total("async_logging_bus_lease_waiting") == 2
+    assert (await get_ecv(first.mon_port))[0] == 200
+    whole = [f"owned-{i}" for i in range(10)]
+    halves = [f"half-{i}" for i in range(4)]
+    for uuid in whole:
+        assert (await post(ingest.port, tree(uuid)))["accepted"] == 5
+    for uuid in halves:
+        assert (await post(ingest.port, tree(uuid, children=4)[:3]))["accepted"] == 3
+    await wait_trees(urls, set(whole))
+    assert (await get_metrics(second.mon_port)).total("async_logging_bus_messages_total") == 0
+    first.kill()
+    for uuid in halves:
+        assert (await post(ingest.port, tree(uuid, children=4)[3:]))["accepted"] == 3
+    records = await wait_trees(urls, {*whole, *halves}, timeout=TIMEOUT * 4)
+    assert Counter(str(r["uuid"]) for r in records) == Counter({u: 1 for u in (*whole, *halves)})
+    assert all(r["complete"] is True for r in records)
+    await until_async(lambda: ecv_status(second.mon_port), 200)
+    assert (await get_metrics(second.mon_port)).total("async_logging_bus_lease_waiting") == 0
+    assert second.terminate() == 0
+
+
+async def test_a_reassembler_that_loses_its_lease_drops_the_partition_until_it_is_free(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """Another process took the partition's lease (as if this one had been cut off past its
+    TTL): the reassembler drops what its engine held and waits; once the lease is free it
+    takes the partition back and replays its unacked messages: the open tree comes out
+    whole, once."""
+    import nats
+
+    from async_logging.bus.owners import OWNERS_BUCKET
+
+    urls = one_node.urls
+    c = options(urls, tmp_path, partitions=1)
+    ingest = await started_ingest(c, nodes)
+    reassembler = await started_reassembler(c, nodes)
+    events = tree("leased-1", children=4)
+    assert (await post(ingest.port, events[:3]))["accepted"] == 3
+    await until(lambda: reassembler.parts[0].buffer.open_count == 1)
+    nc = await nats.connect(urls.split(","), connect_timeout=2)
+    try:
+        kv = await nc.jetstream(timeout=TIMEOUT).key_value(OWNERS_BUCKET)
+        await kv.purge("p0")
+        await kv.create("p0", b"intruder")
+        await until(lambda: reassembler.parts[0].waiting_for == "intruder")
+        status, ecv = await get_ecv(reassembler.mon_port)
+        assert status == 503 and ecv["holders"] == {"0": "intruder"}
+        metrics = await get_metrics(reassembler.mon_port)
+        assert metrics.total("async_logging_bus_leases_lost_total") == 1
+        assert reassembler.parts[0].buffer.open_count == 0  # its state is gone
+        await kv.delete("p0")
+    finally:
+        await nc.close()
+    await until(lambda: reassembler.parts[0].waiting_for is None)
+    assert (await post(ingest.port, events[3:]))["accepted"] == 3
+    (record,) = await wait_trees(urls, {"leased-1"}, timeout=TIMEOUT * 3)
+    assert record["complete"] is True and len(record["children"]) == 4
+
+
+async def ecv_status(port: int) -> int:
+    return (await get_ecv(port))[0]
+
+
+async def ecv_field(port: int, name: str) -> Any:
+    return (await get_ecv(port))[1].get(name)
+
+
+async def until_async(
+    probe: Callable[[], Any], expected: Any, timeout: float = TIMEOUT * 3
+) -> None:
+    """Wait until ``await probe()`` returns ``expected``."""
+    deadline = time.monotonic() + timeout
+    while (got := await probe()) != expected:
+        assert time.monotonic() < deadline, f"still {got!r}, not {expected!r}"
+        await asyncio.sleep(0.05)

@@ -45,6 +45,7 @@ from ..server.pipeline import Stats
 from .codec import Unreadable, decode
 from .jetstream import EVENTS_STREAM, BusLink, BusSettings, BusUnavailable, with_id
 from .ledger import AckLedger
+from .owners import RENEW_SHARE, Lease, Owners, holder_name
 from .partition import events_subject, message_id
 from .records import PART_HEADER, to_messages
 
@@ -109,6 +110,12 @@ class Partition:
         self.lag = 0
         self.ack_pending = 0
         self._sub: Any = None
+        #: This process's lease on the partition (:mod:`async_logging.bus.owners`).
+        self.lease = Lease(node.owners.ttl)
+        #: The holder of the partition while this process waits for it, else None.
+        self.waiting_for: str | None = None
+        #: Set when the lease could not be kept: the consume loop ends, the state goes.
+        self._lost = False
         #: Messages of a previous member being collected before anything is fed.
         self._replay: _Replay | None = None
         self._next_tick = 0.0
@@ -164,17 +171,107 @@ class Partition:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        """Fetch, feed, publish, ack, until the node stops."""
+        """Take the partition's lease, bind, then fetch, feed, publish, ack until the node
+        stops; should the lease be lost, drop the engine's state and start again."""
         node = self.node
         while not node.stopping:
-            try:
-                await self.bind()
-                break
-            except Exception as exc:  # no JetStream leader yet, the bus just went away...
-                node.link.errors["bind"] += 1
-                log.warning("partition %d: cannot bind its consumer yet (%s)", self.number, exc)
-                await node.sleep(BIND_RETRY)
+            if not await self.own():
+                return
+            while not node.stopping:
+                try:
+                    await self.bind()
+                    break
+                except Exception as exc:  # no JetStream leader yet, the bus just went away...
+                    node.link.errors["bind"] += 1
+                    log.warning("partition %d: cannot bind its consumer yet (%s)", self.number, exc)
+                    await node.sleep(BIND_RETRY)
+            await self.consume()
+            if self._lost and not node.stopping:
+                await self.reset()
+
+    async def own(self) -> bool:
+        """Take the partition's lease, waiting while another process holds it; False when
+        the node stops first."""
+        node = self.node
+        owners = node.owners
+        told = False
         while not node.stopping:
+            js = node.link.js
+            try:
+                assert js is not None
+                holder = await owners.take(js, self.number, self.lease, node.clock())
+            except Exception as exc:  # the bus is away: try again
+                node.link.errors["lease"] += 1
+                log.debug("partition %d: lease not taken yet (%s)", self.number, exc)
+                await node.sleep(BIND_RETRY)
+                continue
+            if not holder:
+                if told:
+                    log.warning("partition %d: taken over from %s", self.number, self.waiting_for)
+                self.waiting_for = None
+                return True
+            self.waiting_for = holder
+            if not told:
+                told = True
+                self.counts["lease_waits"] += 1
+                log.error(
+                    "partition %d is run by %s; waiting until it stops (is a second process "
+                    "running the same --member or --partitions?)",
+                    self.number,
+                    holder,
+                )
+            await node.sleep(owners.ttl * RENEW_SHARE)
+        return False
+
+    async def keep_lease(self) -> bool:
+        """Renew the lease when due; False (and :attr:`_lost` set) when the partition is
+        no longer surely this process's."""
+        node = self.node
+        now = node.clock()
+        lease = self.lease
+        if not lease.due(now):
+            return True
+        js = node.link.js
+        try:
+            assert js is not None
+            if await node.owners.renew(js, self.number, lease, now):
+                return True
+            why = "another process took it, or it expired"
+        except Exception as exc:  # the bus is away: the lease stands while trusted
+            node.link.errors["lease"] += 1
+            if lease.trusted(node.clock()):
+                return True
+            why = f"not renewed in time ({exc})"
+            lease.lost()
+        self._lost = True
+        self.counts["leases_lost"] += 1
+        log.error(
+            "partition %d: its lease is lost (%s); dropping what its engine holds (its "
+            "messages stay unacked for whoever holds the partition next)",
+            self.number,
+            why,
+        )
+        return False
+
+    async def reset(self) -> None:
+        """Forget everything of the partition (its lease was lost): a new engine and
+        ledger, no subscription; the unacked messages are replayed by the next holder."""
+        c = self.node.config
+        self.buffer = PartitionBuffer(limits=c.buffer_limits())
+        self.ledger = AckLedger(self.node.settings.duplicate_window * CARRY_SHARE)
+        self._replay = None
+        self._lost = False
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def consume(self) -> None:
+        """Fetch, feed, publish, ack, until the node stops or the lease is lost."""
+        node = self.node
+        while not node.stopping:
+            if not await self.keep_lease():
+                return
             try:
                 msgs = await self._sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
             except TimeoutError:
@@ -295,6 +392,8 @@ class Partition:
             )
             return
         tokens = self.ledger.published(closed, now)
+        if not self.lease.trusted(self.node.clock()) and not await self.keep_lease():
+            return  # not surely ours any more: the next holder acks them
         await self.node.ack(free, tokens)
 
     async def publish(self, batches: list[tuple[str | None, Sequence[Record]]]) -> None:
@@ -421,6 +520,8 @@ class Reassembler:
         self.config = config
         self.settings = BusSettings.from_config(config)
         self.link = BusLink(self.settings, f"async-logging-reassemble-{os.getpid()}")
+        #: The partitions' leases (one process per partition).
+        self.owners = Owners(self.settings, holder_name(config.machine_name))
         self.stats = Stats()
         self.parts = [Partition(self, p) for p in partitions]
         self.tick = min(1.0, config.clean_duration)
@@ -484,6 +585,10 @@ class Reassembler:
             await asyncio.sleep(FETCH_WAIT + HAND_BACK_MARGIN)
             for p in self.parts:
                 await p.hand_back()
+        js = self.link.js
+        if self.link.up and js is not None:
+            for p in self.parts:  # the next holder need not wait out the TTL
+                await self.owners.release(js, p.number, p.lease)
         await self.link.close()
         if self.monapp is not None:
             await self.monapp.cleanup()
@@ -524,6 +629,8 @@ class Reassembler:
                     "redelivered": p.counts["redelivered"],
                     "messages": p.counts["messages"],
                     "unreadable": p.counts["unreadable"],
+                    "lease_waiting": int(p.waiting_for is not None),
+                    "leases_lost": p.counts["leases_lost"],
                 }
                 for p in self.parts
             },
@@ -534,12 +641,20 @@ class Reassembler:
     def health(self) -> dict[str, Any]:
         """What ``/ecv`` reports: available while the bus is up and the node runs."""
         up = self.link.up and not self.stopping
+        waiting = {str(p.number): p.waiting_for for p in self.parts if p.waiting_for is not None}
+        if not up:
+            why: dict[str, Any] = {"reason": "bus_unavailable" if not self.link.up else "draining"}
+        elif waiting:  # another process runs some of its partitions
+            why = {"reason": "partition_owned", "holders": waiting}
+        else:
+            why = {}
         return {
-            "available": self.config.ecv and up,
-            **({} if up else {"reason": "bus_unavailable" if not self.link.up else "draining"}),
+            "available": self.config.ecv and up and not waiting,
+            **why,
             "role": "reassemble",
             "pid": os.getpid(),
             "partitions": [p.number for p in self.parts],
+            "leased": [p.number for p in self.parts if p.lease.held],
             "open_transactions": sum(p.buffer.open_count for p in self.parts),
             "held_messages": sum(p.ledger.held for p in self.parts),
         }

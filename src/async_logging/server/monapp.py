@@ -358,6 +358,16 @@ def _bus_metrics(bus: dict[str, Any]) -> Iterator[Metric]:
         ("redelivered", "Messages delivered to this node again.", CounterMetricFamily),
         ("messages", "Messages delivered to this node.", CounterMetricFamily),
         ("unreadable", "Messages dropped because they could not be read.", CounterMetricFamily),
+        (
+            "lease_waiting",
+            "1 while this node waits for another process to give the partition up.",
+            GaugeMetricFamily,
+        ),
+        (
+            "leases_lost",
+            "Times this node lost the partition's lease (cut off from the bus past its TTL).",
+            CounterMetricFamily,
+        ),
     ):
         family = cls(_P + "bus_" + key, help_, labels=["consumer"])
         for name, values in sorted(consumers.items()):
