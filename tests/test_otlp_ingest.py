@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -390,10 +391,13 @@ async def test_a_request_refused_whole_gets_its_status_a_reason_and_a_count(
     headers: dict[str, str],
     status: int,
     reason: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Bad protobuf or JSON 400, another content type or encoding 415, a body (compressed or inflated) over max_message_bytes or more spans than max_events_per_frame 413: each answered with a Status in the request's encoding and counted by reason."""
+    """Bad protobuf or JSON 400, another content type or encoding 415, a body (compressed or inflated) over max_message_bytes or more spans than max_events_per_frame 413: each answered with a Status in the request's encoding and counted by reason, and nothing logged as an error (a body that does not inflate is not read on after the answer)."""
     got, _, answer = await post(server, "/v1/traces", body, ctype, headers)
     assert got == status
+    await asyncio.sleep(0)  # the server's handler finishes after the answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     st = status_of(answer, "application/json" if ctype == "application/json" else PROTOBUF)
     assert st.message.startswith(reason + ":"), st.message
     metrics = await asyncio.to_thread(fetch_metrics, server.mon_port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, ClassVar
 
 import aiohttp
@@ -366,6 +367,31 @@ async def test_post_bad_body_gets_a_status_naming_what_is_wrong(
     got_status, got = await post(session, server, body, ctype)
     assert got_status == status and got["error"] == reason and got["detail"]
     assert server.snapshot()["bad_input"][reason] == 1
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("ctype", ["application/json", "application/msgpack"])
+async def test_a_compressed_body_that_does_not_inflate_gets_400_bad_gzip(
+    server: LogCluster,
+    session: aiohttp.ClientSession,
+    ctype: str,
+    encoding: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A body whose Content-Encoding it does not match is refused 400 ``bad_gzip``,
+    counted, and the connection closed; nothing is logged as an error (it was a 500 and
+    two tracebacks)."""
+    async with session.post(
+        f"http://127.0.0.1:{server.port}/log",
+        data=b"not compressed at all",
+        headers={"Content-Type": ctype, "Content-Encoding": encoding},
+    ) as resp:
+        assert resp.status == 400 and resp.headers.get("Connection") == "close"
+        got = await resp.json()
+    assert got["error"] == "bad_gzip" and "does not inflate" in got["detail"]
+    assert server.snapshot()["bad_input"]["bad_gzip"] == 1
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 @pytest.mark.parametrize("server_options", [{"max_message_bytes": 1024}])
