@@ -5,8 +5,10 @@ Builds ``ExportTraceServiceRequest`` bodies with the official ``opentelemetry-pr
 classes, 512 spans a request, in trees of 12 spans (a server root, three calls, eight
 database or HTTP spans under them, with the attributes instrumentations set and a
 resource of five attributes), spans in the order an SDK exports them (children first) and
-trees running over from one request into the next. Starts ``async-logging serve`` as a
-subprocess (one worker, JSON lines to a temporary file), posts the bodies over several
+trees running over from one request into the next, each span's ``flags`` saying its parent
+is local as the SDK's exporter writes them (so the resource goes on the root only). Starts
+``async-logging serve`` as a subprocess (one worker, JSON lines to a temporary file), posts
+the bodies over several
 connections as fast as they are answered, and waits until every tree is in the file: spans
 per second from the first request to the last tree written. It does so with
 ``--otlp-settle 0`` and with the default settle (a root waits 2 s for the rest of its
@@ -39,6 +41,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from ingest import count_lines, start_server  # the server as bench/ingest.py starts it
 
 SPANS_PER_TREE = 12
+#: A span's ``flags`` as the OpenTelemetry SDK's OTLP exporter writes them for a span whose
+#: parent (if any) is in the same process: SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK, not remote.
+LOCAL_PARENT = 0x100
 SPANS_PER_REQUEST = 512
 DEFAULT_SETTLE = 2.0
 
@@ -67,6 +72,7 @@ def tree(n: int, t0_ns: int) -> list[Span]:
             start_time_unix_nano=t0_ns + start_us * 1000,
             end_time_unix_nano=t0_ns + (start_us + dur_us) * 1000,
             attributes=attrs,
+            flags=LOCAL_PARENT,  # as the SDK's exporter sets them: the parent is not remote
         )
 
     spans: list[Span] = []
