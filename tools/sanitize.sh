@@ -24,7 +24,8 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$SCRATCH"
 python -c "import async_logging._speedups as s, sys; assert s.__file__.startswith('$SCRATCH'), s.__file__"
 echo "== differential tests against the sanitized build"
-python -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_encoded.py tests/test_door_limits.py
+python -m pytest -q -p no:cacheprovider tests/test_fastpath.py tests/test_encoded.py tests/test_door_limits.py \
+    tests/test_native_split.py
 echo "== mutation fuzz ($N frames)"
 python - "$N" <<'PY'
 import random
@@ -50,7 +51,7 @@ limits = [
     (1 << 20, 3, 2, 16, 12, 1, 600, 1, 2, 0),
     (4 << 20, 10000, 32, 65536, 256, 10000, 8 << 20, 64, 10000, 1),
 ]
-taken = 0
+taken = split_taken = 0
 for _ in range(int(sys.argv[1])):
     b = bytearray(rng.choice(base))
     for _ in range(rng.randint(1, 4)):
@@ -67,10 +68,21 @@ for _ in range(int(sys.argv[1])):
             b[k] = rng.choice([0xC0, 0xC1, 0xC4, 0xD4, 0xD9, 0xDB, 0xDD, 0xDF, 0xCB, 0xCF, 0xFF, 0x00])
     if rng.random() < 0.1:
         b = bytearray(rng.randbytes(rng.randint(0, 64)))
-    result = _speedups.reassemble(bytes(b), 1_700_000_000_000, rng.choice(limits), orjson.dumps)
+    lim = rng.choice(limits)
+    result = _speedups.reassemble(bytes(b), 1_700_000_000_000, lim, orjson.dumps)
     if result is not None:
         taken += 1
         for line in result[1].splitlines():
             orjson.loads(line)  # what is taken is valid JSON
-print(f"{sys.argv[1]} mutated frames, {taken} taken; no sanitizer report")
+    partitions = rng.choice([1, 3, 16, 1024])
+    cut = _speedups.split(bytes(b), 1_700_000_000_000, lim, partitions, rng.randrange(partitions),
+                          rng.choice([40, 4096, 1 << 30]))
+    if cut is not None:
+        split_taken += 1
+        for part, count, body in cut[2]:  # each part: its events, whole, back to back
+            assert 0 <= part < partitions
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+            unpacker.feed(body)
+            assert sum(1 for _ in unpacker) == count
+print(f"{sys.argv[1]} mutated frames, {taken} reassembled, {split_taken} split; no sanitizer report")
 PY
