@@ -195,6 +195,57 @@ def test_asgi_middleware_joins_the_callers_tree_and_answers_traceresponse() -> N
     assert "traceresponse" not in alone.headers
 
 
+def test_a_wrapped_asgi_transport_carries_the_context_into_the_app() -> None:
+    """``traced_transport``: a call through ``httpx.ASGITransport`` (not a default transport,
+    so ``instrument_httpx`` does not see it) made inside a transaction is an ``HTTP``
+    transaction, and the ASGI app's middleware joins it: one tree."""
+
+    async def item(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    with capturing_client() as (client, capture):
+        app = AsyncLoggingMiddleware(Starlette(routes=[Route("/item", item)]), client=client)
+
+        async def call() -> httpx.Response:
+            transport = prop.traced_transport(httpx.ASGITransport(app=app))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as h:
+                with client.transaction("URL", "/caller"):
+                    return await h.get("/item")
+
+        assert asyncio.run(call()).status_code == 200
+        assert client.flush(TIMEOUT)
+        begins = [e for e in capture.events if e["clazz"] == "begin"]
+    assert len(begins) == 3
+    caller, http, downstream = (
+        next(b for b in begins if b["name"] == "/caller"),
+        next(b for b in begins if b["type"] == "HTTP"),
+        next(b for b in begins if b["name"] == "/item"),
+    )
+    assert caller["uuid"] == http["uuid"] == downstream["uuid"]
+    assert http["parent"] == caller["event"] and downstream["parent"] == http["event"]
+
+
+def test_a_wrapped_sync_transport_sends_traceparent_and_a_default_one_is_not_wrapped() -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("traceparent"))
+        return httpx.Response(204)
+
+    with capturing_client() as (client, capture):
+        with httpx.Client(transport=prop.traced_transport(httpx.MockTransport(handler))) as h:
+            with client.transaction("URL", "/c"):
+                assert h.get("http://x/y").status_code == 204
+            h.get("http://x/outside")  # no transaction: no header
+        assert client.flush(TIMEOUT)
+        (http,) = [e for e in capture.events if e["clazz"] == "begin" and e["type"] == "HTTP"]
+    assert seen == [f"00-{http['uuid']}-{http['event']}-01", None]
+    default = httpx.HTTPTransport()  # instrument_httpx patched its class already
+    assert prop.traced_transport(default) is default
+    with pytest.raises(TypeError, match="not an httpx transport"):
+        prop.traced_transport(object())
+
+
 # --------------------------------------------------------------------------- two services
 
 

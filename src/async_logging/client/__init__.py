@@ -45,6 +45,7 @@ from .propagation import (
     aiohttp_trace_config,
     instrument_httpx,
     instrument_requests,
+    traced_transport,
     uninstrument,
     use_opentelemetry,
 )
@@ -100,6 +101,7 @@ __all__ = [
     "loguru_sink",
     "new_uuid",
     "structlog_processor",
+    "traced_transport",
     "transaction",
     "uninstrument",
     "use_opentelemetry",

@@ -73,6 +73,7 @@ __all__ = [
     "parse_traceparent",
     "refused",
     "trace_id_of",
+    "traced_transport",
     "traceresponse",
     "uninstrument",
     "use_opentelemetry",
@@ -292,7 +293,8 @@ def uninstrument() -> None:
 def instrument_httpx() -> None:
     """Propagate the context on every httpx request made through its default transports
     (``httpx.HTTPTransport``, ``httpx.AsyncHTTPTransport``): one ``HTTP`` transaction per
-    request sent (a redirect's each), ended when the response's headers are in."""
+    request sent (a redirect's each), ended when the response's headers are in. Wrap any
+    other transport with :func:`traced_transport`."""
     import httpx
 
     def sync(original: Any) -> Any:
@@ -313,6 +315,67 @@ def instrument_httpx() -> None:
 
     _patch(httpx.HTTPTransport, "handle_request", sync)
     _patch(httpx.AsyncHTTPTransport, "handle_async_request", asynchronous)
+
+
+def traced_transport(transport: Any) -> Any:
+    """``transport`` (any httpx transport: ``httpx.ASGITransport``, ``httpx.WSGITransport``,
+    ``httpx.MockTransport``, one of your own) with the context propagated on each request it
+    sends, as :func:`instrument_httpx` does for the default transports:
+    ``httpx.AsyncClient(transport=traced_transport(httpx.ASGITransport(app)))``.
+
+    A default transport whose class :func:`instrument_httpx` patched is returned as it is
+    (wrapping it again would make two ``HTTP`` transactions per request).
+
+    Raises:
+        TypeError: ``transport`` is not an httpx transport.
+    """
+    import httpx
+
+    if any(isinstance(transport, cls) for cls, _ in _patched):
+        return transport
+    sync, asynchronous, both = _traced_classes()
+    is_sync = isinstance(transport, httpx.BaseTransport)
+    is_async = isinstance(transport, httpx.AsyncBaseTransport)
+    if is_sync and is_async:  # httpx.MockTransport is both
+        return both(transport)
+    if is_sync:
+        return sync(transport)
+    if is_async:
+        return asynchronous(transport)
+    raise TypeError(f"not an httpx transport: {type(transport).__name__}")
+
+
+@functools.cache
+def _traced_classes() -> tuple[Any, Any, Any]:
+    """The wrappers :func:`traced_transport` makes: sync, async, and both."""
+    import httpx
+
+    class TracedTransport(httpx.BaseTransport):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            with _Call(request.method, str(request.url), request.headers) as call:
+                return call.answered(self.inner.handle_request(request))  # type: ignore[no-any-return]
+
+        def close(self) -> None:
+            self.inner.close()
+
+    class AsyncTracedTransport(httpx.AsyncBaseTransport):
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            with _Call(request.method, str(request.url), request.headers) as call:
+                return call.answered(await self.inner.handle_async_request(request))  # type: ignore[no-any-return]
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    class BothTracedTransport(TracedTransport, AsyncTracedTransport):
+        pass
+
+    return TracedTransport, AsyncTracedTransport, BothTracedTransport
 
 
 def instrument_requests() -> None:
