@@ -9,6 +9,7 @@ had acked is in exactly one published tree, and no tree is published twice.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import os
 import re
@@ -513,7 +514,7 @@ async def post_msgpack(port: int, logs: list[dict[str, Any]]) -> dict[str, Any]:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
         session.post(
             f"http://127.0.0.1:{port}/log",
-            data=msgpack.packb({"seq": 1, "logs": logs}),
+            data=io.BytesIO(msgpack.packb({"seq": 1, "logs": logs})),
             headers={"Content-Type": "application/msgpack"},
         ) as resp,
     ):
@@ -766,3 +767,77 @@ async def test_otlp_spans_of_one_trace_in_two_requests_meet_behind_the_bus_with_
     (client,) = record["children"]
     (server,) = client["children"]
     assert server["event"] == (3).to_bytes(8, "big").hex() and server["pool"] == "back"
+
+
+async def test_a_frame_whose_partition_outgrows_a_bus_message_is_cut_to_fit(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """A MessagePack frame with nothing to refuse but 1.5 MB of events for one partition
+    (more than a NATS message holds, 1 MiB): it takes the mapping path, which cuts them
+    into messages that fit; every tree comes out whole (it was a 503 for the whole flush)."""
+    c = options(one_node.urls, tmp_path)
+    ingest = await started_ingest(c, nodes)
+    await started_reassembler(c, nodes)
+    uuids = same_partition(30, c.partitions, "big")
+    logs = []
+    for uuid in uuids:
+        events = tree(uuid)
+        for e in events:
+            if e["clazz"] == "atomicEvent":
+                e["msg"] = "x" * 16_000
+        logs.extend(events)
+    answer = await post_msgpack(ingest.port, logs)
+    assert answer == {"accepted": len(logs), "ack": 1, "status": 200}
+    assert ingest.bus is not None and ingest.bus.counts["raw_frames"] == 0
+    records = await wait_trees(one_node.urls, set(uuids), timeout=TIMEOUT * 2)
+    assert Counter(str(r["uuid"]) for r in records) == Counter(dict.fromkeys(uuids, 1))
+    assert all(r["complete"] is True and len(r["children"]) == 3 for r in records)
+
+
+async def test_a_reassembler_stuck_publishing_when_its_lease_goes_publishes_and_acks_nothing(
+    tmp_path: Path, one_node: NatsCluster, nodes: list[Any]
+) -> None:
+    """The trees stream refuses a reassembler's trees (no leader, say) for longer than its
+    lease lasts, and another process takes the partition meanwhile: the reassembler gives
+    up the publish, acks nothing, drops its state and waits; once the partition is free it
+    takes it back and the tree comes out once."""
+    import nats
+
+    from async_logging.bus import BusUnavailable
+    from async_logging.bus.owners import OWNERS_BUCKET
+    from bus_nats import read_trees
+
+    urls = one_node.urls
+    c = options(urls, tmp_path, partitions=1)
+    ingest = await started_ingest(c, nodes)
+    reassembler = await started_reassembler(c, nodes)
+    part = reassembler.parts[0]
+    await until(lambda: part.lease.held)
+    publisher = reassembler.link.publisher
+    assert publisher is not None
+    original = publisher.publish
+    tried = asyncio.Event()
+
+    async def refused(messages: Any, timeout: float) -> Any:
+        tried.set()
+        raise BusUnavailable("bus_unavailable", "the trees stream has no leader (test)")
+
+    publisher.publish = refused  # type: ignore[method-assign]
+    assert (await post(ingest.port, tree("stuck-1")))["accepted"] == 5
+    await asyncio.wait_for(tried.wait(), TIMEOUT)
+    nc = await nats.connect(urls.split(","), connect_timeout=2)
+    try:
+        kv = await nc.jetstream(timeout=TIMEOUT).key_value(OWNERS_BUCKET)
+        await kv.purge("p0")
+        await kv.create("p0", b"intruder")
+        await until(lambda: part.waiting_for == "intruder")
+        publisher.publish = original  # type: ignore[method-assign]
+        metrics = await get_metrics(reassembler.mon_port)
+        assert metrics.total("async_logging_bus_leases_lost_total") == 1
+        assert not [r for r in await read_trees(urls) if r["uuid"] == "stuck-1"]
+        await kv.delete("p0")
+    finally:
+        await nc.close()
+    records = await wait_trees(urls, {"stuck-1"}, timeout=TIMEOUT * 3)
+    assert Counter(str(r["uuid"]) for r in records) == Counter({"stuck-1": 1})
+    assert records[0]["complete"] is True

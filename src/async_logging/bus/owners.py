@@ -8,12 +8,13 @@ refuses a second create: no protocol of ours decides), naming its holder. The bu
 of it, each time checking that the key is still the one it wrote (the revision).
 
 - A second process for a taken partition waits, says so in its log and ``/ecv``
-  (``partition_owned``, with the holder), and takes the partition once it is free: at once
-  after the holder's SIGTERM (which deletes its keys), one TTL after a kill -9.
-- A holder that cannot renew in time (cut off from the bus longer than the TTL) no longer
-  trusts its lease: before anything more is published or acked it renews or gives the
-  partition up, dropping its engine's state; what that held is in unacked messages the next
-  holder replays.
+  (``partition_owned``, with the holder), and takes the partition once it is free: at its
+  next try (every third of the TTL) after the holder's SIGTERM, which deletes its keys; one
+  TTL after a kill -9.
+- A holder that cannot renew in time (cut off from the bus longer than two thirds of the
+  TTL) no longer trusts its lease: before anything more is published (a retry included),
+  carried or acked it renews or gives the partition up, handing its held messages back and
+  dropping its engine's state; the next holder replays them.
 
 :class:`Lease` is the bookkeeping (no I/O); :class:`Owners` speaks to the bucket.
 """
@@ -126,13 +127,16 @@ class Owners:
         self._kv = kv
         return kv
 
-    async def take(self, js: JetStreamContext, partition: int, lease: Lease, now: float) -> str:
-        """Try to take ``partition``: ``""`` when it is ours now, else its holder's name.
+    async def take(
+        self, js: JetStreamContext, partition: int, lease: Lease, now: float
+    ) -> str | None:
+        """Try to take ``partition``: ``""`` when it is ours now, its holder's name when
+        another process holds it, None when the key changed meanwhile (try again at once).
 
         Raises:
             nats errors: the bucket cannot be reached (the caller tries again).
         """
-        from nats.js.errors import KeyWrongLastSequenceError
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 
         kv = await self.bucket(js)
         lease.ttl = self.ttl
@@ -142,15 +146,15 @@ class Owners:
         except KeyWrongLastSequenceError:
             try:
                 entry = await kv.get(key)
-            except Exception:  # deleted or expired meanwhile: free at the next try
-                return "someone (just gone)"
+            except (KeyNotFoundError, KeyDeletedError):  # gone meanwhile: free now
+                return None
             if entry.value != self.me or entry.revision is None:
                 return (entry.value or b"").decode(errors="replace") or "someone"
             # Our own lease, given up when it could not be renewed: take it back.
             try:
                 revision = await kv.update(key, self.me, last=entry.revision)
             except KeyWrongLastSequenceError:
-                return "someone (just now)"
+                return None
         lease.took(revision, now)
         return ""
 

@@ -229,8 +229,11 @@ class Partition:
         node = self.node
         now = node.clock()
         lease = self.lease
+        if self._lost or not lease.held:
+            self._lost = True
+            return False
         if not lease.due(now):
-            return True
+            return True  # renewed within a third of the TTL: surely still ours
         js = node.link.js
         try:
             assert js is not None
@@ -255,7 +258,9 @@ class Partition:
 
     async def reset(self) -> None:
         """Forget everything of the partition (its lease was lost): a new engine and
-        ledger, no subscription; the unacked messages are replayed by the next holder."""
+        ledger, no subscription; the held messages are handed back (nak) for the next
+        holder to replay at once (if the bus takes the naks; else after ``bus_ack_wait``)."""
+        await self.hand_back()
         c = self.node.config
         self.buffer = PartitionBuffer(limits=c.buffer_limits())
         self.ledger = AckLedger(self.node.settings.duplicate_window * CARRY_SHARE)
@@ -293,14 +298,18 @@ class Partition:
             if msgs:
                 await self.take(msgs)
             now = node.clock()
-            if now >= self._next_tick:
+            if now >= self._next_tick and not self._lost:
                 self._next_tick = now + node.tick
                 await self.expire()
-            if now >= self._next_progress:
+            if now >= self._next_progress and not self._lost:
                 self._next_progress = now + node.settings.ack_wait / 3
                 await self.keep_alive()
             for held in self.ledger.due_carries(now):
+                if self._lost:
+                    break
                 await self.carry(held)
+            if self._lost:
+                return
 
     async def take(self, msgs: list[Msg]) -> None:
         """Feed a fetched batch, publish what it completes, then ack what may be acked."""
@@ -382,18 +391,22 @@ class Partition:
                     u = record.get("uuid")
                     if u.__class__ is str and not is_open(u):
                         closed.add(u)
+        # Nothing is published or acked unless the partition is surely still ours.
+        if not await self.keep_lease():
+            return
         try:
             await self.publish(batches)
         except _Abandoned:
             log.warning(
-                "partition %d: stopping while the bus does not store trees; their messages "
-                "stay unacked for the next reassembler",
+                "partition %d: %s while the bus does not store trees; their messages stay "
+                "unacked for the next reassembler",
                 self.number,
+                "its lease lost" if self._lost else "stopping",
             )
             return
+        if not await self.keep_lease():
+            return  # the next holder replays and acks them
         tokens = self.ledger.published(closed, now)
-        if not self.lease.trusted(self.node.clock()) and not await self.keep_lease():
-            return  # not surely ours any more: the next holder acks them
         await self.node.ack(free, tokens)
 
     async def publish(self, batches: list[tuple[str | None, Sequence[Record]]]) -> None:
@@ -412,7 +425,9 @@ class Partition:
                 break
             except BusUnavailable as exc:
                 link.errors["publish"] += 1
-                if node.stopping:  # not stored, not acked: JetStream delivers them again
+                if node.stopping or not await self.keep_lease():
+                    # Not stored, not acked: JetStream delivers them again (to the next
+                    # holder, when the lease could not be kept meanwhile).
                     raise _Abandoned from exc
                 if tries == 0:
                     log.warning(
@@ -436,6 +451,8 @@ class Partition:
 
     async def carry(self, held: Any) -> None:
         """Publish a mixed message's events of open trees again; ack what that frees."""
+        if not await self.keep_lease():
+            return
         keep = held.open
         logs = msgspec.msgpack.decode(decode(held.token.data, held.token.headers))
         moved = [e for e in logs if isinstance(e, dict) and e.get("uuid") in keep]
@@ -452,7 +469,8 @@ class Partition:
             return  # tried again at the next turn
         tokens = self.ledger.carried(held, result.seqs[0], self.node.clock())
         self.counts["carried"] += 1
-        await self.node.ack([], tokens)
+        if await self.keep_lease():
+            await self.node.ack([], tokens)
 
     async def hand_back(self) -> None:
         """At a stop: give the held messages back (nak) for the replacement, at once."""
