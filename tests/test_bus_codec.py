@@ -32,7 +32,6 @@ def test_a_compressed_message_keeps_its_id_says_its_encoding_and_reads_back() ->
     assert sent.headers == {MSG_ID: "ev-1.transaction", ENCODING_HEADER: "zstd"}
     assert len(sent.payload) < len(LINES) // 4
     assert decode(sent.payload, sent.headers) == LINES
-    assert (c.plain_bytes, c.sent_bytes) == (len(LINES), len(sent.payload))
 
 
 def test_a_message_compression_would_not_shrink_goes_plain() -> None:
@@ -41,7 +40,6 @@ def test_a_message_compression_would_not_shrink_goes_plain() -> None:
     message = Outgoing("alog.events.0", noise, {MSG_ID: "x"})
     assert c.encode(message) is message
     assert decode(noise, message.headers) == noise
-    assert c.sent_bytes == c.plain_bytes == 4096
 
 
 def test_compression_none_publishes_as_it_is_and_a_message_without_headers_is_plain() -> None:

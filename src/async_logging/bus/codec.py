@@ -69,7 +69,8 @@ class Compressor:
             raise ValueError(f"bus_compression must be one of {', '.join(COMPRESSIONS)}")
         self.compression = compression
         self._zstd = zstandard.ZstdCompressor(level=LEVEL) if compression == "zstd" else None
-        #: Plain bytes handed in, and bytes published for them (``/metrics``).
+        #: Plain bytes of the messages stored, and the bytes sent for them (``/metrics``;
+        #: counted by the publisher once JetStream stored them: a retry counts once).
         self.plain_bytes = 0
         self.sent_bytes = 0
 
@@ -77,15 +78,11 @@ class Compressor:
         """``message`` with its payload compressed (and the header saying so), or as it is
         when compression is off or would not make it smaller."""
         payload = message.payload
-        self.plain_bytes += len(payload)
         if self._zstd is None:
-            self.sent_bytes += len(payload)
             return message
         packed = self._zstd.compress(payload)
         if len(packed) >= len(payload):
-            self.sent_bytes += len(payload)
             return message
-        self.sent_bytes += len(packed)
         headers = dict(message.headers) if message.headers else {}
         headers[ENCODING_HEADER] = "zstd"
         return message._replace(payload=packed, headers=headers)

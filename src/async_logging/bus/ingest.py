@@ -171,6 +171,10 @@ class BusIngest:
             partitions = self.settings.partitions
             other = self._spread % partitions  # records of their own spread over partitions
             native = native_split(payload, self.wire_limits, partitions, other, limit)
+            if native is not None and any(len(body) > limit for _, _, body in native.parts):
+                # One partition's events are more than a bus message holds: the mapping
+                # path cuts them into messages that fit (one event over it alone is refused).
+                native = None
         if native is not None:  # nothing to refuse: the events go as they came
             await self._enqueue({part: [(n, body)] for part, n, body in native.parts})
             self.stats.events += native.events

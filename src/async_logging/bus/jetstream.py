@@ -334,9 +334,9 @@ class Publisher:
         batch = self._batches[token] = _Batch(len(messages))
         reply = f"{self._prefix}.{token}."
         nc = self._nc
-        encode = self.compressor.encode
+        encoded = [self.compressor.encode(m) for m in messages]
         try:
-            for i, (subject, payload, headers) in enumerate(map(encode, messages)):
+            for i, (subject, payload, headers) in enumerate(encoded):
                 await nc.publish(subject, payload, reply=reply + str(i), headers=headers)
             async with asyncio.timeout(timeout):
                 await batch.done
@@ -357,6 +357,9 @@ class Publisher:
                 else ("bus_unavailable")
             )
             raise BusUnavailable(reason, f"the bus refused the batch: {batch.error}")
+        compressor = self.compressor
+        compressor.plain_bytes += sum(len(m.payload) for m in messages)
+        compressor.sent_bytes += sum(len(m.payload) for m in encoded)
         return Published(batch.seqs, batch.duplicates)
 
     async def _on_ack(self, msg: Msg) -> None:
