@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import msgspec
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from .. import wire
 from ..exceptions import BadInput, ConfigError, DecodeError, LimitExceeded
@@ -81,19 +82,22 @@ ACCEPT_ERROR_LOG_INTERVAL = 10.0
 #: ``request_timeout``. The connection is closed after.
 REFUSED_BODY_LINGER = 2.0
 #: Refusals answered before the body was read whole: the connection takes no next request.
-_UNREAD_BODY = frozenset({"inflight_full", "message_too_big", "request_timeout", "bad_gzip"})
+_UNREAD_BODY = frozenset(
+    {"inflight_full", "message_too_big", "request_timeout", "bad_gzip", "bad_body"}
+)
 #: The same for OTLP: refused on its headers.
 _OTLP_UNREAD_BODY = frozenset({"unsupported_media_type", "unsupported_encoding"})
 #: The transports ``frames_received`` and ``bytes_received`` count by.
 TRANSPORTS: Final = ("ws", "http", "otlp")
 #: What the listener itself counts in ``bad_input`` (beside the decoder's, the mapper's
 #: and the spool's reasons, which it counts as they are raised): a body over the size,
-#: unreadable, not inflating or too slow, a frame that does not fit in flight, one the client did not
+#: unreadable, not inflating, malformed (a broken chunked encoding) or too slow, a frame that does not fit in flight, one the client did not
 #: mask, a broken WebSocket.
 BAD_INPUT_REASONS: Final = (
     "message_too_big",
     "bad_form",
     "bad_gzip",
+    "bad_body",
     "request_timeout",
     "inflight_full",
     "unmasked_frame",
@@ -570,7 +574,8 @@ class LogListener:
         Raises:
             LimitExceeded: ``message_too_big`` (413), ``request_timeout`` (408, the body,
                 a form's included, did not arrive in time), ``inflight_full`` (503).
-            DecodeError: ``bad_form``, ``bad_gzip`` (a compressed body that does not inflate).
+            DecodeError: ``bad_form``, ``bad_gzip`` (a compressed body that does not
+                inflate), ``bad_body`` (a broken chunked encoding).
         """
         c = self.config
         length = request.content_length
@@ -593,11 +598,13 @@ class LogListener:
                 f"the body did not arrive within {c.request_timeout} s",
                 status=408,
             ) from exc
-        except web.RequestPayloadError as exc:  # a gzip or deflate body that does not inflate
+        except web.RequestPayloadError as exc:  # a body aiohttp could not read whole
             # Its stream holds the error: marked ended, aiohttp does not read on after the
             # answer (and log the error again as unhandled); the connection closes.
             request.content.feed_eof()
-            raise DecodeError("bad_gzip", f"the body does not inflate: {exc}") from exc
+            if isinstance(exc.__cause__, ContentEncodingError):  # gzip or deflate
+                raise DecodeError("bad_gzip", f"the body does not inflate: {exc}") from exc
+            raise DecodeError("bad_body", f"the body is malformed: {exc}") from exc
         except ValueError as exc:  # a malformed multipart body
             raise DecodeError("bad_form", str(exc)) from exc
 
