@@ -69,10 +69,6 @@ class Compressor:
             raise ValueError(f"bus_compression must be one of {', '.join(COMPRESSIONS)}")
         self.compression = compression
         self._zstd = zstandard.ZstdCompressor(level=LEVEL) if compression == "zstd" else None
-        #: Plain bytes of the messages stored, and the bytes sent for them (``/metrics``;
-        #: counted by the publisher once JetStream stored them: a retry counts once).
-        self.plain_bytes = 0
-        self.sent_bytes = 0
 
     def encode(self, message: Outgoing) -> Outgoing:
         """``message`` with its payload compressed (and the header saying so), or as it is

@@ -163,11 +163,10 @@ class BusIngest:
             BadInput: the payload does not decode or breaks a wire limit.
             BusUnavailable: as :meth:`accept`.
         """
-        nc = self.link.nc
         native = None
-        if self.link.up and nc is not None:
+        if self.link.up and self.link.nc is not None:  # else the mapping path says why
+            limit = self._limit()
             self._spread += 1
-            limit = max(nc.max_payload - HEADROOM, HEADROOM)
             partitions = self.settings.partitions
             other = self._spread % partitions  # records of their own spread over partitions
             native = native_split(payload, self.wire_limits, partitions, other, limit)

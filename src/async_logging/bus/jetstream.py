@@ -307,8 +307,12 @@ class Publisher:
         from .codec import Compressor
 
         self._nc = nc
-        #: Compresses each message (and counts plain and published bytes).
+        #: Compresses each message.
         self.compressor = Compressor(compression)
+        #: Plain bytes of the messages stored, and the bytes sent for them (``/metrics``;
+        #: counted once JetStream stored them: a retried batch counts once).
+        self.payload_bytes = 0
+        self.sent_bytes = 0
         self._prefix = nc.new_inbox()
         self._batches: dict[str, _Batch] = {}
         self._ids = itertools.count()
@@ -357,9 +361,8 @@ class Publisher:
                 else ("bus_unavailable")
             )
             raise BusUnavailable(reason, f"the bus refused the batch: {batch.error}")
-        compressor = self.compressor
-        compressor.plain_bytes += sum(len(m.payload) for m in messages)
-        compressor.sent_bytes += sum(len(m.payload) for m in encoded)
+        self.payload_bytes += sum(len(m.payload) for m in messages)
+        self.sent_bytes += sum(len(m.payload) for m in encoded)
         return Published(batch.seqs, batch.duplicates)
 
     async def _on_ack(self, msg: Msg) -> None:
@@ -430,8 +433,7 @@ class BusLink:
         publisher = self.publisher
         if publisher is None:
             return {"payload_bytes": 0, "sent_bytes": 0}
-        c = publisher.compressor
-        return {"payload_bytes": c.plain_bytes, "sent_bytes": c.sent_bytes}
+        return {"payload_bytes": publisher.payload_bytes, "sent_bytes": publisher.sent_bytes}
 
     def start(self) -> None:
         """Begin connecting (in a task of the running loop)."""

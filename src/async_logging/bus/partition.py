@@ -17,11 +17,11 @@ oracle): each event's bytes by partition, or None when the frame needs the mappi
 from __future__ import annotations
 
 import hashlib
-import time
 import zlib
 from collections.abc import Iterable
 from typing import Any, Final, NamedTuple
 
+from ..buffer.engine import wall_clock_ms
 from ..buffer.native import limits_tuple
 from ..encoded import native_module
 from ..exceptions import ConfigError
@@ -131,14 +131,8 @@ def native_split(
     if module is None:
         return None
     lim = limits_tuple(limits)  # split does not read the tree limits
-    got = module.split(payload, _time_ms(), lim, partitions, other, max_event_bytes)
+    got = module.split(payload, wall_clock_ms(), lim, partitions, other, max_event_bytes)
     return None if got is None else RawSplit(*got)
-
-
-def _time_ms() -> int:
-    """Now in ms since the epoch (what the mapper stamps on an event without a time; the
-    split only checks it, the reassembler stamps its own)."""
-    return time.time_ns() // 1_000_000
 
 
 def array_body(payload: bytes) -> tuple[int, bytes]:

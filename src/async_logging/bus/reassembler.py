@@ -101,11 +101,8 @@ class Partition:
         self.node = node
         self.number = number
         self.durable = f"alog-reasm-{number}"
-        c = node.config
-        self.buffer = PartitionBuffer(limits=c.buffer_limits())
-        settings = node.settings
-        self.ledger: AckLedger[Msg] = AckLedger(settings.duplicate_window * CARRY_SHARE)
-        self.limits = bus_wire_limits(c)
+        self.buffer, self.ledger = self._fresh_state()
+        self.limits = bus_wire_limits(node.config)
         self.counts: Counter[str] = Counter()
         self.lag = 0
         self.ack_pending = 0
@@ -120,6 +117,12 @@ class Partition:
         self._replay: _Replay | None = None
         self._next_tick = 0.0
         self._next_progress = 0.0
+
+    def _fresh_state(self) -> tuple[PartitionBuffer, AckLedger[Msg]]:
+        """An empty engine and ledger (at the start, and when the lease is lost)."""
+        node = self.node
+        buffer = PartitionBuffer(limits=node.config.buffer_limits())
+        return buffer, AckLedger(node.settings.duplicate_window * CARRY_SHARE)
 
     # ------------------------------------------------------------------ setup
 
@@ -261,9 +264,7 @@ class Partition:
         ledger, no subscription; the held messages are handed back (nak) for the next
         holder to replay at once (if the bus takes the naks; else after ``bus_ack_wait``)."""
         await self.hand_back()
-        c = self.node.config
-        self.buffer = PartitionBuffer(limits=c.buffer_limits())
-        self.ledger = AckLedger(self.node.settings.duplicate_window * CARRY_SHARE)
+        self.buffer, self.ledger = self._fresh_state()
         self._replay = None
         self._lost = False
         sub, self._sub = self._sub, None
