@@ -43,8 +43,8 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from .context import _ambient, current_scope
 from .report import safe_url
@@ -290,6 +290,28 @@ def uninstrument() -> None:
     _patched.clear()
 
 
+_Response = TypeVar("_Response")
+
+
+def _traced_send(send: Callable[[Any], _Response], request: Any) -> _Response:
+    """An httpx request sent by ``send`` inside an ``HTTP`` transaction carrying the
+    context (the default transports' patch and :func:`traced_transport` alike)."""
+    with _Call(request.method, str(request.url), request.headers) as call:
+        response = send(request)
+        call.answered(response)
+        return response
+
+
+async def _traced_send_async(
+    send: Callable[[Any], Awaitable[_Response]], request: Any
+) -> _Response:
+    """:func:`_traced_send` for an async transport."""
+    with _Call(request.method, str(request.url), request.headers) as call:
+        response = await send(request)
+        call.answered(response)
+        return response
+
+
 def instrument_httpx() -> None:
     """Propagate the context on every httpx request made through its default transports
     (``httpx.HTTPTransport``, ``httpx.AsyncHTTPTransport``): one ``HTTP`` transaction per
@@ -297,19 +319,19 @@ def instrument_httpx() -> None:
     other transport with :func:`traced_transport`."""
     import httpx
 
-    def sync(original: Any) -> Any:
+    def sync(original: Callable[[httpx.HTTPTransport, httpx.Request], httpx.Response]) -> Any:
         def handle_request(self: httpx.HTTPTransport, request: httpx.Request) -> httpx.Response:
-            with _Call(request.method, str(request.url), request.headers) as call:
-                return call.answered(original(self, request))  # type: ignore[no-any-return]
+            return _traced_send(functools.partial(original, self), request)
 
         return handle_request
 
-    def asynchronous(original: Any) -> Any:
+    def asynchronous(
+        original: Callable[[httpx.AsyncHTTPTransport, httpx.Request], Awaitable[httpx.Response]],
+    ) -> Any:
         async def handle_async_request(
             self: httpx.AsyncHTTPTransport, request: httpx.Request
         ) -> httpx.Response:
-            with _Call(request.method, str(request.url), request.headers) as call:
-                return call.answered(await original(self, request))  # type: ignore[no-any-return]
+            return await _traced_send_async(functools.partial(original, self), request)
 
         return handle_async_request
 
@@ -355,8 +377,8 @@ def _traced_classes() -> tuple[Any, Any, Any]:
             self.inner = inner
 
         def handle_request(self, request: httpx.Request) -> httpx.Response:
-            with _Call(request.method, str(request.url), request.headers) as call:
-                return call.answered(self.inner.handle_request(request))  # type: ignore[no-any-return]
+            inner: httpx.BaseTransport = self.inner
+            return _traced_send(inner.handle_request, request)
 
         def close(self) -> None:
             self.inner.close()
@@ -366,8 +388,8 @@ def _traced_classes() -> tuple[Any, Any, Any]:
             self.inner = inner
 
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-            with _Call(request.method, str(request.url), request.headers) as call:
-                return call.answered(await self.inner.handle_async_request(request))  # type: ignore[no-any-return]
+            inner: httpx.AsyncBaseTransport = self.inner
+            return await _traced_send_async(inner.handle_async_request, request)
 
         async def aclose(self) -> None:
             await self.inner.aclose()
