@@ -718,50 +718,22 @@ async def test_otlp_spans_of_one_trace_in_two_requests_meet_behind_the_bus_with_
     they ack), so a span exported after its root by another service comes out late unless
     the reassemblers wait for stragglers: with ``settle`` (``reassemble --settle``) the
     trace's two requests, sent to two ingest nodes, make one complete tree."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, Span
+    from test_otlp_ingest import post as otlp_post
+    from test_otlp_ingest import span, traces
 
     trace_id = bytes(range(1, 17))
-    t0 = int(T0 * 1e6)
-
-    def body(service: str, *spans: tuple[int, int, int, int]) -> bytes:
-        group = ResourceSpans()
-        group.resource.attributes.add(key="service.name").value.string_value = service
-        group.scope_spans.add().spans.extend(
-            Span(
-                trace_id=trace_id,
-                span_id=sid.to_bytes(8, "big"),
-                parent_span_id=parent.to_bytes(8, "big") if parent else b"",
-                name=f"span-{sid}",
-                kind=2 if not parent else 3,
-                start_time_unix_nano=t0 + start * 1000,
-                end_time_unix_nano=t0 + end * 1000,
-            )
-            for sid, parent, start, end in spans
-        )
-        return ExportTraceServiceRequest(resource_spans=[group]).SerializeToString()
-
-    async def export(port: int, data: bytes) -> None:
-        async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session,
-            session.post(
-                f"http://127.0.0.1:{port}/v1/traces",
-                data=data,
-                headers={"Content-Type": "application/x-protobuf"},
-            ) as resp,
-        ):
-            assert resp.status == 200, await resp.text()
 
     c = options(one_node.urls, tmp_path, partitions=2)
     a, b = await started_ingest(c, nodes), await started_ingest(c, nodes)
     await started_reassembler(c.replace(settle=2.0), nodes)
     # The caller's service exports its root and its client span first...
-    await export(a.port, body("front", (1, 0, 0, 900), (2, 1, 100, 800)))
+    root = span(1, 0, start_us=0, dur_us=900, kind=2, trace=trace_id)
+    call = span(2, 1, start_us=100, dur_us=700, kind=3, trace=trace_id)
+    assert (await otlp_post(a, "/v1/traces", traces(root, call, service="front")))[0] == 200
     await asyncio.sleep(0.3)
     # ...the service it called exports its server span (a child of span 2) later.
-    await export(b.port, body("back", (3, 2, 200, 700)))
+    downstream = span(3, 2, start_us=200, dur_us=500, kind=2, trace=trace_id)
+    assert (await otlp_post(b, "/v1/traces", traces(downstream, service="back")))[0] == 200
     (record,) = await wait_trees(one_node.urls, {trace_id.hex()}, timeout=TIMEOUT * 2)
     assert record["complete"] is True and record["event"] == (1).to_bytes(8, "big").hex()
     (client,) = record["children"]
