@@ -41,6 +41,9 @@ import msgpack
 import orjson
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ingest import serve_command  # the server as bench/ingest.py starts it
+
 T0 = 1_700_000_000_000
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 ANNOUNCE = re.compile(r"listening on ws://[^:]+:(\d+)/.*monitoring (?:http://[^:]+:(\d+)|off)")
@@ -68,27 +71,7 @@ class Server:
         self.port = self.mon_port = 0
 
     def start(self) -> Server:
-        cmd = [
-            sys.executable,
-            "-m",
-            "async_logging.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--mon-port",
-            "0",
-            "--heartbeat-interval",
-            "0",
-            "--store",
-            "",
-            "--log-file",
-            str(self.out),
-            "--log-max-bytes",
-            "0",
-            *self.args,
-        ]
+        cmd = serve_command(self.out, "", self.args)
         self.proc = subprocess.Popen(
             cmd,
             cwd=self.root,

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -39,10 +40,10 @@ from _data import EVENTS_PER_TX, shuffled_transactions
 ANNOUNCE = re.compile(r"listening on ws://[^:]+:(\d+)/.*monitoring http://[^:]+:(\d+)")
 
 
-def start_server(
-    out: Path, store: bool, extra: list[str]
-) -> tuple[subprocess.Popen[str], int, int]:
-    cmd = [
+def serve_command(out: Path, store: str, extra: Sequence[str]) -> list[str]:
+    """``async-logging serve`` on free loopback ports, heartbeats off, JSON lines to ``out``
+    (never rotated), the store at ``store`` (``""``: off), then ``extra``."""
+    return [
         sys.executable,
         "-m",
         "async_logging.cli",
@@ -57,13 +58,19 @@ def start_server(
         "0",
         "--log-file",
         str(out),
-        # the store (on by default) beside the log file: a fresh one each run, not ./log/
         "--store",
-        str(out.with_name("trees.sqlite")) if store else "",
+        store,
         "--log-max-bytes",
         "0",
         *extra,
     ]
+
+
+def start_server(
+    out: Path, store: bool, extra: list[str]
+) -> tuple[subprocess.Popen[str], int, int]:
+    # the store (on by default) beside the log file: a fresh one each run, not ./log/
+    cmd = serve_command(out, str(out.with_name("trees.sqlite")) if store else "", extra)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
