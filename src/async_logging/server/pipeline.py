@@ -354,7 +354,7 @@ class Pipeline:
         """
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
-        self._check_open()
+        self.check_open()
         fed = self._feed(functools.partial(_feed_owned(self.buffer, premapped), logs), raw, logs)
         self.stats.events += len(logs) - len(fed.rejected)
         return fed
@@ -376,7 +376,7 @@ class Pipeline:
         """
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
-        self._check_open()
+        self.check_open()
         buffer = self.buffer
         reassemble = getattr(buffer, "reassemble_msgpack", None)
         # Inline on the event loop: handing frames to a worker thread, with the GIL released
@@ -395,7 +395,36 @@ class Pipeline:
         self.stats.native_frames += 1
         return prepared.seq, prepared.events, fed
 
-    def _check_open(self) -> None:
+    async def accept_trees(self, payload: bytes) -> Fed:
+        """Feed whole trees this server mapped itself: a MessagePack array of events made
+        by the default mapper's rules (the OTLP ingest's, :func:`.otlp.split_whole`).
+
+        The buffer's native fast path takes them when it can, as it takes a frame
+        (:meth:`accept_msgpack`); what it declines (a tree opened or published meanwhile)
+        is decoded and fed premapped, as :meth:`accept` does. Never spooled: the caller
+        uses this only when the pipeline has no spool, or spooled the request itself.
+
+        Raises:
+            LimitExceeded: ``shutting_down`` (503) once :meth:`close` began.
+        """
+        if self._queued >= self.publish_queue:
+            await self._room_to_feed()
+        self.check_open()
+        buffer = self.buffer
+        result = buffer.reassemble_msgpack(payload, self.wire_limits)
+        # No await from here on: the buffer cannot change between prepare and feed.
+        prepared = buffer.prepare_reassembled(result) if result is not None else None
+        if prepared is None:
+            logs = msgspec.msgpack.decode(payload)
+            fed = self._feed(functools.partial(_feed_owned(buffer, True), logs), None)
+            self.stats.events += len(logs) - len(fed.rejected)
+            return fed
+        fed = self._feed(functools.partial(buffer.feed_prepared, prepared), None)
+        self.stats.events += prepared.events
+        self.stats.native_frames += 1
+        return fed
+
+    def check_open(self) -> None:
         """Refuse a batch once :meth:`close` began: what it would publish could reach the
         queue after the publisher thread's last look, and be acked but never written."""
         if self.closed:
