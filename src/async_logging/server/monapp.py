@@ -296,8 +296,18 @@ def _otlp_metrics(ingest: dict[str, Any], export: dict[str, Any]) -> Iterator[Me
     )
     yield _gauge(
         "otlp_held",
-        "Root spans' ends held for the OTLP settle (their trees wait for spans in flight).",
+        "Root spans held for the OTLP settle (their trees wait for spans in flight).",
         ingest.get("held", 0),
+    )
+    yield _gauge(
+        "otlp_held_bytes",
+        "Bytes of the whole trees the OTLP settle holds (bounded by max_open_bytes).",
+        ingest.get("held_bytes", 0),
+    )
+    yield _counter(
+        "otlp_released_early",
+        "Requests' whole trees the OTLP settle let go early, past max_open_bytes.",
+        ingest.get("released_early", 0),
     )
     yield _gauge(
         "otlp_export_queue",

@@ -38,7 +38,7 @@ import asyncio
 import base64
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -81,11 +81,13 @@ __all__ = [
     "Mapped",
     "OtlpIngest",
     "Settle",
+    "Split",
     "answer_kind",
     "check_headers",
     "decode_request",
     "map_logs",
     "map_traces",
+    "split_whole",
     "status_body",
     "success_body",
 ]
@@ -777,47 +779,178 @@ def refusal_message(what: str, refused: list[tuple[int, BadInput]]) -> str:
 # ---------------------------------------------------------------------- settle
 
 
+@dataclass(slots=True)
+class _Held:
+    """One request's part of the settle: its root spans' ends, its whole trees."""
+
+    due: float
+    ends: list[Event]
+    trees: bytes
+    roots: int
+    uuids: list[str]
+
+
 class Settle:
-    """Root spans' ends held back ``seconds`` so that the rest of their trees joins them.
+    """Root spans held back ``seconds`` so that the rest of their trees joins them.
+
+    Two forms: the ``end`` of a root span whose tree is open in the engine (its trace came
+    partly in another request), and whole trees kept outside the engine as one MessagePack
+    array of their events (``trees``, :func:`split_whole`), which cost no engine work and no
+    cycle collector's scan while they wait, and then go through the native fast path. When
+    anything more of a trace held whole comes, :meth:`unhold` turns its request's trees into
+    the first form, as if they had been fed when they came.
 
     Sans-I/O: the caller gives the time (any monotonic clock, in seconds). The same
-    ``seconds`` for every end, so the earliest due is always the first held.
+    ``seconds`` for everything held, so the earliest due is always the first held.
     """
 
-    __slots__ = ("_held", "count", "seconds")
+    __slots__ = ("_held", "count", "nbytes", "seconds", "uuids")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self._held: deque[tuple[float, list[Event]]] = deque()
-        #: Ends held right now.
+        self._held: deque[_Held] = deque()
+        #: Root spans held right now (ends, and roots of the trees held whole).
         self.count = 0
+        #: Bytes of the trees held whole.
+        self.nbytes = 0
+        #: The uuids of the trees held whole.
+        self.uuids: set[str] = set()
 
-    def hold(self, ends: list[Event], now: float) -> None:
-        """Hold ``ends`` until ``now + seconds``."""
-        if ends:
-            self._held.append((now + self.seconds, ends))
-            self.count += len(ends)
+    def hold(
+        self,
+        ends: list[Event],
+        now: float,
+        trees: bytes = b"",
+        roots: int = 0,
+        uuids: Iterable[str] = (),
+    ) -> None:
+        """Hold ``ends``, and ``trees`` (of the traces ``uuids``, holding ``roots`` root
+        spans), until ``now + seconds``."""
+        if ends or trees:
+            whole = list(uuids)
+            self._held.append(_Held(now + self.seconds, ends, trees, roots, whole))
+            self.count += len(ends) + roots
+            self.nbytes += len(trees)
+            self.uuids.update(whole)
 
     @property
     def next_due(self) -> float | None:
         """When the earliest held end is due (None: nothing held)."""
-        return self._held[0][0] if self._held else None
+        return self._held[0].due if self._held else None
 
-    def due(self, now: float) -> list[Event]:
-        """The ends due at ``now``, no longer held."""
+    def due(self, now: float) -> tuple[list[Event], list[bytes]]:
+        """The ends and trees due at ``now``, no longer held."""
+        return self._release(lambda due: due <= now)
+
+    def shed(self, max_bytes: int) -> tuple[list[Event], list[bytes]]:
+        """The oldest ends and trees, before they are due, until the trees still held fit
+        ``max_bytes``."""
+        return self._release(lambda _: self.nbytes > max_bytes)
+
+    def take_all(self) -> tuple[list[Event], list[bytes]]:
+        """Everything held, no longer held (at a drain)."""
+        return self._release(lambda _: True)
+
+    def unhold(self, uuids: Set[str]) -> list[Event]:
+        """Undo the holding whole of the requests that hold any of ``uuids`` whole.
+
+        Returns their trees' events, but for the ends of their root spans, which stay held,
+        due as before: what feeding them when they came would have fed, for the caller to
+        feed now (before anything more of those traces).
+        """
         out: list[Event] = []
-        held = self._held
-        while held and held[0][0] <= now:
-            out.extend(held.popleft()[1])
-        self.count -= len(out)
+        for entry in self._held:
+            if entry.trees and not uuids.isdisjoint(entry.uuids):
+                for e in msgspec.msgpack.decode(entry.trees):
+                    if e["parent"] == ROOT_PARENT and e["clazz"] == END:
+                        entry.ends.append(e)
+                        self.count += 1
+                    else:
+                        out.append(e)
+                self.count -= entry.roots
+                self.nbytes -= len(entry.trees)
+                self.uuids.difference_update(entry.uuids)
+                entry.trees, entry.roots, entry.uuids = b"", 0, []
         return out
 
-    def take_all(self) -> list[Event]:
-        """Every end held, no longer held (at a drain)."""
-        out = [e for _, ends in self._held for e in ends]
-        self._held.clear()
-        self.count = 0
-        return out
+    def _release(self, take: Callable[[float], bool]) -> tuple[list[Event], list[bytes]]:
+        ends: list[Event] = []
+        frames: list[bytes] = []
+        held = self._held
+        while held and take(held[0].due):
+            entry = held.popleft()
+            ends.extend(entry.ends)
+            self.count -= len(entry.ends) + entry.roots
+            if entry.trees:
+                frames.append(entry.trees)
+                self.nbytes -= len(entry.trees)
+                self.uuids.difference_update(entry.uuids)
+        return ends, frames
+
+
+@dataclass(slots=True)
+class Split:
+    """A request's span events cut by :func:`split_whole`."""
+
+    whole: list[Event] = field(default_factory=list)
+    """The events of the traces the request holds whole, trace after trace."""
+    trees: int = 0
+    """Root spans among :attr:`whole`."""
+    uuids: list[str] = field(default_factory=list)
+    """The traces of :attr:`whole`."""
+    rest: list[Event] = field(default_factory=list)
+    """The other traces' events, to feed to the engine now."""
+    held: list[Event] = field(default_factory=list)
+    """The ends of the root spans among the rest, when asked to hold them."""
+
+
+def split_whole(events: list[Event], known: Callable[[str], bool], hold_roots: bool) -> Split:
+    """Cut the events :func:`map_traces` made of a request into the traces it holds whole
+    and the rest.
+
+    A trace is whole when it has a root span, the parent of each of its spans is among
+    them, and nothing of its uuid is ``known`` elsewhere (open in the engine, held whole
+    already, published: such events must meet the others in the engine, at once, as they
+    would on the reference path). Its spans each came with their begin and end, so its
+    tree is complete, and the native fast path can take it as one frame. Whatever that path
+    declines is still fed to the engine, so this cut only chooses the faster road. With
+    ``hold_roots`` the ends of root spans among the rest go to :attr:`Split.held`, as
+    :func:`map_traces` would hold them.
+    """
+    by_trace: dict[str, list[Event]] = {}
+    for e in events:
+        uuid = e["uuid"]
+        mine = by_trace.get(uuid)
+        if mine is None:
+            by_trace[uuid] = [e]
+        else:
+            mine.append(e)
+    out = Split()
+    for uuid, mine in by_trace.items():
+        roots = 0
+        if not known(uuid):
+            spans = {e["event"] for e in mine if e["clazz"] == BEGIN}
+            for e in mine:
+                parent = e["parent"]
+                if parent == ROOT_PARENT:
+                    roots += e["clazz"] == BEGIN
+                elif parent not in spans:
+                    roots = 0
+                    break
+        if roots:
+            out.whole.extend(mine)
+            out.trees += roots
+            out.uuids.append(uuid)
+        elif hold_roots:
+            rest, held = out.rest, out.held
+            for e in mine:
+                if e["parent"] == ROOT_PARENT and e["clazz"] == END:
+                    held.append(e)
+                else:
+                    rest.append(e)
+        else:
+            out.rest.extend(mine)
+    return out
 
 
 # ---------------------------------------------------------------------- the shell
@@ -829,7 +962,16 @@ class OtlpIngest:
     The listener reads the body (its guard, in-flight budget, size and time limits and
     tokens apply as for ``POST /log``) and calls :meth:`take`; this object owns the settle
     timer and counts what it took (:meth:`snapshot`: ``received{signal}`` spans and log
-    records, ``held`` root ends waiting).
+    records, ``held`` root spans waiting, ``held_bytes`` of trees held whole,
+    ``released_early`` trees let go before their settle to keep within that bound).
+
+    In front of the server's own engine with its native fast path and no spool, the traces
+    a request holds whole (:func:`split_whole`) skip the engine: they are held whole
+    (:class:`Settle`) or, with no settle, go at once through the fast path
+    (:meth:`Pipeline.accept_trees <.pipeline.Pipeline.accept_trees>`). The trees held whole
+    are bounded by the engine's ``max_open_bytes`` (the bytes of their MessagePack): past
+    it the oldest go early, complete, counted in ``released_early``. With a spool, whose
+    checkpoint follows the trees open in the engine, every span goes to the engine.
 
     Args:
         pipeline: where the events go (the listener's :class:`~.listener.Ingest`).
@@ -855,13 +997,27 @@ class OtlpIngest:
         self.clock = clock
         self._timer: asyncio.TimerHandle | None = None
         self._feeding: set[asyncio.Task[None]] = set()
+        #: Requests' whole trees let go before their settle (``held_bytes`` past its bound).
+        self.released_early = 0
+        # Set by release_all (a drain): nothing is held any more, what comes is fed at once.
+        self._released = False
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters for ``/metrics``: items received by signal, root ends held."""
+        """Counters for ``/metrics``: items received by signal, root spans held, the bytes
+        of trees held whole and those let go early."""
         return {
             "received": {item: self.received[item] for item in ITEMS},
             "held": self.settle.count,
+            "held_bytes": self.settle.nbytes,
+            "released_early": self.released_early,
         }
+
+    def _whole_trees_pipeline(self) -> Pipeline | None:
+        """The pipeline whole traces can skip the engine in (see the class), or None."""
+        pipeline = self.pipeline
+        if isinstance(pipeline, Pipeline) and pipeline.spool is None and pipeline.buffer.native:
+            return pipeline
+        return None
 
     def _now(self) -> float:
         return self.clock() if self.clock is not None else asyncio.get_running_loop().time()
@@ -880,9 +1036,14 @@ class OtlpIngest:
                 f"{items} {'spans' if signal == 'traces' else 'log records'} in one request, "
                 f"over the limit of {self.limits.max_events_per_frame}",
             )
-        hold = self.settle.seconds > 0 and isinstance(self.pipeline, Pipeline)
+        hold = (
+            self.settle.seconds > 0 and isinstance(self.pipeline, Pipeline) and not self._released
+        )
+        fast = self._whole_trees_pipeline() if signal == "traces" else None
         if signal == "traces":
-            mapped = map_traces(request, self.limits, body_bytes=len(body), hold_roots=hold)
+            mapped = map_traces(
+                request, self.limits, body_bytes=len(body), hold_roots=hold and fast is None
+            )
             what = "spans"
         else:
             mapped = map_logs(request, self.limits, body_bytes=len(body))
@@ -893,26 +1054,43 @@ class OtlpIngest:
         stats = pipeline.stats
         for _, exc in refused:
             stats.bad_input[exc.reason] += 1
-        if mapped.events or mapped.held:
+        events, held = mapped.events, mapped.held
+        whole: tuple[Pipeline, bytes] | None = None
+        unheld: list[Event] = []
+        if self.settle.uuids and events:
+            # More of a trace held whole: its request's trees are fed now, their root ends
+            # held on, as if they had been fed when they came (and before this).
+            touched = self.settle.uuids.intersection([e.get("uuid") for e in events])
+            if touched:
+                unheld = self.settle.unhold(touched)
+        if fast is not None and events:
+            unheld_uuids = {e["uuid"] for e in unheld}
+            events, held, whole = self._split(fast, events, hold, unheld_uuids)
+        if unheld:
+            await self._accept_unheld(unheld)
+        if whole is not None:
+            await self._whole(*whole, hold)
+        if events or held:
             raw = None
             if pipeline.spool is not None:
                 # The mapped events (held ends too) as the server's own record: replayed
                 # without the wire's per-frame limits, which count events, not spans.
-                raw = (spool.REBASE, msgspec.msgpack.encode(mapped.events + mapped.held))
+                raw = (spool.REBASE, msgspec.msgpack.encode(events + held))
             if isinstance(pipeline, Pipeline):  # spans are mapped as the mapper would
-                fed: Fed = await pipeline.accept(mapped.events, raw, premapped=signal == "traces")
+                fed: Fed = await pipeline.accept(events, raw, premapped=signal == "traces")
             else:
-                fed = await pipeline.accept(mapped.events, raw)
+                fed = await pipeline.accept(events, raw)
             if fed.rejected:  # never expected: the mapping makes what the engine takes
                 seen = {i for i, _ in refused}
+                index = {id(e): i for i, e in enumerate(mapped.events)}
                 for i, exc in fed.rejected:
-                    item = mapped.item_of(i)
+                    item = mapped.item_of(index[id(events[i])])
                     if item not in seen:
                         seen.add(item)
                         refused.append((item, exc))
                 refused.sort(key=lambda r: r[0])
-            if mapped.held:
-                self.settle.hold(mapped.held, self._now())
+            if held:
+                self.settle.hold(held, self._now())
                 self._arm()
         taken = mapped.items - len(refused)
         self.received[what] += taken
@@ -924,6 +1102,50 @@ class OtlpIngest:
         return web.Response(
             body=success_body(signal, kind, len(refused), message), content_type=kind
         )
+
+    def _split(
+        self, fast: Pipeline, events: list[Event], hold: bool, unheld: Set[str]
+    ) -> tuple[list[Event], list[Event], tuple[Pipeline, bytes] | None]:
+        """Cut a request's span events (:func:`split_whole`): the rest to feed, the root
+        ends among them to hold, and the whole traces, encoded (held already when ``hold``).
+
+        ``unheld``: uuids whose held trees are about to be fed (they are known as open)."""
+        buffer, whole_held = fast.buffer, self.settle.uuids
+        memory = buffer.published_memory
+        split = split_whole(
+            events,
+            lambda uuid: (
+                uuid in whole_held or uuid in unheld or buffer.is_open(uuid) or uuid in memory
+            ),
+            hold,
+        )
+        if not split.whole:
+            return split.rest, split.held, None
+        trees = msgspec.msgpack.encode(split.whole)
+        if hold:
+            fast.check_open()  # acked while shutting down, they could wait forever
+            self.settle.hold([], self._now(), trees, split.trees, split.uuids)
+            self._arm()
+        return split.rest, split.held, (fast, trees)
+
+    async def _whole(self, fast: Pipeline, trees: bytes, hold: bool) -> None:
+        """Whole traces just cut: fed at once with no settle; else held already, and the
+        oldest held let go if the trees held outgrew ``max_open_bytes``."""
+        if not hold:
+            await fast.accept_trees(trees)
+            return
+        cap = fast.buffer.limits.max_open_bytes
+        if self.settle.nbytes > cap:
+            ends, frames = self.settle.shed(cap)
+            self.released_early += len(frames)
+            await self._feed(ends, frames)
+
+    async def _accept_unheld(self, events: list[Event]) -> None:
+        """Feed the events :meth:`Settle.unhold` gave back (only ever in front of a
+        :class:`Pipeline`, which alone has trees held whole)."""
+        pipeline = self.pipeline
+        assert isinstance(pipeline, Pipeline)
+        await pipeline.accept(events, premapped=True)
 
     def error(self, exc: BadInput, kind: str) -> web.Response:
         """The answer to a request refused whole: a ``Status`` naming the reason."""
@@ -959,35 +1181,53 @@ class OtlpIngest:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
-        ends = self.settle.due(self._now())
-        if ends:
-            self._feed_later(ends)
+        ends, frames = self.settle.due(self._now())
+        if ends or frames:
+            self._feed_later(ends, frames)
         self._arm()
 
-    def _feed_later(self, ends: list[Event]) -> None:
-        task = asyncio.get_running_loop().create_task(self._feed(ends), name="otlp-settle")
+    def _feed_later(self, ends: list[Event], frames: list[bytes]) -> None:
+        task = asyncio.get_running_loop().create_task(self._feed(ends, frames), name="otlp-settle")
         self._feeding.add(task)
         task.add_done_callback(self._feeding.discard)
 
-    async def _feed(self, ends: list[Event]) -> None:
-        """Feed held ends (already in the spool with their request: not spooled again)."""
-        if self.pipeline.closed:
+    async def _feed(self, ends: list[Event], frames: list[bytes]) -> None:
+        """Feed held ends (already in the spool with their request: not spooled again) and
+        trees held whole (only ever held without a spool)."""
+        pipeline = self.pipeline
+        if pipeline.closed:
+            if frames:  # never expected: release_all feeds them before the pipeline closes
+                log.error(
+                    "OTLP settle: %d requests' whole trees came due after the pipeline "
+                    "closed and are lost",
+                    len(frames),
+                )
             return
         try:
-            await self.pipeline.accept(ends)
+            if ends:
+                await pipeline.accept(ends)
+            if frames:
+                assert isinstance(pipeline, Pipeline)  # trees are held only in front of one
+                for trees in frames:
+                    await pipeline.accept_trees(trees)
         except Exception:  # never expected (nothing is spooled): their trees time out
-            log.exception("OTLP settle: %d held root span ends could not be fed", len(ends))
+            log.exception(
+                "OTLP settle: %d held root span ends and %d requests' whole trees could not be fed",
+                len(ends),
+                len(frames),
+            )
 
     async def release_all(self) -> None:
-        """Feed every held end now (the server drains: trees are published complete)."""
+        """Feed everything held now, and hold nothing from then on (the server drains: the
+        trees are published complete)."""
+        self._released = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._feeding:
             await asyncio.gather(*self._feeding, return_exceptions=True)
-        ends = self.settle.take_all()
-        if ends and not self.pipeline.closed:
-            await self.pipeline.accept(ends)
+        ends, frames = self.settle.take_all()
+        await self._feed(ends, frames)
 
     def close(self) -> None:
         """Stop the timer (what is still held stays held: call :meth:`release_all` first)."""
