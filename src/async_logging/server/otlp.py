@@ -37,9 +37,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import operator
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Set
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -888,6 +890,12 @@ class Settle:
         return ends, frames
 
 
+_UUID: Final = operator.itemgetter("uuid")
+_PARENT: Final = operator.itemgetter("parent")
+_EVENT_ID: Final = operator.methodcaller("get", "event")
+_ROOT_ONLY: Final = (ROOT_PARENT,)
+
+
 @dataclass(slots=True)
 class Split:
     """A request's span events cut by :func:`split_whole`."""
@@ -918,25 +926,21 @@ def split_whole(events: list[Event], known: Callable[[str], bool], hold_roots: b
     :func:`map_traces` would hold them.
     """
     by_trace: dict[str, list[Event]] = {}
-    for e in events:
-        uuid = e["uuid"]
+    for uuid, run in groupby(events, _UUID):  # a trace's spans mostly come together
         mine = by_trace.get(uuid)
         if mine is None:
-            by_trace[uuid] = [e]
+            by_trace[uuid] = list(run)
         else:
-            mine.append(e)
+            mine.extend(run)
     out = Split()
     for uuid, mine in by_trace.items():
         roots = 0
         if not known(uuid):
-            spans = {e["event"] for e in mine if e["clazz"] == BEGIN}
-            for e in mine:
-                parent = e["parent"]
-                if parent == ROOT_PARENT:
-                    roots += e["clazz"] == BEGIN
-                elif parent not in spans:
-                    roots = 0
-                    break
+            parents = list(map(_PARENT, mine))
+            # A span is a begin and an end: a root span, two events whose parent is "0".
+            roots = parents.count(ROOT_PARENT) // 2
+            if roots and set(parents).difference(map(_EVENT_ID, mine), _ROOT_ONLY):
+                roots = 0  # a parent is elsewhere
         if roots:
             out.whole.extend(mine)
             out.trees += roots
