@@ -10,6 +10,7 @@ the engine, the reference path).
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import msgspec
@@ -21,12 +22,24 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from async_logging import LogBuffer
+from async_logging.exceptions import LimitExceeded
 from async_logging.server.otlp import PROTOBUF, OtlpIngest, Settle, map_traces, split_whole
 from async_logging.server.pipeline import Pipeline
 from async_logging.testing import MemoryPublisher
 from async_logging.wire import WireLimits
+from conftest import TIMEOUT
 from helpers import fetch_metrics
-from test_otlp_ingest import FakeTime, logs_body, post, proxy, published, span, traces
+from test_otlp_ingest import (
+    T0_NS,
+    FakeTime,
+    logs_body,
+    post,
+    proxy,
+    published,
+    sid,
+    span,
+    traces,
+)
 
 pytestmark = pytest.mark.skipif(
     not LogBuffer().native, reason="the native fast path (_speedups) is not built"
@@ -191,7 +204,6 @@ async def run(native: bool, requests: list[Request], gaps: list[float], settle: 
         for (signal, items), gap in zip(requests, gaps, strict=True):
             clock.now += gap
             ingest.release_due()
-            await asyncio.gather(*ingest._feeding)
             body = traces(*items) if signal == "traces" else logs_body(*items)
             response = await ingest.take(signal, PROTOBUF, body)
             assert response.status == 200
@@ -324,3 +336,127 @@ def test_a_held_request_decodes_back_to_its_events() -> None:
     events = events_of(span(2, 1), span(1))
     cut = split_whole(events, lambda _: False, hold_roots=True)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(cut.whole)) == events
+
+
+# ---------------------------------------------------------------------- at the limits
+
+
+class GatedSink(MemoryPublisher):
+    """A sink that publishes nothing until its gate opens: the publish queue stays full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def publish_many(self, records: Any) -> None:
+        self.gate.wait(TIMEOUT)
+        super().publish_many(records)
+
+
+async def a_request_waiting_for_room(
+    held: bytes, waiting: bytes
+) -> tuple[Pipeline, GatedSink, asyncio.Task[Any]]:
+    """A pipeline whose settle holds ``held`` and whose publish queue is then full (one log
+    record for a stuck sink), the request ``waiting`` for room in it, and a drain begun."""
+    sink = GatedSink()
+    pipeline = Pipeline(LogBuffer(), sink, publish_queue=1, wait_for_publisher=TIMEOUT)
+    pipeline.start()
+    ingest = OtlpIngest(pipeline, settle=30.0, clock=FakeTime())
+    assert (await ingest.take("traces", PROTOBUF, held)).status == 200
+    lone = logs_body(LogRecord(time_unix_nano=T0_NS))  # no trace: published at once
+    assert (await ingest.take("logs", PROTOBUF, lone)).status == 200
+    waiting_task = asyncio.create_task(ingest.take("traces", PROTOBUF, waiting))
+    await asyncio.sleep(0)  # one turn: the request runs (all synchronous) up to its wait
+    assert pipeline.stats.backpressure_waits == 1 and not waiting_task.done()
+    await ingest.release_all()  # a drain: the settle lets go, then the pipeline closes
+    return pipeline, sink, waiting_task
+
+
+async def test_a_request_waiting_at_a_drain_is_refused_whole_and_costs_nothing_held() -> None:
+    """A straggler of a held trace waits for room when the drain comes: it is refused (503,
+    to send again), and the held request it touches is published complete, not unheld
+    half-way and lost."""
+    t = trace_id(0)
+    pipeline, sink, straggler = await a_request_waiting_for_room(
+        traces(span(2, 1, trace=t), span(1, trace=t)), traces(span(3, 2, trace=t))
+    )
+    closing = asyncio.create_task(pipeline.close())
+    with pytest.raises(LimitExceeded, match="shutting_down"):
+        await straggler
+    sink.gate.set()
+    await closing
+    [tree] = sink.transactions
+    assert tree["complete"] is True and tree["uuid"] == t.hex()
+    assert [c["event"] for c in tree["children"]] == [sid(2).hex()]
+
+
+async def test_a_request_is_taken_whole_or_not_at_all_when_the_pipeline_closes() -> None:
+    """With no settle, a request of a whole trace and a partial one, while the queue fills
+    and the pipeline closes: either it is answered and both parts are published, or it is
+    refused (to send again) and neither is (a resend would publish its whole trace twice)."""
+    sink = GatedSink()
+    pipeline = Pipeline(LogBuffer(), sink, publish_queue=1, wait_for_publisher=TIMEOUT)
+    pipeline.start()
+    ingest = OtlpIngest(pipeline, settle=0.0)
+    a, b = trace_id(0), trace_id(1)
+    body = traces(span(2, 1, trace=a), span(1, trace=a), span(5, 4, trace=b))
+    request = asyncio.create_task(ingest.take("traces", PROTOBUF, body))
+    await asyncio.sleep(0)  # one turn: the request runs up to its first wait, if any
+    closing = asyncio.create_task(pipeline.close())
+    try:
+        taken = (await request).status == 200
+    except LimitExceeded:
+        taken = False
+    sink.gate.set()
+    await closing
+    published_uuids = {t["uuid"] for t in sink.transactions}
+    assert published_uuids == ({a.hex(), b.hex()} if taken else set())
+
+
+async def test_a_request_past_the_frame_limits_still_takes_the_fast_path() -> None:
+    """A span is two events or more, and its MessagePack bigger than its protobuf: the
+    request's whole trees go through the fast path whatever the per-frame limits."""
+    sink = MemoryPublisher()
+    pipeline = Pipeline(LogBuffer(), sink, wire_limits=WireLimits(max_events_per_frame=8))
+    pipeline.start()
+    ingest = OtlpIngest(pipeline, settle=0.0)
+    try:
+        body = traces(span(1), *(span(n, 1) for n in range(2, 7)))  # 6 spans, 12 events
+        assert (await ingest.take("traces", PROTOBUF, body)).status == 200
+    finally:
+        await pipeline.close()
+    [tree] = sink.transactions
+    assert len(tree["children"]) == 5 and pipeline.stats.native_frames == 1
+
+
+class PluginBuffer:
+    """A buffer plug-in with only what the server requires of one (no native path)."""
+
+    def __init__(self) -> None:
+        self._engine = LogBuffer()
+        self.stats = self._engine.stats
+        self.rejected = self._engine.rejected
+        self.incomplete = self._engine.incomplete
+
+    def feed_many(self, events: Any) -> Any:
+        return self._engine.feed_many(events)
+
+    def expire(self) -> Any:
+        return self._engine.expire()
+
+    def flush_all(self, reason: str = "shutdown") -> Any:
+        return self._engine.flush_all(reason)
+
+
+async def test_a_buffer_plug_in_takes_otlp_as_before() -> None:
+    """A plug-in that has no native path (nor says so) takes OTLP spans through its
+    feed_many, as before whole traces could skip the engine."""
+    sink = MemoryPublisher()
+    server = proxy(sink, buffer=PluginBuffer(), otlp_settle=0)
+    await server.start()
+    try:
+        status, _, _ = await post(server, "/v1/traces", traces(span(2, 1), span(1)))
+        [tree] = await published(sink)
+        assert status == 200 and tree["complete"] is True
+    finally:
+        await server.stop()

@@ -29,7 +29,10 @@ called) may come in a later request. The root span's ``end`` is therefore held b
 ``otlp_settle`` seconds (:class:`Settle`) while its ``begin`` is fed: the tree stays open in
 the engine and every span or log record that arrives meanwhile joins it; then the end is
 fed and the tree is published (when nothing it references is missing). The engine's own
-``settle`` stays 0, so ``/log`` trees and the native fast path are not slowed.
+``settle`` stays 0, so ``/log`` trees and the native fast path are not slowed. A trace a
+request holds whole (its root and every span's parent) is held whole instead, outside the
+engine, and goes through the native fast path when due (:func:`split_whole`,
+:class:`Settle`, :class:`OtlpIngest`).
 """
 
 from __future__ import annotations
@@ -972,10 +975,11 @@ class OtlpIngest:
     In front of the server's own engine with its native fast path and no spool, the traces
     a request holds whole (:func:`split_whole`) skip the engine: they are held whole
     (:class:`Settle`) or, with no settle, go at once through the fast path
-    (:meth:`Pipeline.accept_trees <.pipeline.Pipeline.accept_trees>`). The trees held whole
-    are bounded by the engine's ``max_open_bytes`` (the bytes of their MessagePack): past
-    it the oldest go early, complete, counted in ``released_early``. With a spool, whose
-    checkpoint follows the trees open in the engine, every span goes to the engine.
+    (:meth:`Pipeline.feed_trees <.pipeline.Pipeline.feed_trees>`). The trees held whole
+    are bounded by the engine's ``max_open_bytes`` (the bytes of their MessagePack, on top
+    of the engine's own open trees): past it the oldest held go early (whole or as held
+    ends), complete, counted in ``released_early``. With a spool, whose checkpoint follows
+    the trees open in the engine, every span goes to the engine.
 
     Args:
         pipeline: where the events go (the listener's :class:`~.listener.Ingest`).
@@ -1000,28 +1004,20 @@ class OtlpIngest:
         #: The settle's clock (seconds; None: the event loop's); tests move their own.
         self.clock = clock
         self._timer: asyncio.TimerHandle | None = None
-        self._feeding: set[asyncio.Task[None]] = set()
-        #: Requests' whole trees let go before their settle (``held_bytes`` past its bound).
+        #: Trees (root spans) let go before their settle, the whole ones held past their bound.
         self.released_early = 0
         # Set by release_all (a drain): nothing is held any more, what comes is fed at once.
         self._released = False
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for ``/metrics``: items received by signal, root spans held, the bytes
-        of trees held whole and those let go early."""
+        of trees held whole and the trees let go early."""
         return {
             "received": {item: self.received[item] for item in ITEMS},
             "held": self.settle.count,
             "held_bytes": self.settle.nbytes,
             "released_early": self.released_early,
         }
-
-    def _whole_trees_pipeline(self) -> Pipeline | None:
-        """The pipeline whole traces can skip the engine in (see the class), or None."""
-        pipeline = self.pipeline
-        if isinstance(pipeline, Pipeline) and pipeline.spool is None and pipeline.buffer.native:
-            return pipeline
-        return None
 
     def _now(self) -> float:
         return self.clock() if self.clock is not None else asyncio.get_running_loop().time()
@@ -1040,62 +1036,46 @@ class OtlpIngest:
                 f"{items} {'spans' if signal == 'traces' else 'log records'} in one request, "
                 f"over the limit of {self.limits.max_events_per_frame}",
             )
-        hold = (
-            self.settle.seconds > 0 and isinstance(self.pipeline, Pipeline) and not self._released
+        pipeline = self.pipeline
+        own = pipeline if isinstance(pipeline, Pipeline) else None
+        # Whole traces can skip the engine (see the class): no spool, the native path on.
+        fast = (
+            own is not None
+            and signal == "traces"
+            and own.spool is None
+            and bool(getattr(own.buffer, "native", False))
         )
-        fast = self._whole_trees_pipeline() if signal == "traces" else None
         if signal == "traces":
-            mapped = map_traces(
-                request, self.limits, body_bytes=len(body), hold_roots=hold and fast is None
-            )
+            # Root ends are cut out here, unless split_whole does it or nothing is held.
+            hold_roots = own is not None and not fast and self.settle.seconds > 0
+            mapped = map_traces(request, self.limits, body_bytes=len(body), hold_roots=hold_roots)
             what = "spans"
         else:
             mapped = map_logs(request, self.limits, body_bytes=len(body))
             what = "log_records"
         del request
         refused: list[tuple[int, BadInput]] = list(mapped.refused)
-        pipeline = self.pipeline
         stats = pipeline.stats
         for _, exc in refused:
             stats.bad_input[exc.reason] += 1
-        events, held = mapped.events, mapped.held
-        whole: tuple[Pipeline, bytes] | None = None
-        unheld: list[Event] = []
-        if self.settle.uuids and events:
-            # More of a trace held whole: its request's trees are fed now, their root ends
-            # held on, as if they had been fed when they came (and before this).
-            touched = self.settle.uuids.intersection([e.get("uuid") for e in events])
-            if touched:
-                unheld = self.settle.unhold(touched)
-        if fast is not None and events:
-            unheld_uuids = {e["uuid"] for e in unheld}
-            events, held, whole = self._split(fast, events, hold, unheld_uuids)
-        if unheld:
-            await self._accept_unheld(unheld)
-        if whole is not None:
-            await self._whole(*whole, hold)
-        if events or held:
+        fed: Fed | None = None
+        events = mapped.events
+        if own is not None and (events or mapped.held):
+            fed, events = await self._into_pipeline(own, signal, mapped, fast)
+        elif events:
             raw = None
             if pipeline.spool is not None:
-                # The mapped events (held ends too) as the server's own record: replayed
-                # without the wire's per-frame limits, which count events, not spans.
-                raw = (spool.REBASE, msgspec.msgpack.encode(events + held))
-            if isinstance(pipeline, Pipeline):  # spans are mapped as the mapper would
-                fed: Fed = await pipeline.accept(events, raw, premapped=signal == "traces")
-            else:
-                fed = await pipeline.accept(events, raw)
-            if fed.rejected:  # never expected: the mapping makes what the engine takes
-                seen = {i for i, _ in refused}
-                index = {id(e): i for i, e in enumerate(mapped.events)}
-                for i, exc in fed.rejected:
-                    item = mapped.item_of(index[id(events[i])])
-                    if item not in seen:
-                        seen.add(item)
-                        refused.append((item, exc))
-                refused.sort(key=lambda r: r[0])
-            if held:
-                self.settle.hold(held, self._now())
-                self._arm()
+                raw = (spool.REBASE, msgspec.msgpack.encode(events))
+            fed = await pipeline.accept(events, raw)
+        if fed is not None and fed.rejected:  # never expected: the mapping makes what is taken
+            seen = {i for i, _ in refused}
+            index = {id(e): i for i, e in enumerate(mapped.events)}
+            for i, exc in fed.rejected:
+                item = mapped.item_of(index[id(events[i])])
+                if item not in seen:
+                    seen.add(item)
+                    refused.append((item, exc))
+            refused.sort(key=lambda r: r[0])
         taken = mapped.items - len(refused)
         self.received[what] += taken
         label = "spans" if signal == "traces" else "log records"
@@ -1107,49 +1087,60 @@ class OtlpIngest:
             body=success_body(signal, kind, len(refused), message), content_type=kind
         )
 
-    def _split(
-        self, fast: Pipeline, events: list[Event], hold: bool, unheld: Set[str]
-    ) -> tuple[list[Event], list[Event], tuple[Pipeline, bytes] | None]:
-        """Cut a request's span events (:func:`split_whole`): the rest to feed, the root
-        ends among them to hold, and the whole traces, encoded (held already when ``hold``).
+    async def _into_pipeline(
+        self, pipeline: Pipeline, signal: str, mapped: Mapped, fast: bool
+    ) -> tuple[Fed | None, list[Event]]:
+        """Feed and hold one request's events in front of the server's own engine; what
+        was fed to the engine (and the events, to name a refused one's item).
 
-        ``unheld``: uuids whose held trees are about to be fed (they are known as open)."""
-        buffer, whole_held = fast.buffer, self.settle.uuids
-        memory = buffer.published_memory
-        split = split_whole(
-            events,
-            lambda uuid: (
-                uuid in whole_held or uuid in unheld or buffer.is_open(uuid) or uuid in memory
-            ),
-            hold,
-        )
-        if not split.whole:
-            return split.rest, split.held, None
-        trees = msgspec.msgpack.encode(split.whole)
-        if hold:
-            fast.check_open()  # acked while shutting down, they could wait forever
-            self.settle.hold([], self._now(), trees, split.trees, split.uuids)
-            self._arm()
-        return split.rest, split.held, (fast, trees)
-
-    async def _whole(self, fast: Pipeline, trees: bytes, hold: bool) -> None:
-        """Whole traces just cut: fed at once with no settle; else held already, and the
-        oldest held let go if the trees held outgrew ``max_open_bytes``."""
-        if not hold:
-            await fast.accept_trees(trees)
-            return
-        cap = fast.buffer.limits.max_open_bytes
-        if self.settle.nbytes > cap:
-            ends, frames = self.settle.shed(cap)
-            self.released_early += len(frames)
-            await self._feed(ends, frames)
-
-    async def _accept_unheld(self, events: list[Event]) -> None:
-        """Feed the events :meth:`Settle.unhold` gave back (only ever in front of a
-        :class:`Pipeline`, which alone has trees held whole)."""
-        pipeline = self.pipeline
-        assert isinstance(pipeline, Pipeline)
-        await pipeline.accept(events, premapped=True)
+        One wait for room, then no await: the request, and whatever of the settle it lets
+        go, is taken whole or not at all (the pipeline cannot start closing meanwhile, nor
+        another request come in between).
+        """
+        await pipeline.wait_for_room()
+        settle = self.settle
+        hold = settle.seconds > 0 and not self._released
+        events, held = mapped.events, mapped.held
+        if held and not hold:  # a drain began while this request waited: nothing is held
+            events, held = events + held, []
+        if settle.uuids and events:
+            touched = settle.uuids.intersection([e.get("uuid") for e in events])
+            if touched:
+                # More of a trace held whole: its request's trees are fed first, their root
+                # ends held on, as if they had been fed when they came.
+                pipeline.feed_now(settle.unhold(touched), premapped=True)
+        if fast and events:
+            buffer, whole_held = pipeline.buffer, settle.uuids
+            memory = buffer.published_memory
+            split = split_whole(
+                events,
+                lambda uuid: uuid in whole_held or buffer.is_open(uuid) or uuid in memory,
+                hold,
+            )
+            events, held = split.rest, split.held
+            if split.whole:
+                trees = msgspec.msgpack.encode(split.whole)
+                if hold:
+                    settle.hold([], self._now(), trees, split.trees, split.uuids)
+                else:
+                    pipeline.feed_trees(trees)
+        fed = None
+        if events or held:
+            raw = None
+            if pipeline.spool is not None:
+                # The mapped events (held ends too) as the server's own record: replayed
+                # without the wire's per-frame limits, which count events, not spans.
+                raw = (spool.REBASE, msgspec.msgpack.encode(events + held))
+            fed = pipeline.feed_now(events, raw, premapped=signal == "traces")
+            if held:
+                settle.hold(held, self._now())
+        cap = getattr(pipeline.buffer, "limits", None)
+        if settle.nbytes and cap is not None and settle.nbytes > cap.max_open_bytes:
+            before = settle.count
+            self._let_go(*settle.shed(cap.max_open_bytes))
+            self.released_early += before - settle.count
+        self._arm()
+        return fed, events
 
     def error(self, exc: BadInput, kind: str) -> web.Response:
         """The answer to a request refused whole: a ``Status`` naming the reason."""
@@ -1180,41 +1171,27 @@ class OtlpIngest:
         self._timer = loop.call_later(max(0.0, due - self._now()), self.release_due)
 
     def release_due(self) -> None:
-        """Feed the held ends that are due (the settle timer calls it; so may a test that
-        moved :attr:`clock`), and wait for the next."""
+        """Feed what is due (the settle timer calls it; so may a test that moved
+        :attr:`clock`), and wait for the next."""
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
-        ends, frames = self.settle.due(self._now())
-        if ends or frames:
-            self._feed_later(ends, frames)
+        self._let_go(*self.settle.due(self._now()))
         self._arm()
 
-    def _feed_later(self, ends: list[Event], frames: list[bytes]) -> None:
-        task = asyncio.get_running_loop().create_task(self._feed(ends, frames), name="otlp-settle")
-        self._feeding.add(task)
-        task.add_done_callback(self._feeding.discard)
-
-    async def _feed(self, ends: list[Event], frames: list[bytes]) -> None:
-        """Feed held ends (already in the spool with their request: not spooled again) and
-        trees held whole (only ever held without a spool)."""
-        pipeline = self.pipeline
-        if pipeline.closed:
-            if frames:  # never expected: release_all feeds them before the pipeline closes
-                log.error(
-                    "OTLP settle: %d requests' whole trees came due after the pipeline "
-                    "closed and are lost",
-                    len(frames),
-                )
+    def _let_go(self, ends: list[Event], frames: list[bytes]) -> None:
+        """Feed held ends (in the spool with their request already, if there is one) and
+        trees held whole, at once: taken already and bounded, they wait for no room."""
+        if not ends and not frames:
             return
+        pipeline = self.pipeline
         try:
+            assert isinstance(pipeline, Pipeline)  # only in front of one is anything held
             if ends:
-                await pipeline.accept(ends)
-            if frames:
-                assert isinstance(pipeline, Pipeline)  # trees are held only in front of one
-                for trees in frames:
-                    await pipeline.accept_trees(trees)
-        except Exception:  # never expected (nothing is spooled): their trees time out
+                pipeline.feed_now(ends, premapped=True)
+            for trees in frames:
+                pipeline.feed_trees(trees)
+        except Exception:  # never expected: the drain lets go of all before the close
             log.exception(
                 "OTLP settle: %d held root span ends and %d requests' whole trees could not be fed",
                 len(ends),
@@ -1223,15 +1200,12 @@ class OtlpIngest:
 
     async def release_all(self) -> None:
         """Feed everything held now, and hold nothing from then on (the server drains: the
-        trees are published complete)."""
+        trees are published complete). Call it before the pipeline closes."""
         self._released = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._feeding:
-            await asyncio.gather(*self._feeding, return_exceptions=True)
-        ends, frames = self.settle.take_all()
-        await self._feed(ends, frames)
+        self._let_go(*self.settle.take_all())
 
     def close(self) -> None:
         """Stop the timer (what is still held stays held: call :meth:`release_all` first)."""

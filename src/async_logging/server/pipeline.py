@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import functools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -229,6 +231,8 @@ class Pipeline:
         self.buffer = buffer
         self.spool = spool
         self.wire_limits = wire_limits
+        # (wire_limits, the same unbounded in bytes and events per frame): feed_trees's.
+        self._own_limits: tuple[wire.WireLimits, wire.WireLimits] | None = None
         # (buffer batch number, spool position before it) of spooled batches not yet
         # known to be published, oldest first.
         self._spooled: deque[tuple[int, int]] = deque()
@@ -352,8 +356,27 @@ class Pipeline:
             LimitExceeded: ``spool_full``, or ``shutting_down`` (503) once :meth:`close`
                 began; the batch was not taken.
         """
+        await self.wait_for_room()
+        return self.feed_now(logs, raw, premapped=premapped)
+
+    async def wait_for_room(self) -> None:
+        """Wait while the publish queue is full, then check that batches are still taken.
+
+        What the caller then feeds with no await in between (:meth:`feed_now`,
+        :meth:`feed_trees`) is taken whole: the pipeline cannot start closing meanwhile.
+
+        Raises:
+            LimitExceeded: ``shutting_down`` (503) once :meth:`close` began.
+        """
         if self._queued >= self.publish_queue:
             await self._room_to_feed()
+        self.check_open()
+
+    def feed_now(
+        self, logs: list[Any], raw: tuple[int, bytes] | None = None, *, premapped: bool = False
+    ) -> Fed:
+        """:meth:`accept` without the wait for room (after :meth:`wait_for_room`, or for
+        what was taken already and is bounded: the OTLP settle's held spans)."""
         self.check_open()
         fed = self._feed(functools.partial(_feed_owned(self.buffer, premapped), logs), raw, logs)
         self.stats.events += len(logs) - len(fed.rejected)
@@ -395,24 +418,23 @@ class Pipeline:
         self.stats.native_frames += 1
         return prepared.seq, prepared.events, fed
 
-    async def accept_trees(self, payload: bytes) -> Fed:
+    def feed_trees(self, payload: bytes) -> Fed:
         """Feed whole trees this server mapped itself: a MessagePack array of events made
         by the default mapper's rules (the OTLP ingest's, :func:`.otlp.split_whole`).
 
         The buffer's native fast path takes them when it can, as it takes a frame
-        (:meth:`accept_msgpack`); what it declines (a tree opened or published meanwhile)
-        is decoded and fed premapped, as :meth:`accept` does. Never spooled: the caller
-        uses this only when the pipeline has no spool, or spooled the request itself.
+        (:meth:`accept_msgpack`), with no limit on the frame's bytes or events (the
+        server's own encoding of events checked already: a request's spans take more
+        events and bytes as MessagePack than as protobuf). What it declines is decoded and
+        fed premapped, as :meth:`accept` does. Never spooled: the caller uses this only
+        when the pipeline has no spool. No wait for room, as :meth:`feed_now`.
 
         Raises:
             LimitExceeded: ``shutting_down`` (503) once :meth:`close` began.
         """
-        if self._queued >= self.publish_queue:
-            await self._room_to_feed()
         self.check_open()
         buffer = self.buffer
-        result = buffer.reassemble_msgpack(payload, self.wire_limits)
-        # No await from here on: the buffer cannot change between prepare and feed.
+        result = buffer.reassemble_msgpack(payload, self._own_frame_limits())
         prepared = buffer.prepare_reassembled(result) if result is not None else None
         if prepared is None:
             logs = msgspec.msgpack.decode(payload)
@@ -423,6 +445,16 @@ class Pipeline:
         self.stats.events += prepared.events
         self.stats.native_frames += 1
         return fed
+
+    def _own_frame_limits(self) -> wire.WireLimits:
+        """The wire limits with no bound on a frame's bytes or events (:meth:`feed_trees`)."""
+        cached = self._own_limits
+        if cached is None or cached[0] is not self.wire_limits:
+            unbounded = dataclasses.replace(
+                self.wire_limits, max_message_bytes=sys.maxsize, max_events_per_frame=sys.maxsize
+            )
+            cached = self._own_limits = (self.wire_limits, unbounded)
+        return cached[1]
 
     def check_open(self) -> None:
         """Refuse a batch once :meth:`close` began: what it would publish could reach the
