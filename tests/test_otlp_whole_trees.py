@@ -354,12 +354,12 @@ class GatedSink(MemoryPublisher):
 
 
 async def a_request_waiting_for_room(
-    held: bytes, waiting: bytes
+    held: bytes, waiting: bytes, buffer: LogBuffer | None = None
 ) -> tuple[Pipeline, GatedSink, asyncio.Task[Any]]:
     """A pipeline whose settle holds ``held`` and whose publish queue is then full (one log
     record for a stuck sink), the request ``waiting`` for room in it, and a drain begun."""
     sink = GatedSink()
-    pipeline = Pipeline(LogBuffer(), sink, publish_queue=1, wait_for_publisher=TIMEOUT)
+    pipeline = Pipeline(buffer or LogBuffer(), sink, publish_queue=1, wait_for_publisher=TIMEOUT)
     pipeline.start()
     ingest = OtlpIngest(pipeline, settle=30.0, clock=FakeTime())
     assert (await ingest.take("traces", PROTOBUF, held)).status == 200
@@ -388,6 +388,25 @@ async def test_a_request_waiting_at_a_drain_is_refused_whole_and_costs_nothing_h
     [tree] = sink.transactions
     assert tree["complete"] is True and tree["uuid"] == t.hex()
     assert [c["event"] for c in tree["children"]] == [sid(2).hex()]
+
+
+async def test_trees_a_request_would_shed_are_published_at_a_drain() -> None:
+    """A request waiting for room whose trees would push the held bytes past
+    max_open_bytes (shedding the oldest) when the drain comes: it is refused, and the
+    trees held are published complete by the drain, not let go into a closing pipeline."""
+    t, u = trace_id(0), trace_id(1)
+    pipeline, sink, request = await a_request_waiting_for_room(
+        traces(span(2, 1, trace=t), span(1, trace=t)),
+        traces(span(2, 1, trace=u), span(1, trace=u)),
+        LogBuffer(max_open_bytes=1500),
+    )
+    closing = asyncio.create_task(pipeline.close())
+    with pytest.raises(LimitExceeded, match="shutting_down"):
+        await request
+    sink.gate.set()
+    await closing
+    [tree] = sink.transactions
+    assert tree["uuid"] == t.hex() and tree["complete"] is True
 
 
 async def test_a_request_is_taken_whole_or_not_at_all_when_the_pipeline_closes() -> None:
