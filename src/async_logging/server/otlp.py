@@ -1134,10 +1134,10 @@ class OtlpIngest:
             fed = pipeline.feed_now(events, raw, premapped=signal == "traces")
             if held:
                 settle.hold(held, self._now())
-        cap = getattr(pipeline.buffer, "limits", None)
-        if settle.nbytes and cap is not None and settle.nbytes > cap.max_open_bytes:
+        # Trees are held whole only in front of a LogBuffer, whose bound they keep to.
+        if settle.nbytes and settle.nbytes > pipeline.buffer.limits.max_open_bytes:
             before = settle.count
-            self._let_go(*settle.shed(cap.max_open_bytes))
+            self._let_go(*settle.shed(pipeline.buffer.limits.max_open_bytes))
             self.released_early += before - settle.count
         self._arm()
         return fed, events

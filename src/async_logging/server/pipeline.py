@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 
 from .. import wire
-from ..buffer import Fed, LogBuffer, Record
+from ..buffer import Fed, LogBuffer, Prepared, Record
 from ..encoded import EncodedRecords
 from ..exceptions import BadInput, LimitExceeded
 from ..publishers import Publisher
@@ -397,9 +397,7 @@ class Pipeline:
             LimitExceeded: ``spool_full``, or ``shutting_down`` (503) once :meth:`close`
                 began; the batch was not taken.
         """
-        if self._queued >= self.publish_queue:
-            await self._room_to_feed()
-        self.check_open()
+        await self.wait_for_room()
         buffer = self.buffer
         reassemble = getattr(buffer, "reassemble_msgpack", None)
         # Inline on the event loop: handing frames to a worker thread, with the GIL released
@@ -409,14 +407,8 @@ class Pipeline:
         prepared = buffer.prepare_reassembled(result) if result is not None else None
         if prepared is None:
             frame = wire.decode_msgpack(payload, self.wire_limits)
-            feed = functools.partial(_feed_owned(buffer), frame.logs)
-            fed = self._feed(feed, (MSGPACK, payload), frame.logs)
-            self.stats.events += len(frame.logs) - len(fed.rejected)
-            return frame.seq, len(frame.logs), fed
-        fed = self._feed(functools.partial(buffer.feed_prepared, prepared), (MSGPACK, payload))
-        self.stats.events += prepared.events
-        self.stats.native_frames += 1
-        return prepared.seq, prepared.events, fed
+            return frame.seq, len(frame.logs), self.feed_now(frame.logs, (MSGPACK, payload))
+        return prepared.seq, prepared.events, self._feed_prepared(prepared, (MSGPACK, payload))
 
     def feed_trees(self, payload: bytes) -> Fed:
         """Feed whole trees this server mapped itself: a MessagePack array of events made
@@ -437,11 +429,13 @@ class Pipeline:
         result = buffer.reassemble_msgpack(payload, self._own_frame_limits())
         prepared = buffer.prepare_reassembled(result) if result is not None else None
         if prepared is None:
-            logs = msgspec.msgpack.decode(payload)
-            fed = self._feed(functools.partial(_feed_owned(buffer, True), logs), None)
-            self.stats.events += len(logs) - len(fed.rejected)
-            return fed
-        fed = self._feed(functools.partial(buffer.feed_prepared, prepared), None)
+            return self.feed_now(msgspec.msgpack.decode(payload), premapped=True)
+        return self._feed_prepared(prepared, None)
+
+    def _feed_prepared(self, prepared: Prepared, raw: tuple[int, bytes] | None) -> Fed:
+        """Feed a frame the native fast path reassembled (prepared against the buffer with
+        no await since)."""
+        fed = self._feed(functools.partial(self.buffer.feed_prepared, prepared), raw)
         self.stats.events += prepared.events
         self.stats.native_frames += 1
         return fed
