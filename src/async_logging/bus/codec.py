@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Final
 
 import zstandard
 
+from ..server.config import BUS_COMPRESSIONS
+
 if TYPE_CHECKING:
     from .jetstream import Outgoing
 
@@ -44,7 +46,7 @@ __all__ = [
 #: The header naming a payload's encoding (absent: plain).
 ENCODING_HEADER: Final = "Alog-Encoding"
 #: What ``bus_compression`` may be.
-COMPRESSIONS: Final = ("zstd", "none")
+COMPRESSIONS: Final = BUS_COMPRESSIONS
 #: Zstandard's level: its fastest regular one (logs still shrink several times).
 LEVEL: Final = 1
 #: The most a compressed payload may expand to: NATS's largest ``max_payload`` (64 MiB),

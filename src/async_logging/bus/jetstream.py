@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 import orjson
 
 from ..exceptions import ConfigError, LimitExceeded
+from .codec import Compressor
 from .partition import EVENTS_SUBJECT, TREES_SUBJECT
 
 if TYPE_CHECKING:
@@ -304,8 +305,6 @@ class Publisher:
     """
 
     def __init__(self, nc: Client, compression: str = "none") -> None:
-        from .codec import Compressor
-
         self._nc = nc
         #: Compresses each message.
         self.compressor = Compressor(compression)

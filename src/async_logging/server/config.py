@@ -36,6 +36,8 @@ DEFAULT_PUBLISH_QUEUE = 50_000
 DEFAULT_OTLP_SETTLE = 2.0
 #: Published records waiting for the OTLP exporter.
 DEFAULT_OTLP_EXPORT_QUEUE = 10_000
+#: What ``bus_compression`` may be (:mod:`async_logging.bus.codec`).
+BUS_COMPRESSIONS = ("zstd", "none")
 _ENGINE = BufferLimits()
 
 #: The options that are the engine's limits (:class:`~async_logging.buffer.BufferLimits`),
@@ -339,9 +341,10 @@ class ServerConfig:
         for name in ("bus_max_age", "bus_ack_wait", "bus_duplicate_window", "bus_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"option {name} must be more than 0")
-        if self.bus_compression not in ("zstd", "none"):
+        if self.bus_compression not in BUS_COMPRESSIONS:
             raise ConfigError(
-                f"option bus_compression must be zstd or none, not {self.bus_compression!r:.40}"
+                f"option bus_compression must be {' or '.join(BUS_COMPRESSIONS)}, "
+                f"not {self.bus_compression!r:.40}"
             )
         if self.bus and not all(
             re.match(r"(nats|tls)://[^\s,]+$", u.strip()) for u in self.bus.split(",")
