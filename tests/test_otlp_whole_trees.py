@@ -372,6 +372,19 @@ async def a_request_waiting_for_room(
     return pipeline, sink, waiting_task
 
 
+async def refused_at_the_close(
+    pipeline: Pipeline, sink: GatedSink, waiting: asyncio.Task[Any]
+) -> list[dict[str, Any]]:
+    """Close the pipeline: the request ``waiting`` is refused (503, to send again); then
+    let the sink publish. The transactions published."""
+    closing = asyncio.create_task(pipeline.close())
+    with pytest.raises(LimitExceeded, match="shutting_down"):
+        await waiting
+    sink.gate.set()
+    await closing
+    return sink.transactions
+
+
 async def test_a_request_waiting_at_a_drain_is_refused_whole_and_costs_nothing_held() -> None:
     """A straggler of a held trace waits for room when the drain comes: it is refused (503,
     to send again), and the held request it touches is published complete, not unheld
@@ -380,12 +393,7 @@ async def test_a_request_waiting_at_a_drain_is_refused_whole_and_costs_nothing_h
     pipeline, sink, straggler = await a_request_waiting_for_room(
         traces(span(2, 1, trace=t), span(1, trace=t)), traces(span(3, 2, trace=t))
     )
-    closing = asyncio.create_task(pipeline.close())
-    with pytest.raises(LimitExceeded, match="shutting_down"):
-        await straggler
-    sink.gate.set()
-    await closing
-    [tree] = sink.transactions
+    [tree] = await refused_at_the_close(pipeline, sink, straggler)
     assert tree["complete"] is True and tree["uuid"] == t.hex()
     assert [c["event"] for c in tree["children"]] == [sid(2).hex()]
 
@@ -400,12 +408,7 @@ async def test_trees_a_request_would_shed_are_published_at_a_drain() -> None:
         traces(span(2, 1, trace=u), span(1, trace=u)),
         LogBuffer(max_open_bytes=1500),
     )
-    closing = asyncio.create_task(pipeline.close())
-    with pytest.raises(LimitExceeded, match="shutting_down"):
-        await request
-    sink.gate.set()
-    await closing
-    [tree] = sink.transactions
+    [tree] = await refused_at_the_close(pipeline, sink, request)
     assert tree["uuid"] == t.hex() and tree["complete"] is True
 
 

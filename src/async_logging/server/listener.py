@@ -91,8 +91,8 @@ _OTLP_UNREAD_BODY = frozenset({"unsupported_media_type", "unsupported_encoding"}
 TRANSPORTS: Final = ("ws", "http", "otlp")
 #: What the listener itself counts in ``bad_input`` (beside the decoder's, the mapper's
 #: and the spool's reasons, which it counts as they are raised): a body over the size,
-#: unreadable, not inflating, malformed (a broken chunked encoding) or too slow, a frame that does not fit in flight, one the client did not
-#: mask, a broken WebSocket.
+#: unreadable, not inflating, malformed (a broken chunked encoding) or too slow, a frame
+#: that does not fit in flight, one the client did not mask, a broken WebSocket.
 BAD_INPUT_REASONS: Final = (
     "message_too_big",
     "bad_form",
